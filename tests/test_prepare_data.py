@@ -1,0 +1,339 @@
+"""prepare_data.py on the shared ALMA data (the paper's counts) and on small fixture files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import prepare_data  # noqa: E402
+
+ALMA = REPO.parent / "shared" / "data" / "alma"
+ROW_KEYS = ["id", "direction", "src_lang", "tgt_lang", "source", "reference", "prompt"]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def output_files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def records(pairs, lang):
+    return [{"translation": {lang: x, "en": e}} for x, e in pairs]
+
+
+def write_jsonl(path, pairs, lang):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records(pairs, lang)),
+                    encoding="utf-8")
+
+
+def write_array(path, pairs, lang):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records(pairs, lang), ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+def sentence_pairs(lang, tag, count):
+    return [(f"{lang} {tag} Satz {i}", f"en {tag} sentence {i}") for i in range(count)]
+
+
+def write_alma_layout(root, lang="de", train=None, n_train=30):
+    """ALMA layout for one pair: JSON Lines training file, JSON arrays for valid and test."""
+    folder = root / f"{lang}en"
+    write_jsonl(folder / f"train.{lang}-en.json", train or sentence_pairs(lang, "train", n_train), lang)
+    write_array(folder / f"valid.{lang}-en.json", sentence_pairs(lang, "valid", 4), lang)
+    write_array(folder / f"test.{lang}-en.json", sentence_pairs(lang, "test-x", 3), lang)
+    write_array(folder / f"test.en-{lang}.json", sentence_pairs(lang, "test-en", 5), lang)
+    return root
+
+
+def run_main(*argv):
+    return prepare_data.main([str(a) for a in argv])
+
+
+def expect_error(out, *argv):
+    """The run must stop with a message (exit code 1) and leave `out` absent."""
+    with pytest.raises(SystemExit) as stop:
+        run_main(*argv, "--out", out)
+    message = str(stop.value.code)
+    assert message.startswith("prepare_data.py: "), message
+    assert not out.exists(), f"{out} was written despite the error"
+    return message
+
+
+# ---- the shared ALMA data: the paper's counts ----
+
+@pytest.fixture(scope="module")
+def alma_out(tmp_path_factory):
+    if not (ALMA / "deen" / "train.de-en.json").is_file():
+        pytest.skip(f"shared ALMA data not found at {ALMA}")
+    out = tmp_path_factory.mktemp("alma")
+    stats = run_main("--data-dir", ALMA, "--pairs", "de-en,cs-en", "--out", out)
+    return out, stats
+
+
+def test_alma_counts_are_the_papers(alma_out):
+    out, stats = alma_out
+    train = read_jsonl(out / "train.jsonl")
+    assert len(train) == 52574 == 2 * (14211 + 12076)
+    valid = read_jsonl(out / "valid.jsonl")
+    assert [r["direction"] for r in valid].count("en-de") == 1002
+    assert [r["direction"] for r in valid].count("cs-en") == 1002
+    assert len(valid) == 2004
+    expected_test = {"de-en": 1984, "en-de": 2037, "cs-en": 1448, "en-cs": 2037}
+    assert sorted(p.name for p in (out / "test").iterdir()) == sorted(f"{d}.jsonl" for d in expected_test)
+    for direction, count in expected_test.items():
+        rows = read_jsonl(out / "test" / f"{direction}.jsonl")
+        assert len(rows) == count
+        assert {r["direction"] for r in rows} == {direction}
+    assert stats["counts"] == {"train": 52574, "valid": 2004,
+                               **{f"test/{d}": n for d, n in expected_test.items()}}
+    assert json.loads((out / "stats.json").read_text()) == stats
+    # the ALMA training files hold 4 + 5 exact duplicates; the paper's count keeps them
+    duplicates = {(e["split"], e["direction"]): e["duplicates_kept"] for e in stats["table"]}
+    assert duplicates[("train", "de-en")] == 4 and duplicates[("train", "cs-en")] == 5
+
+
+def test_alma_both_directions_and_schema(alma_out):
+    out, _ = alma_out
+    train = read_jsonl(out / "train.jsonl")
+    assert {r["direction"] for r in train} == {"de-en", "en-de", "cs-en", "en-cs"}
+    by_id = {r["id"]: r for r in train}
+    assert len(by_id) == len(train)
+    for row in train[:200]:
+        assert list(row) == ROW_KEYS
+        src, tgt = row["direction"].split("-")
+        assert (row["src_lang"], row["tgt_lang"]) == (src, tgt)
+        assert row["prompt"].endswith(f"### Input:\n{row['source']}\n\n### Response:\n")
+        # the other direction of the same pair: source and reference swapped
+        twin = by_id[row["id"].replace(row["direction"], f"{tgt}-{src}")]
+        assert (twin["source"], twin["reference"]) == (row["reference"], row["source"])
+    # train.jsonl is shuffled: the directions are mixed within the first rows
+    assert len({r["direction"] for r in train[:50]}) == 4
+    # test rows keep the order of the WMT22 file
+    first = json.loads((ALMA / "deen" / "test.en-de.json").read_text(encoding="utf-8"))[0]
+    row = read_jsonl(out / "test" / "en-de.jsonl")[0]
+    assert row["id"] == "test-en-de-000000"
+    assert (row["source"], row["reference"]) == (first["translation"]["en"], first["translation"]["de"])
+
+
+# ---- prompts, exactly ----
+
+def test_prompts_rendered_exactly_for_both_templates(tmp_path):
+    data = write_alma_layout(tmp_path / "data", train=[("Der Hund schläft.", "The dog sleeps.")])
+    run_main("--data-dir", data, "--out", tmp_path / "alpaca")
+    run_main("--data-dir", data, "--out", tmp_path / "alma", "--template", "alma")
+    alpaca = {r["direction"]: r for r in read_jsonl(tmp_path / "alpaca" / "train.jsonl")}
+    assert alpaca["de-en"]["prompt"] == (
+        "Below is an instruction that describes a task, paired with an input that provides further "
+        "context. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nTranslate the following sentences from German to English.\n\n"
+        "### Input:\nDer Hund schläft.\n\n### Response:\n"
+    )
+    assert alpaca["de-en"]["reference"] == "The dog sleeps."
+    assert alpaca["en-de"]["prompt"] == (
+        "Below is an instruction that describes a task, paired with an input that provides further "
+        "context. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nTranslate the following sentences from English to German.\n\n"
+        "### Input:\nThe dog sleeps.\n\n### Response:\n"
+    )
+    assert alpaca["en-de"]["reference"] == "Der Hund schläft."
+    alma = {r["direction"]: r for r in read_jsonl(tmp_path / "alma" / "train.jsonl")}
+    assert alma["de-en"]["prompt"] == "Translate this from German to English:\nGerman: Der Hund schläft.\nEnglish:"
+    assert alma["en-de"]["prompt"] == "Translate this from English to German:\nEnglish: The dog sleeps.\nGerman:"
+    assert alma["en-de"]["id"] == "train-en-de-000000"
+    assert list(alma["en-de"]) == ROW_KEYS
+
+
+# ---- determinism ----
+
+def test_same_seed_same_bytes_other_seed_other_order(tmp_path):
+    data = write_alma_layout(tmp_path / "data", n_train=40)
+    write_alma_layout(tmp_path / "data", lang="cs", n_train=25)
+    run_main("--data-dir", data, "--out", tmp_path / "a", "--seed", "7")
+    run_main("--data-dir", data, "--out", tmp_path / "b", "--seed", "7")
+    run_main("--data-dir", data, "--out", tmp_path / "c", "--seed", "8")
+    first, second = output_files(tmp_path / "a"), output_files(tmp_path / "b")
+    assert first == second
+    assert set(first) == {"train.jsonl", "valid.jsonl", "stats.json", "test/de-en.jsonl",
+                          "test/en-de.jsonl", "test/cs-en.jsonl", "test/en-cs.jsonl"}
+    other = output_files(tmp_path / "c")
+    assert other["train.jsonl"] != first["train.jsonl"]
+    assert sorted(other["train.jsonl"].splitlines()) == sorted(first["train.jsonl"].splitlines())
+    assert other["test/en-de.jsonl"] == first["test/en-de.jsonl"]  # test files are never shuffled
+    # no temporary files left behind
+    assert not [p for p in (tmp_path / "a").rglob(".*")]
+
+
+# ---- bad input: an error naming the place, exit code 1, nothing written ----
+
+def test_invalid_json_line_names_file_and_line(tmp_path):
+    data = write_alma_layout(tmp_path / "data")
+    train = data / "deen" / "train.de-en.json"
+    lines = train.read_text().splitlines()
+    lines[6] = '{"translation": {"de": "kaputt", "en": '
+    train.write_text("\n".join(lines) + "\n")
+    message = expect_error(tmp_path / "out", "--data-dir", data)
+    assert f"{train}:7: invalid JSON" in message
+
+
+def test_invalid_json_in_array_names_file_and_line(tmp_path):
+    data = write_alma_layout(tmp_path / "data")
+    test_file = data / "deen" / "test.en-de.json"
+    lines = test_file.read_text().splitlines()
+    broken = next(i for i, line in enumerate(lines) if "test-en Satz 2" in line)
+    lines[broken] = lines[broken].replace('",', '" oops,')
+    test_file.write_text("\n".join(lines))
+    message = expect_error(tmp_path / "out", "--data-dir", data)
+    assert f"{test_file}:{broken + 1}: invalid JSON" in message
+
+
+def test_missing_language_key(tmp_path):
+    data = write_alma_layout(tmp_path / "data")
+    train = data / "deen" / "train.de-en.json"
+    lines = train.read_text().splitlines()
+    lines[3] = json.dumps({"translation": {"fr": "Bonjour", "en": "Hello"}})
+    train.write_text("\n".join(lines) + "\n")
+    message = expect_error(tmp_path / "out", "--data-dir", data)
+    assert f"{train}:4: the record has no 'de' key" in message
+    # the same in a JSON array: the line of the record
+    data2 = write_alma_layout(tmp_path / "data2")
+    valid = data2 / "deen" / "valid.de-en.json"
+    array = json.loads(valid.read_text())
+    del array[2]["translation"]["en"]
+    valid.write_text("[\n" + ",\n".join(json.dumps(r) for r in array) + "\n]\n")  # record i on line i+2
+    message = expect_error(tmp_path / "out", "--data-dir", data2)
+    assert f"{valid}:4: the record has no 'en' key" in message
+
+
+def test_pair_with_no_files(tmp_path):
+    data = write_alma_layout(tmp_path / "data")
+    message = expect_error(tmp_path / "out", "--data-dir", data, "--pairs", "de-en,cs-en")
+    assert "no files for the pair cs-en" in message and "train.cs-en" in message
+    # a pair whose test file is missing is an error too
+    (data / "deen" / "test.en-de.json").unlink()
+    message = expect_error(tmp_path / "out", "--data-dir", data, "--pairs", "de-en")
+    assert "no test.en-de file for the pair de-en" in message
+
+
+def test_text_files_with_different_line_counts(tmp_path):
+    data = write_alma_layout(tmp_path / "data")
+    (data / "deen" / "train.de-en.json").unlink()
+    (data / "deen" / "train.de-en.de").write_text("eins\nzwei\ndrei\n")
+    (data / "deen" / "train.de-en.en").write_text("one\ntwo\n")
+    message = expect_error(tmp_path / "out", "--data-dir", data)
+    assert "train.de-en.de (3 lines)" in message and "train.de-en.en (2 lines)" in message
+    assert "different line counts" in message
+
+
+def test_unknown_language_and_bad_direction(tmp_path):
+    data = write_alma_layout(tmp_path / "data")
+    message = expect_error(tmp_path / "out", "--data-dir", data, "--pairs", "xx-en")
+    assert "unknown language code 'xx'" in message and "cs, de" in message
+    message = expect_error(tmp_path / "out", "--data-dir", data, "--valid-directions", "en-cs")
+    assert "en-cs is not a direction of --pairs" in message
+
+
+def test_error_exit_code_from_the_command_line(tmp_path):
+    data = write_alma_layout(tmp_path / "data")
+    (data / "deen" / "valid.de-en.json").write_text("[{]")
+    result = subprocess.run([sys.executable, str(REPO / "prepare_data.py"), "--data-dir", str(data),
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "valid.de-en.json:1: invalid JSON" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---- what is dropped, and counted ----
+
+def test_empty_and_duplicate_pairs_are_counted(tmp_path):
+    train = [("eins", "one"), ("", "empty German"), ("zwei", "two"), ("leer", "   "),
+             ("eins", "one"), ("drei", "three"), ("eins", "one"), ("eins", "one (other)")]
+    data = write_alma_layout(tmp_path / "data", train=train)
+    test_file = data / "deen" / "test.de-en.json"
+    write_array(test_file, [("a", "b"), ("a", "b"), (" ", "c")], "de")
+
+    stats = run_main("--data-dir", data, "--out", tmp_path / "keep")
+    entries = {(e["split"], e["direction"]): e for e in stats["table"]}
+    assert entries[("train", "de-en")] == {
+        "split": "train", "direction": "de-en", "file": str(data / "deen" / "train.de-en.json"),
+        "read": 8, "dropped_empty": 2, "dropped_duplicate": 0, "duplicates_kept": 2,
+        "dropped_by_subset": 0, "kept": 6}
+    assert len(read_jsonl(tmp_path / "keep" / "train.jsonl")) == 12
+    assert (entries[("test", "de-en")]["read"], entries[("test", "de-en")]["kept"]) == (3, 2)
+    assert entries[("test", "de-en")]["duplicates_kept"] == 1
+
+    stats = run_main("--data-dir", data, "--out", tmp_path / "drop", "--drop-duplicates")
+    saved = json.loads((tmp_path / "drop" / "stats.json").read_text())
+    entries = {(e["split"], e["direction"]): e for e in saved["table"]}
+    assert entries[("train", "en-de")]["dropped_duplicate"] == 2
+    assert entries[("train", "en-de")]["kept"] == 4
+    train_rows = read_jsonl(tmp_path / "drop" / "train.jsonl")
+    assert sorted(r["source"] for r in train_rows if r["direction"] == "de-en") == ["drei", "eins", "eins", "zwei"]
+    # the test set keeps its duplicate row (it must line up with the WMT22 references)
+    assert [r["id"] for r in read_jsonl(tmp_path / "drop" / "test" / "de-en.jsonl")] == [
+        "test-de-en-000000", "test-de-en-000001"]
+    assert saved["drop_duplicates"] is True
+
+
+# ---- the text-file layout, --subset, --valid-directions ----
+
+def test_text_file_layout_gives_the_same_rows_as_json(tmp_path):
+    json_data = write_alma_layout(tmp_path / "json")
+    text_data = tmp_path / "text"
+    text_data.mkdir()
+    for path in (json_data / "deen").iterdir():
+        stem = path.name[: -len(".json")]
+        rows = json.loads(path.read_text()) if path.read_text().startswith("[") else \
+            [json.loads(line) for line in path.read_text().splitlines()]
+        for lang in ("de", "en"):  # aligned text files directly in DIR/ (no deen/ folder)
+            (text_data / f"{stem}.{lang}").write_text("".join(r["translation"][lang] + "\n" for r in rows))
+    run_main("--data-dir", json_data, "--out", tmp_path / "from_json")
+    stats = run_main("--data-dir", text_data, "--out", tmp_path / "from_text")
+    from_json, from_text = output_files(tmp_path / "from_json"), output_files(tmp_path / "from_text")
+    del from_json["stats.json"], from_text["stats.json"]
+    assert from_json == from_text
+    assert stats["table"][0]["file"] == f"{text_data / 'train.de-en.de'} + train.de-en.en"
+
+
+def test_subset_keeps_n_pairs_per_language_pair(tmp_path):
+    data = write_alma_layout(tmp_path / "data", n_train=40)
+    write_alma_layout(tmp_path / "data", lang="cs", n_train=25)
+    stats = run_main("--data-dir", data, "--out", tmp_path / "small", "--subset", "10")
+    train = read_jsonl(tmp_path / "small" / "train.jsonl")
+    assert len(train) == 40
+    for direction in ("de-en", "en-de", "cs-en", "en-cs"):
+        assert sum(r["direction"] == direction for r in train) == 10
+    assert stats["subset"] == 10 and "--subset 10" in stats["subset_note"]
+    entries = {(e["split"], e["direction"]): e for e in stats["table"]}
+    assert entries[("train", "de-en")]["dropped_by_subset"] == 30
+    assert entries[("train", "cs-en")]["dropped_by_subset"] == 15
+    # both directions of each chosen pair, and valid/test untouched
+    de_en = {r["id"][len("train-de-en-"):] for r in train if r["direction"] == "de-en"}
+    en_de = {r["id"][len("train-en-de-"):] for r in train if r["direction"] == "en-de"}
+    assert de_en == en_de
+    assert len(read_jsonl(tmp_path / "small" / "test" / "en-de.jsonl")) == 5
+    run_main("--data-dir", data, "--out", tmp_path / "again", "--subset", "10")
+    assert output_files(tmp_path / "small") == output_files(tmp_path / "again")
+    run_main("--data-dir", data, "--out", tmp_path / "other", "--subset", "10", "--seed", "1")
+    assert {r["id"] for r in read_jsonl(tmp_path / "other" / "train.jsonl")} != {r["id"] for r in train}
+
+
+def test_valid_directions(tmp_path):
+    data = write_alma_layout(tmp_path / "data")
+    write_alma_layout(tmp_path / "data", lang="cs")
+    run_main("--data-dir", data, "--out", tmp_path / "default")
+    valid = read_jsonl(tmp_path / "default" / "valid.jsonl")
+    assert sorted({r["direction"] for r in valid}) == ["cs-en", "en-de"]
+    assert valid[0]["source"].startswith("cs valid") or valid[0]["source"].startswith("en valid")
+    run_main("--data-dir", data, "--out", tmp_path / "asked", "--valid-directions", "de-en,en-cs")
+    valid = read_jsonl(tmp_path / "asked" / "valid.jsonl")
+    assert [r["direction"] for r in valid] == ["de-en"] * 4 + ["en-cs"] * 4
+    assert valid[0]["source"] == "de valid Satz 0" and valid[0]["reference"] == "en valid sentence 0"
+    assert valid[4]["source"] == "en valid sentence 0" and valid[4]["reference"] == "cs valid Satz 0"
