@@ -1,0 +1,1 @@
+"""Shared code of the Self-Evolution KD scripts: prompts, data, losses, models, metrics."""

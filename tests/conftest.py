@@ -1,0 +1,59 @@
+"""Shared fixtures: offline mode, the shared ALMA data, a small demo corpus and tiny models.
+
+Everything is built once per test session in a temporary folder; nothing is downloaded.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Nothing may reach the Hugging Face Hub from a test.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_ALMA = REPO_ROOT.parent / "shared" / "data" / "alma"
+sys.path.insert(0, str(REPO_ROOT))
+
+# Sizes of the test models: big enough to be real Llamas, small enough for seconds on one core.
+TINY_TEACHER = ("--teacher-layers", "2", "--teacher-hidden", "64", "--teacher-heads", "2")
+TINY_STUDENT = ("--student-layers", "1", "--student-hidden", "32", "--student-heads", "2")
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_alma():
+    """../shared/data/alma, or a clean skip where it is not there."""
+    if not (SHARED_ALMA / "deen" / "train.de-en.json").is_file():
+        pytest.skip(f"shared ALMA data not found at {SHARED_ALMA}")
+    return SHARED_ALMA
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """A small demo corpus made by prepare_data.py --demo: train/valid/test files of the real schema."""
+    import prepare_data
+
+    out = tmp_path_factory.mktemp("demo_data")
+    prepare_data.main(["--demo", "--out", str(out), "--demo-train-pairs", "300", "--seed", "1"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(demo_data, tmp_path_factory):
+    """{"teacher": folder, "student": folder}: tiny Llamas sharing one tokenizer trained on demo_data."""
+    import make_tiny_models
+
+    out = tmp_path_factory.mktemp("tiny_models")
+    folders = make_tiny_models.main(
+        ["--data", str(demo_data), "--out", str(out), "--vocab-size", "600", *TINY_TEACHER, *TINY_STUDENT]
+    )
+    return {role: str(folder) for role, folder in folders.items()}
