@@ -1,0 +1,452 @@
+# shellcheck shell=bash
+# Shared machinery of the pipelines: sourced by table1.sh, table2.sh, fig2-5.sh and quickstart.sh,
+# never run on its own.
+#
+#   source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+#
+# Layout under OUT (default: the repository root; data/ runs/ hyps/ results/ figures/ logs/ are
+# git-ignored there), for an experiment EXP (table1, quickstart, ...):
+#   $OUT/data/...              prepared data (prepare_data.py)
+#   $OUT/runs/$EXP/<run>/      training runs (train_kd.py): final/ best/ COMPLETED metrics.jsonl
+#   $OUT/hyps/$EXP/<system>/   hypotheses (generate.py), one <src>-<tgt>.jsonl per direction
+#   $OUT/results/$EXP/<system>.json, table.md   scores (evaluate.py)
+#   $OUT/figures/$EXP/*.png    figures (plot_results.py)
+#   $OUT/logs/$EXP/<step>.log  one log per step
+#
+# Every step goes through `step`, which skips it when its output is already complete, so a pipeline
+# re-run after a failure continues where it stopped, and which stops the pipeline at the first
+# failure with the step's name and its log.
+#
+# Settings read here (each overridable from the environment; the pipelines set their own defaults
+# before sourcing this file):
+#   OUT, PYTHON, ACCELERATE_CONFIG (an accelerate YAML, or empty for accelerate's default),
+#   GEN_ACCELERATE_CONFIG (the same for generate.py), NUM_PROCESSES (empty: the config's), training: EPOCHS BATCH_SIZE MICRO_BATCH_SIZE LR WARMUP_RATIO
+#   MAX_LENGTH MAX_STEPS EVAL_STEPS SAVE_STEPS BF16 SEED KD_RATIO TARGET_MIX BETA GAMMA SKEW_BETA
+#   TRAIN_EXTRA_ARGS; generation: GEN_BATCH_SIZE MAX_NEW_TOKENS NUM_BEAMS GEN_EXTRA_ARGS;
+#   evaluation: COMET_MODEL (a hub name, a local path, or none).
+
+# Run from the repository root so the scripts are found; relative paths given by the user are
+# resolved against the folder the pipeline was started from first.
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+START_DIR="$(pwd)"
+
+# abspath PATH: PATH made absolute against the folder the pipeline was started from.
+abspath() {
+  case "$1" in
+    /*) printf '%s\n' "$1" ;;
+    "") printf '\n' ;;
+    *) printf '%s\n' "$START_DIR/$1" ;;
+  esac
+}
+
+: "${OUT:=$REPO_ROOT}"
+OUT="$(abspath "$OUT")"
+: "${PYTHON:=python}"
+: "${ACCELERATE_CONFIG:=}"
+: "${NUM_PROCESSES:=}"
+: "${GEN_ACCELERATE_CONFIG:=$ACCELERATE_CONFIG}"   # generation may run under another config (DDP)
+if [[ -n "$ACCELERATE_CONFIG" ]]; then ACCELERATE_CONFIG="$(abspath "$ACCELERATE_CONFIG")"; fi
+if [[ -n "$GEN_ACCELERATE_CONFIG" ]]; then GEN_ACCELERATE_CONFIG="$(abspath "$GEN_ACCELERATE_CONFIG")"; fi
+
+# Training (the paper's setup: 3 epochs, batch 128, lr 2e-5, warmup 3 %, length 512, bf16).
+: "${EPOCHS:=3}"
+: "${BATCH_SIZE:=128}"
+: "${MICRO_BATCH_SIZE:=4}"
+: "${LR:=2e-5}"
+: "${WARMUP_RATIO:=0.03}"
+: "${MAX_LENGTH:=512}"
+: "${MAX_STEPS:=}"           # empty: the epochs decide
+: "${EVAL_STEPS:=}"          # empty: validate at each epoch end only
+: "${SAVE_STEPS:=}"          # empty: train_kd.py's default
+: "${BF16:=1}"
+: "${SEED:=42}"
+: "${KD_RATIO:=0.5}"         # lambda of Eq. 3 (forward, reverse, skew_teacher)
+: "${TARGET_MIX:=0.5}"       # alpha of Eq. 4 (teacher share of the mixed target)
+: "${BETA:=0.5}"             # beta of Eq. 6 (student share of the skewed distribution)
+: "${GAMMA:=0.4}"            # Gamma of Eq. 8 (hard-token threshold)
+: "${SKEW_BETA:=0.9}"        # beta' of Eq. 10
+: "${TRAIN_EXTRA_ARGS:=}"    # more train_kd.py flags, word-split
+
+# Generation (greedy, as the paper) and evaluation.
+: "${GEN_BATCH_SIZE:=16}"
+: "${MAX_NEW_TOKENS:=256}"
+: "${NUM_BEAMS:=1}"
+: "${GEN_EXTRA_ARGS:=}"      # more generate.py flags, word-split
+: "${COMET_MODEL:=Unbabel/wmt22-comet-da}"
+
+# The checkpoint each kind of run is evaluated with: the SFT runs keep the best validation
+# checkpoint (the paper), the KD runs report the final one.
+: "${SFT_CHECKPOINT:=best}"
+: "${KD_CHECKPOINT:=final}"
+
+KD_METHODS=(forward reverse noevo skew selfevo)
+
+# ---------------------------------------------------------------------------------------------
+# Messages and the step runner
+# ---------------------------------------------------------------------------------------------
+
+say() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+die() {
+  printf '[%s] ERROR: %s\n' "$(date +%H:%M:%S)" "$*" >&2
+  exit 1
+}
+
+# step NAME LOG [CHECK...] -- COMMAND...
+#   Runs COMMAND with its output in the file LOG, unless CHECK (a command and its arguments, run
+#   as is; e.g. `test -f runs/x/COMPLETED`) succeeds: then the step says "skipped". A step without
+#   CHECK always runs. After COMMAND succeeds, CHECK must succeed too (the output is complete).
+#   A failure stops the whole pipeline with the step's name, the log's path and its last lines.
+step() {
+  local name="$1" log="$2"
+  shift 2
+  local check=()
+  while [[ $# -gt 0 && "$1" != "--" ]]; do
+    check+=("$1")
+    shift
+  done
+  [[ $# -gt 0 ]] || die "step $name: no '--' before the command (pipeline bug)"
+  shift
+  [[ $# -gt 0 ]] || die "step $name: empty command (pipeline bug)"
+  if [[ ${#check[@]} -gt 0 ]] && "${check[@]}"; then
+    say "step $name: skipped (output complete)"
+    return 0
+  fi
+  mkdir -p "$(dirname "$log")"
+  say "step $name: running (log: $log)"
+  local start=$SECONDS status=0
+  {
+    printf '# step %s, started %s\n# cwd: %s\n# command:' "$name" "$(date)" "$(pwd)"
+    printf ' %q' "$@"
+    printf '\n'
+  } >"$log"
+  "$@" >>"$log" 2>&1 || status=$?
+  if [[ $status -ne 0 ]]; then
+    printf '[%s] FAILED: step %s (exit %s) after %ss; log: %s\n--- last lines of the log ---\n' \
+      "$(date +%H:%M:%S)" "$name" "$status" "$((SECONDS - start))" "$log" >&2
+    tail -n 25 "$log" >&2
+    exit 1
+  fi
+  if [[ ${#check[@]} -gt 0 ]] && ! "${check[@]}"; then
+    printf '[%s] FAILED: step %s finished but its output is incomplete; log: %s\n' \
+      "$(date +%H:%M:%S)" "$name" "$log" >&2
+    tail -n 25 "$log" >&2
+    exit 1
+  fi
+  say "step $name: done in $((SECONDS - start))s"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Completeness checks (used as the CHECK of a step)
+# ---------------------------------------------------------------------------------------------
+
+# count_rows FILE: the number of non-empty lines.
+count_rows() { grep -c . "$1" 2>/dev/null || true; }
+
+# hyps_complete HYPS_DIR INPUT_DIR: every input file has its hypothesis file with as many rows.
+hyps_complete() {
+  local hyps_dir="$1" input_dir="$2" input found=0
+  for input in "$input_dir"/*.jsonl; do
+    [[ -f "$input" ]] || continue
+    found=1
+    local hyp
+    hyp="$hyps_dir/$(basename "$input")"
+    [[ -f "$hyp" ]] || return 1
+    [[ "$(count_rows "$hyp")" -ge "$(count_rows "$input")" ]] || return 1
+  done
+  [[ $found -eq 1 ]]
+}
+
+# up_to_date TARGET INPUT...: TARGET exists and no INPUT is newer than it.
+up_to_date() {
+  local target="$1" input
+  shift
+  [[ -e "$target" ]] || return 1
+  for input in "$@"; do
+    [[ -e "$input" ]] || return 1
+    [[ "$input" -nt "$target" ]] && return 1
+  done
+  return 0
+}
+
+# all_exist PATH...: every PATH exists.
+all_exist() {
+  local path
+  for path in "$@"; do [[ -e "$path" ]] || return 1; done
+}
+
+# ---------------------------------------------------------------------------------------------
+# The experiment's folders
+# ---------------------------------------------------------------------------------------------
+
+# use_experiment EXP: sets RUNS HYPS RESULTS FIGURES LOGS for experiment EXP and creates them.
+use_experiment() {
+  EXP="$1"
+  RUNS="$OUT/runs/$EXP"
+  HYPS="$OUT/hyps/$EXP"
+  RESULTS="$OUT/results/$EXP"
+  FIGURES="$OUT/figures/$EXP"
+  LOGS="$OUT/logs/$EXP"
+  mkdir -p "$RUNS" "$HYPS" "$RESULTS" "$FIGURES" "$LOGS"
+  cd "$REPO_ROOT" || die "cannot enter $REPO_ROOT"
+}
+
+# launch CONFIG SCRIPT ARGS...: accelerate launch with the config file CONFIG (none when empty) and
+# NUM_PROCESSES processes (the config's number when empty).
+launch() {
+  local config="$1" args=()
+  shift
+  if [[ -n "$config" ]]; then args+=(--config_file "$config"); fi
+  if [[ -n "$NUM_PROCESSES" ]]; then args+=(--num_processes "$NUM_PROCESSES"); fi
+  "$PYTHON" -m accelerate.commands.launch "${args[@]}" "$@"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+
+# prepare_alma DATA: the paper's instruction data in DATA, from DATA_DIR (ALMA layout on disk), or
+# from the Hugging Face Hub when DATA_DIR is empty. SUBSET (pairs per language pair) when set.
+prepare_alma() {
+  local data="$1" args=()
+  if [[ -n "${DATA_DIR:-}" ]]; then
+    args+=(--data-dir "$(abspath "$DATA_DIR")")
+  else
+    args+=(--hub)
+  fi
+  args+=(--pairs "${PAIRS:-de-en,cs-en}" --seed "$SEED")
+  if [[ -n "${SUBSET:-}" ]]; then args+=(--subset "$SUBSET"); fi
+  step "prepare data" "$LOGS/prepare_data.log" all_exist "$data/train.jsonl" "$data/valid.jsonl" "$data/stats.json" -- \
+    "$PYTHON" prepare_data.py "${args[@]}" --out "$data"
+}
+
+# split_valid DATA: DATA/valid.jsonl (several directions in one file) split into
+# DATA/valid_by_direction/<src>-<tgt>.jsonl, so that generate.py and evaluate.py score it like a
+# test folder (Fig. 2 is measured on the validation set).
+split_valid() {
+  local data="$1"
+  step "split valid" "$LOGS/split_valid.log" up_to_date "$data/valid_by_direction/.done" "$data/valid.jsonl" -- \
+    "$PYTHON" - "$data/valid.jsonl" "$data/valid_by_direction" <<'EOF'
+import json, os, sys
+source, folder = sys.argv[1], sys.argv[2]
+os.makedirs(folder, exist_ok=True)
+rows = {}
+with open(source, encoding="utf-8") as handle:
+    for line in handle:
+        if line.strip():
+            row = json.loads(line)
+            rows.setdefault(row["direction"], []).append(line if line.endswith("\n") else line + "\n")
+for direction, lines in rows.items():
+    path = os.path.join(folder, direction + ".jsonl")
+    with open(path + ".partial", "w", encoding="utf-8") as handle:
+        handle.writelines(lines)
+    os.replace(path + ".partial", path)
+    print(direction, len(lines))
+open(os.path.join(folder, ".done"), "w").close()
+EOF
+}
+
+# limit_test SOURCE_DIR LIMIT DEST_DIR: the first LIMIT rows of each file of SOURCE_DIR in DEST_DIR
+# (quick runs score a slice of every direction; the full test sets take hours on a CPU).
+limit_test() {
+  local source="$1" limit="$2" dest="$3"
+  step "test slice ($limit rows)" "$LOGS/test_slice.log" test -f "$dest/.done" -- \
+    write_test_slice "$source" "$limit" "$dest"
+}
+
+write_test_slice() {
+  local source="$1" limit="$2" dest="$3" file name
+  mkdir -p "$dest"
+  for file in "$source"/*.jsonl; do
+    name="$(basename "$file")"
+    head -n "$limit" "$file" >"$dest/$name.partial"
+    mv "$dest/$name.partial" "$dest/$name"
+    echo "$name: $(count_rows "$dest/$name") rows"
+  done
+  touch "$dest/.done"
+}
+
+# train NAME METHOD STUDENT TEACHER TRAIN_FILE VALID_FILE [train_kd.py flags...]
+#   $RUNS/NAME, skipped when $RUNS/NAME/COMPLETED exists. TEACHER may be "" (sft).
+#   The method's own hyperparameters (--beta, --gamma, ...) go in the extra flags.
+train() {
+  local name="$1" method="$2" student="$3" teacher="$4" train_file="$5" valid_file="$6"
+  shift 6
+  local args=(--method "$method" --student "$student" --train-file "$train_file"
+    --output-dir "$RUNS/$name" --epochs "$EPOCHS" --batch-size "$BATCH_SIZE"
+    --micro-batch-size "$MICRO_BATCH_SIZE" --lr "$LR" --warmup-ratio "$WARMUP_RATIO"
+    --max-length "$MAX_LENGTH" --seed "$SEED")
+  if [[ -n "$teacher" ]]; then args+=(--teacher "$teacher"); fi
+  if [[ -n "$valid_file" ]]; then args+=(--valid-file "$valid_file"); fi
+  if [[ -n "$MAX_STEPS" ]]; then args+=(--max-steps "$MAX_STEPS"); fi
+  if [[ -n "$EVAL_STEPS" ]]; then args+=(--eval-steps "$EVAL_STEPS"); fi
+  if [[ -n "$SAVE_STEPS" ]]; then args+=(--save-steps "$SAVE_STEPS"); fi
+  if [[ "$BF16" == 1 ]]; then args+=(--bf16); fi
+  local extra=()
+  # shellcheck disable=SC2206  # word splitting of the user's extra flags is intended
+  extra=($TRAIN_EXTRA_ARGS)
+  step "train $name" "$LOGS/train_$name.log" test -f "$RUNS/$name/COMPLETED" -- \
+    launch "$ACCELERATE_CONFIG" train_kd.py "${args[@]}" "$@" "${extra[@]}"
+}
+
+# kd_flags METHOD: the paper's hyperparameters of a KD method, as train_kd.py flags.
+kd_flags() {
+  case "$1" in
+    forward | reverse) echo "--kd-ratio $KD_RATIO" ;;
+    noevo) echo "--target-mix $TARGET_MIX" ;;
+    skew) echo "--target-mix $TARGET_MIX --beta $BETA" ;;
+    selfevo) echo "--target-mix $TARGET_MIX --beta $BETA --gamma $GAMMA" ;;
+    skew_teacher) echo "--kd-ratio $KD_RATIO --skew-beta $SKEW_BETA" ;;
+    *) echo "" ;;
+  esac
+}
+
+# generate SYSTEM MODEL INPUT_DIR: $HYPS/SYSTEM/<direction>.jsonl, skipped when every
+# direction's file is there with all its rows.
+generate() {
+  local system="$1" model="$2" input="$3"
+  local extra=()
+  # shellcheck disable=SC2206  # word splitting of the user's extra flags is intended
+  extra=($GEN_EXTRA_ARGS)
+  if [[ "$BF16" == 1 ]]; then extra+=(--bf16); fi
+  step "generate $system" "$LOGS/generate_$system.log" hyps_complete "$HYPS/$system" "$input" -- \
+    launch "$GEN_ACCELERATE_CONFIG" generate.py --model "$model" --input "$input" --output "$HYPS/$system" \
+    --batch-size "$GEN_BATCH_SIZE" --max-new-tokens "$MAX_NEW_TOKENS" --num-beams "$NUM_BEAMS" "${extra[@]}"
+}
+
+# evaluate SYSTEM REFS_DIR [TEACHER_SYSTEM [BASELINE_SYSTEM]]: $RESULTS/SYSTEM.json (BLEU, chrF,
+# COMET, teacher similarity, significance against the baseline), skipped when it is newer than
+# the hypotheses it scores.
+evaluate() {
+  local system="$1" refs="$2" teacher="${3:-}" baseline="${4:-}"
+  local args=(--hyps "$HYPS/$system" --refs "$refs" --system "$system" --comet-model "$COMET_MODEL"
+    --out "$RESULTS/$system.json")
+  local inputs=("$HYPS/$system"/*.jsonl)
+  if [[ -n "$teacher" && "$teacher" != "$system" ]]; then
+    args+=(--teacher-hyps "$HYPS/$teacher")
+    inputs+=("$HYPS/$teacher"/*.jsonl)
+  fi
+  if [[ -n "$baseline" && "$baseline" != "$system" ]]; then
+    args+=(--baseline "$HYPS/$baseline")
+    inputs+=("$HYPS/$baseline"/*.jsonl)
+  fi
+  step "evaluate $system" "$LOGS/evaluate_$system.log" up_to_date "$RESULTS/$system.json" "${inputs[@]}" -- \
+    "$PYTHON" evaluate.py "${args[@]}"
+}
+
+# make_table TABLE BASELINE RESULT_JSON...: the markdown table of the systems, in the given order,
+# with the paper's dagger against BASELINE.
+make_table() {
+  local table="$1" baseline="$2"
+  shift 2
+  step "table $(basename "$table")" "$LOGS/table_$(basename "$table" .md).log" up_to_date "$table" "$@" -- \
+    "$PYTHON" evaluate.py table "$@" --baseline "$baseline" --out "$table"
+}
+
+# plot NAME WHICH FIGURES PLOT_RESULTS_ARGS...: `plot_results.py --which WHICH --out $FIGURES ARGS`,
+#   skipped when every file of FIGURES (space-separated paths) is newer than every input it reads
+#   (the metrics.jsonl and results JSON files in or under the paths of ARGS).
+plot() {
+  local name="$1" which="$2" figures="$3"
+  shift 3
+  step "plot $name" "$LOGS/plot_$name.log" plots_up_to_date "$figures" "$@" -- \
+    "$PYTHON" plot_results.py --which "$which" --out "$FIGURES" "$@"
+}
+
+# plots_up_to_date "FIGURE..." PLOT_RESULTS_ARGS...: every figure exists and is newer than every
+# metrics.jsonl or *.json file named by, in, or one level under the paths among the arguments.
+plots_up_to_date() {
+  local figures=() inputs=() arg figure
+  read -r -a figures <<<"$1"
+  shift
+  for arg in "$@"; do
+    if [[ -f "$arg" ]]; then
+      inputs+=("$arg")
+    elif [[ -d "$arg" ]]; then
+      inputs+=("$arg"/metrics.jsonl "$arg"/*/metrics.jsonl "$arg"/*.json)
+    fi
+  done
+  for figure in "${figures[@]}"; do
+    [[ -f "$figure" ]] || return 1
+    for arg in "${inputs[@]}"; do
+      if [[ -e "$arg" && "$arg" -nt "$figure" ]]; then return 1; fi
+    done
+  done
+}
+
+# ensure_teacher_sft DATA TEACHER_BASE: the SFT teacher of Table 1 ($OUT/runs/$TEACHER_SFT_EXP/teacher_sft,
+# trained here from TEACHER_BASE when it is not there yet), for the figures that distil from it.
+# Sets TEACHER_SFT_MODEL (its best validation checkpoint).
+: "${TEACHER_SFT_EXP:=table1}"
+ensure_teacher_sft() {
+  local data="$1" teacher_base="$2" runs="$RUNS"
+  RUNS="$OUT/runs/$TEACHER_SFT_EXP"
+  train teacher_sft sft "$teacher_base" "" "$data/train.jsonl" "$data/valid.jsonl"
+  RUNS="$runs"
+  TEACHER_SFT_MODEL="$OUT/runs/$TEACHER_SFT_EXP/teacher_sft/$SFT_CHECKPOINT"
+}
+
+# sweep_run DATA EVAL_DIR STUDENT_BASE NAME METHOD [train_kd.py flags...]: one KD run NAME from the
+# SFT teacher (TEACHER_SFT_MODEL, set by ensure_teacher_sft) into STUDENT_BASE, generated on EVAL_DIR
+# and evaluated there (the figures' sweeps).
+sweep_run() {
+  local data="$1" eval_dir="$2" student_base="$3" name="$4" method="$5"
+  shift 5
+  train "$name" "$method" "$student_base" "$TEACHER_SFT_MODEL" "$data/train.jsonl" "$data/valid.jsonl" "$@"
+  generate "$name" "$RUNS/$name/$KD_CHECKPOINT" "$eval_dir"
+  evaluate "$name" "$eval_dir"
+}
+
+# ---------------------------------------------------------------------------------------------
+# The Table 1 machinery (Table 1, Table 2, Fig. 4 and the quickstart)
+# ---------------------------------------------------------------------------------------------
+
+# table_pipeline DATA TEST_DIR TEACHER_MODEL STUDENT_MODEL (base models: hub names or folders):
+#   1. SFT of the teacher and of the student (best validation checkpoint kept),
+#   2. the five KD methods from the SFT teacher into the student base model,
+#   3. generation on every test direction for the seven systems,
+#   4. evaluation (teacher similarity against the teacher's hypotheses, significance against
+#      forward KD), and the table $RESULTS/table.md.
+# STUDENT_SFT_RUN: an existing student SFT run to reuse (Table 2 reuses Table 1's).
+# Sets SYSTEMS (the table's rows) and TABLE.
+table_pipeline() {
+  local data="$1" test_dir="$2" teacher_base="$3" student_base="$4"
+  local train_file="$data/train.jsonl" valid_file="$data/valid.jsonl"
+
+  say "== $EXP: SFT of the teacher ($teacher_base) and the student ($student_base)"
+  train teacher_sft sft "$teacher_base" "" "$train_file" "$valid_file"
+  local teacher_model="$RUNS/teacher_sft/$SFT_CHECKPOINT"
+  local student_sft_run="${STUDENT_SFT_RUN:-}"
+  if [[ -n "$student_sft_run" ]]; then
+    student_sft_run="$(abspath "$student_sft_run")"
+    [[ -f "$student_sft_run/COMPLETED" ]] || die "STUDENT_SFT_RUN=$student_sft_run: no COMPLETED marker there"
+    say "reusing the student SFT run $student_sft_run"
+  else
+    train student_sft sft "$student_base" "" "$train_file" "$valid_file"
+    student_sft_run="$RUNS/student_sft"
+  fi
+
+  say "== $EXP: the five KD methods, teacher $teacher_model -> student $student_base"
+  local method flags=()
+  for method in "${KD_METHODS[@]}"; do
+    read -r -a flags <<<"$(kd_flags "$method")"
+    train "$method" "$method" "$student_base" "$teacher_model" "$train_file" "$valid_file" "${flags[@]}"
+  done
+
+  say "== $EXP: generation on $(basename "$test_dir") ($(find "$test_dir" -name '*.jsonl' | wc -l) directions)"
+  generate teacher "$teacher_model" "$test_dir"
+  generate student_sft "$student_sft_run/$SFT_CHECKPOINT" "$test_dir"
+  for method in "${KD_METHODS[@]}"; do
+    generate "$method" "$RUNS/$method/$KD_CHECKPOINT" "$test_dir"
+  done
+
+  say "== $EXP: evaluation (COMET: $COMET_MODEL), significance against forward KD"
+  SYSTEMS=(teacher student_sft "${KD_METHODS[@]}")
+  local system results=()
+  for system in "${SYSTEMS[@]}"; do
+    evaluate "$system" "$test_dir" teacher forward
+    results+=("$RESULTS/$system.json")
+  done
+  TABLE="$RESULTS/table.md"
+  make_table "$TABLE" forward "${results[@]}"
+}

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Quickstart: the whole Table 1 pipeline at toy scale on a CPU, with nothing downloaded.
+#
+#   bash pipelines/quickstart.sh
+#
+# The embedded demo task (prepare_data.py --demo: synthetic de<->en and cs<->en), a tiny Llama
+# teacher and student with a tokenizer trained here (make_tiny_models.py), then exactly Table 1's
+# steps (pipelines/common.sh: table_pipeline): SFT of the teacher and of the student, the five KD
+# methods (forward, reverse, noevo, skew, selfevo) from the SFT teacher into the student, greedy
+# generation on the 4 test directions, BLEU/chrF (COMET when COMET_MODEL is set), teacher
+# similarity and significance against forward KD, the table, and the figures (training curves,
+# Fig. 4). About 10 minutes on 2 CPU cores; it ends by printing the paths of the table and figures.
+#
+# Outputs (OUT defaults to the repository root): data/quickstart_demo, models/quickstart_tiny,
+# runs/quickstart/<run>, hyps/quickstart/<system>, results/quickstart/{<system>.json,table.md},
+# figures/quickstart/{curves,fig4}.png, logs/quickstart/<step>.log. A re-run skips every finished
+# step; after changing a setting, use another OUT or EXP (or delete the outputs).
+#
+# Variants:
+#   QUICK=1 bash pipelines/quickstart.sh                       # CI: a few steps, a few test rows
+#   DATA_DIR=../shared/data/alma SUBSET=2000 bash pipelines/quickstart.sh   # real ALMA-layout data
+#   COMET_MODEL=Unbabel/wmt22-comet-da bash pipelines/quickstart.sh       # with COMET (downloads it)
+#   OUT=/tmp/qs MAX_STEPS=200 bash pipelines/quickstart.sh
+set -euo pipefail
+
+# ---- settings (each overridable from the environment) ----
+: "${QUICK:=0}"                 # 1: the reduced CI mode
+: "${EXP:=quickstart}"          # experiment name: runs/$EXP, results/$EXP, ...
+: "${OUT:=}"                    # output root (empty: the repository root)
+: "${DATA_DIR:=}"               # an ALMA-layout folder instead of the demo task
+: "${SUBSET:=}"                 # with DATA_DIR: training pairs per language pair (default 2000)
+: "${TEST_LIMIT:=}"             # first N rows of each test direction (empty: all)
+: "${COMET_MODEL:=none}"        # none: COMET skipped; a local checkpoint or hub name otherwise
+: "${ACCELERATE_CONFIG:=accelerate_configs/cpu.yaml}"
+: "${NUM_PROCESSES:=1}"
+: "${BF16:=0}"
+: "${SEED:=42}"
+if [[ "$QUICK" == 1 ]]; then
+  : "${DEMO_TRAIN_PAIRS:=300}" "${DEMO_EVAL_PAIRS:=8}"
+  : "${MAX_STEPS:=4}" "${BATCH_SIZE:=8}" "${MICRO_BATCH_SIZE:=8}" "${EVAL_STEPS:=2}"
+  : "${MAX_NEW_TOKENS:=24}" "${VOCAB_SIZE:=600}"
+  : "${TEACHER_SIZE:=2 64 2}" "${STUDENT_SIZE:=1 32 2}"   # layers hidden heads
+  : "${SUBSET:=200}"
+  if [[ -n "$DATA_DIR" ]]; then : "${TEST_LIMIT:=8}"; fi
+else
+  : "${DEMO_TRAIN_PAIRS:=4000}" "${DEMO_EVAL_PAIRS:=100}"
+  : "${MAX_STEPS:=300}" "${BATCH_SIZE:=16}" "${MICRO_BATCH_SIZE:=16}" "${EVAL_STEPS:=100}"
+  : "${MAX_NEW_TOKENS:=64}" "${VOCAB_SIZE:=2000}"
+  : "${TEACHER_SIZE:=4 256 4}" "${STUDENT_SIZE:=2 128 2}"
+  : "${SUBSET:=2000}"
+  if [[ -n "$DATA_DIR" ]]; then : "${TEST_LIMIT:=100}"; fi
+fi
+: "${EPOCHS:=100}"              # MAX_STEPS ends the runs first
+: "${LR:=1e-3}"                 # from-scratch tiny models learn with a large rate
+: "${WARMUP_RATIO:=0.03}"
+: "${MAX_LENGTH:=256}"
+: "${SAVE_STEPS:=1000000}"      # no intermediate checkpoints: best/ and final/ are enough here
+: "${GEN_BATCH_SIZE:=32}"
+
+# shellcheck source=pipelines/common.sh disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+use_experiment "$EXP"
+QUICKSTART_START=$SECONDS
+
+# ---- data and tiny models ----
+if [[ -n "$DATA_DIR" ]]; then
+  DATA="$OUT/data/${EXP}_alma"
+  prepare_alma "$DATA"
+else
+  DATA="$OUT/data/${EXP}_demo"
+  step "prepare demo data" "$LOGS/prepare_data.log" all_exist "$DATA/train.jsonl" "$DATA/valid.jsonl" "$DATA/stats.json" -- \
+    "$PYTHON" prepare_data.py --demo --out "$DATA" --demo-train-pairs "$DEMO_TRAIN_PAIRS" \
+    --demo-eval-pairs "$DEMO_EVAL_PAIRS" --seed "$SEED"
+fi
+TEST_DIR="$DATA/test"
+if [[ -n "$TEST_LIMIT" ]]; then
+  limit_test "$DATA/test" "$TEST_LIMIT" "$DATA/test_first$TEST_LIMIT"
+  TEST_DIR="$DATA/test_first$TEST_LIMIT"
+fi
+
+MODELS="$OUT/models/${EXP}_tiny"
+read -r T_LAYERS T_HIDDEN T_HEADS <<<"$TEACHER_SIZE"
+read -r S_LAYERS S_HIDDEN S_HEADS <<<"$STUDENT_SIZE"
+step "tiny models" "$LOGS/tiny_models.log" all_exist "$MODELS/teacher/config.json" "$MODELS/student/config.json" -- \
+  "$PYTHON" make_tiny_models.py --data "$DATA" --out "$MODELS" --vocab-size "$VOCAB_SIZE" --seed "$SEED" \
+  --teacher-layers "$T_LAYERS" --teacher-hidden "$T_HIDDEN" --teacher-heads "$T_HEADS" \
+  --student-layers "$S_LAYERS" --student-hidden "$S_HIDDEN" --student-heads "$S_HEADS"
+
+# ---- Table 1 at toy scale ----
+table_pipeline "$DATA" "$TEST_DIR" "$MODELS/teacher" "$MODELS/student"
+
+# ---- figures: training curves of every run, teacher similarity ----
+plot figures "curves,fig4" "$FIGURES/curves.png $FIGURES/fig4.png" --runs "$RUNS" --results "$RESULTS"
+
+say "quickstart finished in $((SECONDS - QUICKSTART_START))s"
+echo
+cat "$TABLE"
+echo
+echo "table:   $TABLE"
+echo "figures: $FIGURES/curves.png"
+echo "         $FIGURES/fig4.png"
