@@ -246,6 +246,21 @@ open(os.path.join(folder, ".done"), "w").close()
 EOF
 }
 
+# eval_set DATA SPLIT: sets EVAL_DIR, the folder of per-direction files that the figures are scored
+# on: DATA/test (WMT22) for SPLIT=test, DATA/valid_by_direction (WMT21) for SPLIT=valid.
+eval_set() {
+  local data="$1" split="$2"
+  # shellcheck disable=SC2034  # EVAL_DIR is read by the figure pipelines
+  case "$split" in
+    test) EVAL_DIR="$data/test" ;;
+    valid)
+      split_valid "$data"
+      EVAL_DIR="$data/valid_by_direction"
+      ;;
+    *) die "EVAL_SPLIT=$split: choose test or valid" ;;
+  esac
+}
+
 # limit_test SOURCE_DIR LIMIT DEST_DIR: the first LIMIT rows of each file of SOURCE_DIR in DEST_DIR
 # (quick runs score a slice of every direction; the full test sets take hours on a CPU).
 limit_test() {

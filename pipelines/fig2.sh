@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Figure 2 of the paper: self-evolution KD against its hyperparameters, scored on the validation set
+# (WMT21 en-de and cs-en, as the paper): (a) the threshold Gamma, (b) a fixed top-K fraction of hard
+# tokens instead of a threshold, (c) beta, the student's share of the skewed distribution.
+#
+#   DATA_DIR=../shared/data/alma bash pipelines/fig2.sh
+#   GAMMAS="0.2 0.4 0.6" TOPKS="" BETAS="0.3 0.5 0.7" EPOCHS=1 bash pipelines/fig2.sh   # a smaller sweep
+#
+# Every run distils the SFT teacher of Table 1 (runs/table1/teacher_sft, trained here first when
+# absent) into the student base model; runs selfevo_gamma<G>, selfevo_topk<K>, selfevo_beta<B> in
+# runs/fig2, hypotheses on the validation set in hyps/fig2, scores in results/fig2, the figure in
+# figures/fig2/fig2.png. Each step is skipped when its output is complete.
+set -euo pipefail
+
+# ---- settings (each overridable from the environment) ----
+: "${EXP:=fig2}"
+: "${GAMMAS:=0.1 0.2 0.3 0.4 0.5 0.6}"        # Fig. 2a
+: "${TOPKS:=0.1 0.2 0.3 0.4 0.5}"             # Fig. 2b (fraction of the batch's tokens)
+: "${BETAS:=0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9}"   # Fig. 2c
+: "${EVAL_SPLIT:=valid}"                      # the paper tunes on the validation set
+: "${TEACHER_MODEL:=huggyllama/llama-13b}"
+: "${STUDENT_MODEL:=huggyllama/llama-7b}"
+: "${OUT:=}"
+: "${DATA_DIR:=}"
+: "${DATA:=}"
+: "${ACCELERATE_CONFIG:=accelerate_configs/deepspeed_zero3.yaml}"
+: "${GEN_ACCELERATE_CONFIG:=accelerate_configs/multi_gpu.yaml}"
+: "${NUM_GPUS:=8}"
+: "${NUM_PROCESSES:=$NUM_GPUS}"
+: "${EPOCHS:=3}" "${BATCH_SIZE:=128}" "${MICRO_BATCH_SIZE:=4}" "${LR:=2e-5}" "${WARMUP_RATIO:=0.03}"
+: "${MAX_LENGTH:=512}" "${BF16:=1}"
+: "${TARGET_MIX:=0.5}" "${BETA:=0.5}" "${GAMMA:=0.4}"   # the values the other two sweeps hold fixed
+: "${COMET_MODEL:=Unbabel/wmt22-comet-da}"
+
+# shellcheck source=pipelines/common.sh disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+use_experiment "$EXP"
+DATA="$(abspath "${DATA:-$OUT/data/alma}")"
+
+prepare_alma "$DATA"
+eval_set "$DATA" "$EVAL_SPLIT"
+ensure_teacher_sft "$DATA" "$TEACHER_MODEL"
+
+for value in $GAMMAS; do
+  sweep_run "$DATA" "$EVAL_DIR" "$STUDENT_MODEL" "selfevo_gamma$value" selfevo \
+    --target-mix "$TARGET_MIX" --beta "$BETA" --gamma "$value"
+done
+for value in $TOPKS; do
+  sweep_run "$DATA" "$EVAL_DIR" "$STUDENT_MODEL" "selfevo_topk$value" selfevo \
+    --target-mix "$TARGET_MIX" --beta "$BETA" --top-k "$value"
+done
+for value in $BETAS; do
+  sweep_run "$DATA" "$EVAL_DIR" "$STUDENT_MODEL" "selfevo_beta$value" selfevo \
+    --target-mix "$TARGET_MIX" --beta "$value" --gamma "$GAMMA"
+done
+
+plot fig2 "fig2,curves" "$FIGURES/fig2.png $FIGURES/curves.png" --runs "$RUNS" --results "$RESULTS"
+echo "figures: $FIGURES/fig2.png $FIGURES/curves.png"

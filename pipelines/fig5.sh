@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Figure 5 of the paper: skewing the teacher instead of the target (Eq. 10, skew_teacher:
+# (1 - lambda) CE + lambda KL(p || beta' q + (1 - beta') p), beta' = 0.9) for lambda in
+# {0.3, 0.5, 0.7, 1.0}, next to forward KD and self-evolution KD of Table 1.
+#
+#   DATA_DIR=../shared/data/alma bash pipelines/fig5.sh
+#   LAMBDAS="0.5 1.0" bash pipelines/fig5.sh
+#
+# Runs skew_teacher_lambda<L> in runs/fig5, distilled from the SFT teacher of Table 1
+# (runs/table1/teacher_sft, trained first when absent); scored on EVAL_SPLIT in results/fig5;
+# figures/fig5/fig5.png, with Table 1's forward and selfevo scores as reference lines when
+# results/table1 has them (same test set).
+set -euo pipefail
+
+# ---- settings (each overridable from the environment) ----
+: "${EXP:=fig5}"
+: "${LAMBDAS:=0.3 0.5 0.7 1.0}"
+: "${SKEW_BETA:=0.9}"
+: "${EVAL_SPLIT:=test}"
+: "${REFERENCE_TABLE:=table1}"    # whose forward/selfevo results are drawn as reference lines
+: "${TEACHER_MODEL:=huggyllama/llama-13b}"
+: "${STUDENT_MODEL:=huggyllama/llama-7b}"
+: "${OUT:=}"
+: "${DATA_DIR:=}"
+: "${DATA:=}"
+: "${ACCELERATE_CONFIG:=accelerate_configs/deepspeed_zero3.yaml}"
+: "${GEN_ACCELERATE_CONFIG:=accelerate_configs/multi_gpu.yaml}"
+: "${NUM_GPUS:=8}"
+: "${NUM_PROCESSES:=$NUM_GPUS}"
+: "${EPOCHS:=3}" "${BATCH_SIZE:=128}" "${MICRO_BATCH_SIZE:=4}" "${LR:=2e-5}" "${WARMUP_RATIO:=0.03}"
+: "${MAX_LENGTH:=512}" "${BF16:=1}"
+: "${COMET_MODEL:=Unbabel/wmt22-comet-da}"
+
+# shellcheck source=pipelines/common.sh disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+use_experiment "$EXP"
+DATA="$(abspath "${DATA:-$OUT/data/alma}")"
+
+prepare_alma "$DATA"
+eval_set "$DATA" "$EVAL_SPLIT"
+ensure_teacher_sft "$DATA" "$TEACHER_MODEL"
+
+for value in $LAMBDAS; do
+  sweep_run "$DATA" "$EVAL_DIR" "$STUDENT_MODEL" "skew_teacher_lambda$value" skew_teacher \
+    --kd-ratio "$value" --skew-beta "$SKEW_BETA"
+done
+
+references=()
+if [[ "$EVAL_SPLIT" == test ]]; then
+  for system in forward selfevo; do
+    file="$OUT/results/$REFERENCE_TABLE/$system.json"
+    if [[ -f "$file" ]]; then references+=("$file"); fi
+  done
+fi
+plot fig5 fig5 "$FIGURES/fig5.png" --results "$RESULTS" "${references[@]}"
+echo "figure: $FIGURES/fig5.png"

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Table 1 of the paper: Llama-13B teacher, Llama-7B student, WMT22 de<->en and cs<->en.
+#
+#   DATA_DIR=../shared/data/alma bash pipelines/table1.sh       # ALMA files on disk
+#   bash pipelines/table1.sh                                    # the same data from the Hub
+#   NUM_GPUS=4 MICRO_BATCH_SIZE=2 bash pipelines/table1.sh      # fewer GPUs (batch stays 128)
+#
+# Steps (pipelines/common.sh: table_pipeline), each skipped when its output is complete, so a re-run
+# after a failure continues where it stopped:
+#   1. prepare_data.py: the paper's 52,574 training examples, WMT21 valid (en-de, cs-en), WMT22 test
+#   2. SFT of the teacher and of the student, 3 epochs, batch 128, lr 2e-5, the best validation
+#      checkpoint kept (best/)
+#   3. forward, reverse, noevo, skew, selfevo KD from the SFT teacher into the student base model
+#      (the final checkpoint: final/)
+#   4. greedy generation on the 4 WMT22 directions for the 7 systems (teacher and student SFT too)
+#   5. evaluate.py: BLEU, chrF, COMET (wmt22-comet-da), teacher similarity, paired bootstrap
+#      against forward KD; the table in results/table1/table.md with the paper's dagger
+#   6. figures/table1/{curves,fig4}.png
+# Outputs under OUT (default the repository root): data/alma, runs/table1, hyps/table1,
+# results/table1, figures/table1, logs/table1.
+set -euo pipefail
+
+# ---- settings (each overridable from the environment) ----
+: "${EXP:=table1}"
+: "${TEACHER_MODEL:=huggyllama/llama-13b}"
+: "${STUDENT_MODEL:=huggyllama/llama-7b}"
+: "${OUT:=}"                                   # output root (empty: the repository root)
+: "${DATA_DIR:=}"                              # ALMA-layout folder; empty: the Hugging Face Hub
+: "${DATA:=}"                                  # prepared data folder (default OUT/data/alma)
+: "${ACCELERATE_CONFIG:=accelerate_configs/deepspeed_zero3.yaml}"   # training
+: "${GEN_ACCELERATE_CONFIG:=accelerate_configs/multi_gpu.yaml}"     # generation (a 13B model fits a GPU)
+: "${NUM_GPUS:=8}"
+: "${NUM_PROCESSES:=$NUM_GPUS}"
+: "${EPOCHS:=3}" "${BATCH_SIZE:=128}" "${MICRO_BATCH_SIZE:=4}" "${LR:=2e-5}" "${WARMUP_RATIO:=0.03}"
+: "${MAX_LENGTH:=512}" "${BF16:=1}"
+: "${GEN_BATCH_SIZE:=16}" "${MAX_NEW_TOKENS:=256}" "${NUM_BEAMS:=1}"
+: "${COMET_MODEL:=Unbabel/wmt22-comet-da}"
+
+# shellcheck source=pipelines/common.sh disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+use_experiment "$EXP"
+DATA="$(abspath "${DATA:-$OUT/data/alma}")"
+
+prepare_alma "$DATA"
+table_pipeline "$DATA" "$DATA/test" "$TEACHER_MODEL" "$STUDENT_MODEL"
+plot figures "curves,fig4" "$FIGURES/curves.png $FIGURES/fig4.png" --runs "$RUNS" --results "$RESULTS"
+
+cat "$TABLE"
+echo "table:   $TABLE"
+echo "figures: $FIGURES/curves.png $FIGURES/fig4.png"
