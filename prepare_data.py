@@ -75,7 +75,7 @@ def parse_args(argv):
         epilog="See the module docstring (head prepare_data.py) for the layout and the rules.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data-dir", type=Path, help="folder with the ALMA layout (see above)")
+    source.add_argument("--data-dir", type=Path, help="folder with the ALMA layout: <xx>en/{train,valid,test}.<xx>-en.json, ...")
     source.add_argument("--hub", action="store_true",
                         help=f"read {HUB_PARALLEL} and {HUB_TEST} with datasets.load_dataset")
     source.add_argument("--demo", action="store_true",
@@ -285,8 +285,10 @@ def read_hub(lang, needs_valid):
     from datasets import load_dataset  # only this path needs it
 
     def pairs_of(dataset, label):
+        # ALMA-Human-Parallel names its column "translation", WMT22-Test after the config ("de-en")
+        column = "translation" if "translation" in dataset.column_names else dataset.column_names[0]
         return [pair_from_record({"translation": t}, lang, f"{label} record {index}")
-                for index, t in enumerate(dataset["translation"])]
+                for index, t in enumerate(dataset[column])]
 
     parallel = load_dataset(HUB_PARALLEL, f"{lang}-en")
     parts = {"train": (f"hub:{HUB_PARALLEL}/{lang}-en/train",

@@ -337,3 +337,35 @@ def test_valid_directions(tmp_path):
     assert [r["direction"] for r in valid] == ["de-en"] * 4 + ["en-cs"] * 4
     assert valid[0]["source"] == "de valid Satz 0" and valid[0]["reference"] == "en valid sentence 0"
     assert valid[4]["source"] == "en valid sentence 0" and valid[4]["reference"] == "cs valid Satz 0"
+
+
+def test_hub_path_with_a_stand_in_for_datasets(tmp_path, monkeypatch):
+    """The Hub cannot be reached here: a stand-in load_dataset checks the wiring of --hub
+    (ALMA-Human-Parallel has a "translation" column, WMT22-Test a column named after the config)."""
+    calls = []
+
+    class Table:
+        def __init__(self, column, rows):
+            self.column_names, self.rows = [column], rows
+
+        def __getitem__(self, column):
+            assert column == self.column_names[0]
+            return self.rows
+
+    def load_dataset(name, config):
+        calls.append((name, config))
+        if name == "haoranxu/ALMA-Human-Parallel":
+            return {"train": Table("translation", [{"de": "eins", "en": "one"}, {"de": "zwei", "en": "two"}]),
+                    "validation": Table("translation", [{"de": "drei", "en": "three"}])}
+        return {"test": Table(config, [{"de": f"Test {config}", "en": f"test {config}"}])}
+
+    monkeypatch.setitem(sys.modules, "datasets", type(sys)("datasets"))
+    monkeypatch.setattr(sys.modules["datasets"], "load_dataset", load_dataset, raising=False)
+    stats = run_main("--hub", "--pairs", "de-en", "--out", tmp_path / "out")
+    assert calls == [("haoranxu/ALMA-Human-Parallel", "de-en"), ("haoranxu/WMT22-Test", "de-en"),
+                     ("haoranxu/WMT22-Test", "en-de")]
+    assert stats["counts"] == {"train": 4, "valid": 1, "test/de-en": 1, "test/en-de": 1}
+    valid = read_jsonl(tmp_path / "out" / "valid.jsonl")
+    assert (valid[0]["direction"], valid[0]["source"], valid[0]["reference"]) == ("en-de", "three", "drei")
+    test = read_jsonl(tmp_path / "out" / "test" / "en-de.jsonl")
+    assert (test[0]["source"], test[0]["reference"]) == ("test en-de", "Test en-de")
