@@ -1,0 +1,746 @@
+"""Train a student translator by supervised fine-tuning or by one of the paper's distillation methods.
+
+One hand-written accelerate loop (no HF Trainer) trains every system of the paper: the SFT teacher
+and student baselines (`--method sft`) and the six distillation methods of kd/losses.py (forward,
+reverse, noevo, skew, selfevo, skew_teacher). The same script runs on one CPU, on 8 GPUs with DDP
+and on 8 GPUs with DeepSpeed ZeRO-3; only the accelerate config changes.
+
+    # CPU quick run (tiny models from make_tiny_models.py, seconds per step)
+    python prepare_data.py --demo --out data/demo
+    python make_tiny_models.py --data data/demo --out models/tiny
+    accelerate launch --config_file accelerate_configs/cpu.yaml --num_processes 1 train_kd.py \\
+        --method selfevo --student models/tiny/student --teacher models/tiny/teacher \\
+        --train-file data/demo/train.jsonl --valid-file data/demo/valid.jsonl \\
+        --output-dir runs/demo-selfevo --batch-size 16 --micro-batch-size 8 --lr 1e-3 --max-steps 100
+
+    # 8 GPUs, DDP: the SFT teacher (Llama 13B needs DeepSpeed; a 7B student fits with DDP + bf16)
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml train_kd.py \\
+        --method sft --student huggyllama/llama-7b \\
+        --train-file data/alma/train.jsonl --valid-file data/alma/valid.jsonl \\
+        --output-dir runs/sft-student-7b --bf16 --gradient-checkpointing --micro-batch-size 4
+
+    # 8 GPUs, DeepSpeed ZeRO-3: Self-Evolution KD from an SFT 13B teacher into a 7B student
+    # (the paper's setup: 3 epochs, batch 128, lr 2e-5, warmup 0.03, max length 512)
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml train_kd.py \\
+        --method selfevo --student runs/sft-student-7b/best --teacher runs/sft-teacher-13b/best \\
+        --train-file data/alma/train.jsonl --valid-file data/alma/valid.jsonl \\
+        --output-dir runs/selfevo-13b-7b --bf16 --gradient-checkpointing --micro-batch-size 4 \\
+        --epochs 3 --batch-size 128 --lr 2e-5 --warmup-ratio 0.03 --max-length 512
+
+    # continue a stopped run exactly where it stopped
+    accelerate launch ... train_kd.py <same arguments> --resume-from-checkpoint latest
+
+What one optimizer step does
+  * The effective batch (--batch-size examples) is split over processes and micro-batches:
+    gradient accumulation = batch-size / (micro-batch-size x processes), checked for divisibility.
+    The last incomplete batch of an epoch is dropped (a different remainder each epoch).
+  * Student forward (train mode) and, for KD methods, teacher forward (eval, no_grad, frozen) on the
+    same micro-batch. The lm_head runs only at response positions (the positions whose shifted
+    label is counted): no [B, T, V] logits over the prompt.
+      - "hidden" path (single device, DDP, DeepSpeed ZeRO-1/2): the prepared model's forward with
+        logits_to_keep=1 and output_hidden_states=True (hidden_states[-1] is after the final norm
+        in transformers' Llama); the final hidden states at response positions go to
+        kd.losses.compute_loss_from_hidden with the lm_head weight, which never builds the full
+        student logits. The teacher gives hidden states + its lm_head weight likewise.
+      - "logits" path (DeepSpeed ZeRO-3, FSDP: parameters are partitioned outside forward, so the
+        lm_head weight cannot be used directly): forward with logits_to_keep = the sequence
+        positions that hold a response token in some row of the micro-batch; the [B, K, V] logits
+        (K = response span, not the prompt) go to kd.losses.compute_loss (chunked). Extra memory:
+        B x K x V student logits and their gradient.
+    The log says which path runs.
+  * Exact token weighting: each micro-batch's loss is a SUM over its response tokens, divided by
+    the number of response tokens of the whole effective batch (all micro-batches, all processes);
+    the division of accelerator.backward by the accumulation steps and DDP's mean over processes
+    are undone, so 1x8, 8x1, 2x4 micro-batching and 1 or N processes give the same gradient.
+  * A NaN/inf loss or gradient norm skips the optimizer step with a warning (the learning-rate
+    schedule still advances); --max-bad-steps in a row stop the run, leaving the last good
+    checkpoint as it was. (Under DeepSpeed the engine steps inside backward, so there the bad
+    steps are counted and stop the run, and skipping is DeepSpeed's own fp16 overflow check.)
+
+Outputs in --output-dir
+  config.json        the fully resolved configuration
+  metrics.jsonl      {"type": "train", step, epoch, loss, lr, grad_norm, tokens, tokens_per_s, beta,
+                     hard_fraction, mean_difficulty, hard_fraction/<dir>, mean_difficulty/<dir>} per
+                     logging window; {"type": "valid", step, epoch, valid_loss, valid_loss/<dir>}
+  step_{n}/ epoch_{n}/  accelerator.save_state (student, optimizer, scheduler, RNG); the teacher is
+                     never saved; the last --save-total-limit are kept
+  best/  final/      save_pretrained model + tokenizer (best validation loss / end of training)
+  all_results.json   method, hyperparameters, final/best valid loss, steps, tokens, time, tokens/s
+  COMPLETED          written last
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kd.data import IGNORE_INDEX, TrainCollator, TranslationDataset, length_grouped_order, read_jsonl
+from kd.losses import KD_METHODS, METHODS, TARGET_MIX_METHODS, compute_loss, compute_loss_from_hidden, shared_vocab_size
+from kd.models import DTYPES, check_model_path, load_model, load_tokenizer, tokenizer_mismatch
+
+CHECKPOINT_NAME = re.compile(r"^(step|epoch)_(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+
+
+# =============================================================================================
+# Arguments
+# =============================================================================================
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("models and data")
+    group.add_argument("--method", required=True, choices=METHODS,
+                       help="training objective: sft (Eq. 2) or a distillation method of kd/losses.py")
+    group.add_argument("--student", required=True, help="student model: save_pretrained folder or hub name")
+    group.add_argument("--teacher", help="teacher model (required for every method but sft); never trained or saved")
+    group.add_argument("--teacher-dtype", choices=sorted(DTYPES),
+                       help="precision of the frozen teacher (default bf16 with --bf16, else fp32); "
+                            "under DeepSpeed the teacher follows the mixed precision of the run")
+    group.add_argument("--train-file", required=True, help="train.jsonl made by prepare_data.py")
+    group.add_argument("--valid-file", help="valid.jsonl (may hold several directions); validation loss = student CE")
+    group.add_argument("--output-dir", required=True, help="run folder (checkpoints, best/, final/, metrics)")
+    group.add_argument("--max-length", type=int, default=512,
+                       help="longest prompt+response in tokens; longer examples are dropped and counted (paper: 512)")
+
+    group = parser.add_argument_group("optimisation (paper's defaults)")
+    group.add_argument("--epochs", type=int, default=3, help="training epochs (paper: 3)")
+    group.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: all epochs)")
+    group.add_argument("--batch-size", type=int, default=128, help="effective batch in examples, all processes (paper: 128)")
+    group.add_argument("--micro-batch-size", type=int, default=8, help="examples per forward pass per process")
+    group.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (paper: 2e-5)")
+    group.add_argument("--warmup-ratio", type=float, default=0.03, help="share of steps for linear warmup (paper: 0.03)")
+    group.add_argument("--lr-scheduler", default="linear", choices=("linear", "cosine", "constant_with_warmup"),
+                       help="transformers.get_scheduler name")
+    group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on norms and biases)")
+    group.add_argument("--adam-epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    group.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0: no clipping)")
+    group.add_argument("--bf16", action="store_true", help="bf16 mixed precision (accelerate / DeepSpeed)")
+    group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    group.add_argument("--seed", type=int, default=42, help="seed of the data order and of everything random")
+    group.add_argument("--group-by-length", action="store_true",
+                       help="micro-batches of similar length (less padding); the order stays random")
+    group.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+
+    group = parser.add_argument_group("distillation (symbols of the paper)")
+    group.add_argument("--kd-ratio", type=float, default=0.5,
+                       help="λ of Eq. 3: weight of the KL term against the SFT loss (forward, reverse, skew_teacher)")
+    group.add_argument("--target-mix", type=float, default=0.5,
+                       help="λ (α) of Eq. 4: teacher share of the target mixture ỹ = (1-α)·y + α·p (noevo, skew, selfevo)")
+    group.add_argument("--beta", type=float, default=0.5,
+                       help="β of Eq. 6: weight of the student q in q̂ = β·q + (1-β)·ỹ (skew, selfevo). Follows the "
+                            "equation; the paper's prose calls β the share of the target distribution, which is 1-β here")
+    group.add_argument("--beta-end", type=float,
+                       help="progressive β (Fig. 3): β moves linearly from --beta to --beta-end over the optimizer steps")
+    group.add_argument("--gamma", type=float, default=0.4,
+                       help="Γ of Eq. 8: a token is hard when d = KL(ỹ‖q) > Γ (selfevo)")
+    group.add_argument("--top-k", type=float,
+                       help="selfevo with top-K (Sec. 5.2.1): the top K fraction of each micro-batch's tokens by d are "
+                            "hard, instead of d > Γ")
+    group.add_argument("--skew-beta", type=float, default=0.9,
+                       help="β' of Eq. 10: weight of q in β'·q + (1-β')·p (skew_teacher)")
+
+    group = parser.add_argument_group("evaluation, checkpoints, logging")
+    group.add_argument("--eval-steps", type=int, default=0, help="validate every N optimizer steps (and at each epoch end)")
+    group.add_argument("--save-steps", type=int, default=0, help="save_state into step_N every N optimizer steps")
+    group.add_argument("--save-total-limit", type=int, default=0, help="keep only the last N step_/epoch_ checkpoints (0: all)")
+    group.add_argument("--resume-from-checkpoint", help="'latest' (the newest step_N/epoch_N of --output-dir) or a folder")
+    group.add_argument("--logging-steps", type=int, default=10, help="one metrics.jsonl row per N optimizer steps")
+    group.add_argument("--max-bad-steps", type=int, default=10, help="stop after N non-finite steps in a row")
+    group.add_argument("--report-to", default="none", choices=("none", "tensorboard", "wandb"),
+                       help="also log to this accelerate tracker")
+    return parser.parse_args(argv)
+
+
+# =============================================================================================
+# Helpers (small, pure where possible; the tests call some of them directly)
+# =============================================================================================
+
+def beta_at(step, total_steps, beta, beta_end=None):
+    """β for optimizer step `step` (0-based) of `total_steps`: constant, or linear from beta to beta_end."""
+    if beta_end is None or total_steps <= 1:
+        return float(beta)
+    fraction = min(max(step, 0), total_steps - 1) / (total_steps - 1)
+    return float(beta + (beta_end - beta) * fraction)
+
+
+def accumulation_steps(batch_size, micro_batch_size, num_processes):
+    """Gradient accumulation steps; the effective batch must split evenly."""
+    per_step = micro_batch_size * num_processes
+    if batch_size % per_step:
+        raise ValueError(
+            f"--batch-size {batch_size} is not divisible by --micro-batch-size {micro_batch_size} x "
+            f"{num_processes} process(es) = {per_step}; choose sizes so that batch = micro x processes x accumulation")
+    return batch_size // per_step
+
+
+def is_finite(value):
+    return value is not None and math.isfinite(float(value))
+
+
+def write_json_atomic(path, obj):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def finite_or_none(value):
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints of a run, oldest first: [(global_step, path)] (complete = has trainer_state.json)."""
+    found = []
+    for path in Path(output_dir).glob("*_*"):
+        match = CHECKPOINT_NAME.match(path.name)
+        if match and (path / TRAINER_STATE).is_file():
+            state = json.loads((path / TRAINER_STATE).read_text())
+            found.append((state["global_step"], match.group(1) == "epoch", path))
+    return [(step, path) for step, _, path in sorted(found, key=lambda item: (item[0], item[1]))]
+
+
+def resolve_checkpoint(resume, output_dir):
+    """The checkpoint folder to resume from, or None ('latest' with no checkpoint yet)."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1][1] if checkpoints else None
+    path = Path(resume)
+    if not CHECKPOINT_NAME.match(path.name) or not (path / TRAINER_STATE).is_file():
+        raise FileNotFoundError(
+            f"--resume-from-checkpoint {resume}: not a complete step_N or epoch_N folder written by train_kd.py")
+    return path
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded random order per epoch (seed + epoch), optionally grouped by length; the same on every process."""
+
+    def __init__(self, lengths, seed, group_size=None):
+        self.lengths, self.seed, self.group_size, self.epoch = list(lengths), seed, group_size, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.group_size:
+            return iter(length_grouped_order(self.lengths, self.group_size, self.seed + self.epoch))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(len(self.lengths), generator=generator).tolist())
+
+    def __len__(self):
+        return len(self.lengths)
+
+
+class MicroBatchCollator:
+    """One loader batch = one process's share of an optimizer step, as a list of padded micro-batches."""
+
+    def __init__(self, pad_token_id, micro_batch_size):
+        self.collate, self.micro_batch_size = TrainCollator(pad_token_id), micro_batch_size
+
+    def __call__(self, examples):
+        size = self.micro_batch_size
+        return [self.collate(examples[i:i + size]) for i in range(0, len(examples), size)]
+
+
+def shifted_targets(labels):
+    """targets[b, i] = labels[b, i + 1]: the token that position i predicts (IGNORE_INDEX where nothing counts)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def read_rows(path, argument):
+    """Rows of a prepared JSONL file; any problem is an error naming the argument (and file:line)."""
+    try:
+        rows = read_jsonl(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise type(error)(f"{argument}: {error}") from None
+    if not rows:
+        raise ValueError(f"{argument} {path}: no examples in the file (empty training/validation set)")
+    return rows
+
+
+def model_vocab_size(name_or_path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name_or_path).vocab_size
+
+
+# =============================================================================================
+# Training
+# =============================================================================================
+
+def main(argv=None):
+    args = parse_args(argv)
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import DistributedType, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    # ------------------------------------------------------------------ 1. check the input (cheap, before any model)
+    is_kd = args.method in KD_METHODS
+    if is_kd and not args.teacher:
+        raise ValueError(f"--method {args.method} distils from a teacher: pass --teacher PATH (only sft runs without one)")
+    if not is_kd and args.teacher:
+        warnings.warn("--teacher is ignored by --method sft")
+        args.teacher = None
+    check_model_path(args.student, "--student")
+    if args.teacher:
+        check_model_path(args.teacher, "--teacher")
+    for name in ("kd_ratio", "target_mix", "beta", "skew_beta"):
+        value = getattr(args, name)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} must lie in [0, 1], got {value}")
+    if args.beta_end is not None and not 0.0 <= args.beta_end <= 1.0:
+        raise ValueError(f"--beta-end must lie in [0, 1], got {args.beta_end}")
+    if args.top_k is not None and (args.method != "selfevo" or not 0.0 < args.top_k <= 1.0):
+        raise ValueError(f"--top-k is a fraction in (0, 1] for --method selfevo, got {args.top_k} with {args.method}")
+    for name in ("batch_size", "micro_batch_size", "max_length", "epochs", "logging_steps", "max_bad_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    train_rows = read_rows(args.train_file, "--train-file")
+    valid_rows = read_rows(args.valid_file, "--valid-file") if args.valid_file else []
+    output_dir = Path(args.output_dir)
+    if (output_dir / "COMPLETED").is_file() and args.resume_from_checkpoint == "latest":
+        print(f"{output_dir}: run already completed; nothing to do")
+        return json.loads((output_dir / "all_results.json").read_text())
+    if args.resume_from_checkpoint is None and output_dir.is_dir() and (
+            list_checkpoints(output_dir) or (output_dir / "final").exists()):
+        raise FileExistsError(f"--output-dir {output_dir} already holds a run; pass --resume-from-checkpoint latest "
+                              "to continue it, or choose another --output-dir")
+    resume_path = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+
+    # ------------------------------------------------------------------ 2. accelerator (student + teacher DeepSpeed plugins)
+    deepspeed_plugins = None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        student_plugin = DeepSpeedPlugin()  # the config file of the accelerate YAML
+        if student_plugin.is_auto("gradient_clipping"):
+            student_plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
+        deepspeed_plugins = {"student": student_plugin}
+        if args.teacher:  # ZeRO-3 inference: partitioned weights, no optimizer
+            deepspeed_plugins["teacher"] = DeepSpeedPlugin(hf_ds_config={
+                "train_micro_batch_size_per_gpu": args.micro_batch_size,
+                "train_batch_size": "auto",
+                "gradient_accumulation_steps": "auto",
+                "bf16": {"enabled": "auto"},
+                "fp16": {"enabled": "auto"},
+                "zero_optimization": {
+                    "stage": 3,
+                    "stage3_param_persistence_threshold": "auto",
+                    "stage3_prefetch_bucket_size": "auto",
+                    "offload_param": {"device": "none"},
+                },
+            })
+    accelerator = Accelerator(
+        mixed_precision="bf16" if args.bf16 else None,
+        deepspeed_plugins=deepspeed_plugins,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")),
+    )
+    num_processes = accelerator.num_processes
+    grad_accum = accumulation_steps(args.batch_size, args.micro_batch_size, num_processes)
+    accelerator.gradient_accumulation_steps = grad_accum
+    is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if is_deepspeed:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.micro_batch_size
+    zero_stage = accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed else None
+    # The lean path needs the real lm_head weight outside forward; ZeRO-3 and FSDP partition it.
+    lean_student = not (zero_stage == 3 or accelerator.distributed_type == DistributedType.FSDP)
+    lean_teacher = not is_deepspeed and accelerator.distributed_type != DistributedType.FSDP
+    set_seed(args.seed)
+
+    # ------------------------------------------------------------------ 3. tokenizers and data
+    tokenizer = load_tokenizer(args.student)
+    vocab_size = model_vocab_size(args.student)
+    if args.teacher:
+        teacher_tokenizer = load_tokenizer(args.teacher)
+        reason = tokenizer_mismatch(tokenizer, teacher_tokenizer)
+        if reason:
+            raise ValueError(f"--teacher {args.teacher}: its tokenizer does not match the student's: {reason}")
+        try:
+            vocab_size = shared_vocab_size(vocab_size, model_vocab_size(args.teacher))
+        except ValueError as error:
+            raise ValueError(f"--teacher {args.teacher}: {error}") from None
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"--student {args.student}: tokenizer has {len(tokenizer)} tokens, more than the "
+                         f"(shared) model vocabulary {vocab_size}")
+    train_set = TranslationDataset(train_rows, tokenizer, args.max_length, source_name=f"--train-file {args.train_file}")
+    valid_set = (TranslationDataset(valid_rows, tokenizer, args.max_length, source_name=f"--valid-file {args.valid_file}")
+                 if valid_rows else None)
+    steps_per_epoch = len(train_set) // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--train-file {args.train_file}: {len(train_set)} usable examples, fewer than one "
+                         f"--batch-size {args.batch_size}")
+    total_steps = args.epochs * steps_per_epoch
+    if args.max_steps > 0:
+        total_steps = min(total_steps, args.max_steps)
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    directions = train_set.directions
+    valid_directions = valid_set.directions if valid_set else []
+
+    sampler = EpochSampler(train_set.lengths(), args.seed, args.micro_batch_size if args.group_by_length else None)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.micro_batch_size * grad_accum, sampler=sampler, drop_last=True,
+        collate_fn=MicroBatchCollator(tokenizer.pad_token_id, args.micro_batch_size), num_workers=args.num_workers)
+
+    config = {
+        **vars(args),
+        "teacher_dtype": args.teacher_dtype or ("bf16" if args.bf16 else "fp32"),
+        "num_processes": num_processes,
+        "gradient_accumulation_steps": grad_accum,
+        "distributed_type": str(accelerator.distributed_type),
+        "zero_stage": zero_stage,
+        "mixed_precision": accelerator.mixed_precision,
+        "student_loss_path": "hidden" if lean_student else "logits",
+        "teacher_loss_path": None if not args.teacher else ("hidden" if lean_teacher else "logits"),
+        "vocab_size": vocab_size,
+        "train_examples": len(train_set),
+        "valid_examples": len(valid_set) if valid_set else 0,
+        "dropped_too_long": train_set.dropped_too_long,
+        "directions": directions,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+    }
+    args.teacher_dtype = config["teacher_dtype"]
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(output_dir / "config.json", config)
+    accelerator.print(json.dumps(config, indent=2))
+    accelerator.print(f"loss path: student {config['student_loss_path']}, teacher {config['teacher_loss_path']} "
+                      f"({config['distributed_type']}, ZeRO stage {zero_stage})")
+    if train_set.dropped_too_long:
+        accelerator.print(f"dropped {train_set.dropped_too_long} training examples longer than --max-length {args.max_length}")
+
+    # ------------------------------------------------------------------ 4. models
+    model = load_model(args.student)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    teacher = None
+    if args.teacher:
+        teacher = load_model(args.teacher, dtype=args.teacher_dtype)
+        teacher.eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------ 5. optimizer, schedule, prepare
+    no_decay = ("bias", "norm")
+    parameter_groups = [
+        {"params": [p for n, p in model.named_parameters() if not any(k in n.lower() for k in no_decay)],
+         "weight_decay": args.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if any(k in n.lower() for k in no_decay)],
+         "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(parameter_groups, lr=args.lr, eps=args.adam_epsilon)
+    # The scheduler is stepped once per optimizer step by this loop (not prepared: accelerate would
+    # step it once per process) and checkpointed through register_for_checkpointing.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
+                                 num_training_steps=total_steps)
+    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    if teacher is not None:
+        if is_deepspeed:
+            accelerator.state.select_deepspeed_plugin("teacher")
+            teacher = accelerator.prepare(teacher)
+            accelerator.state.select_deepspeed_plugin("student")
+            # save_state saves every prepared model: keep the teacher out of the checkpoints.
+            accelerator._models = [m for m in accelerator._models if m is not teacher]
+        else:
+            teacher = teacher.to(accelerator.device)
+        teacher.eval()
+    student = accelerator.unwrap_model(model)
+
+    # ------------------------------------------------------------------ 6. one micro-batch: forward passes and the loss
+    def teacher_inputs(batch, counted, keep):
+        """Teacher at the response positions: hidden + lm_head weight (lean) or logits [N, V'] (rows as counted)."""
+        with torch.no_grad(), accelerator.autocast():
+            if lean_teacher:
+                out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              logits_to_keep=1, output_hidden_states=True, use_cache=False)
+                return {"teacher_hidden": out.hidden_states[-1][counted],
+                        "teacher_weight": teacher.get_output_embeddings().weight}
+            out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          logits_to_keep=keep, use_cache=False)
+            return {"teacher_logits": out.logits[counted[:, keep]]}
+
+    def student_rows(batch, counted, keep):
+        """Student at the response positions: (hidden [N, H], lm_head weight) or (logits [N, V], None)."""
+        if lean_student:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        logits_to_keep=1, output_hidden_states=True, use_cache=False)
+            weight = student.get_output_embeddings().weight
+            return out.hidden_states[-1][counted].to(weight.dtype), weight
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    logits_to_keep=keep, use_cache=False)
+        return out.logits[counted[:, keep]], None
+
+    loss_options = dict(kd_ratio=args.kd_ratio, target_mix=args.target_mix, gamma=args.gamma, top_k=args.top_k,
+                        skew_beta=args.skew_beta, reduction="sum", token_stats=True)
+
+    def micro_batch_loss(batch, beta):
+        """Summed loss over the micro-batch's response tokens, and per-direction stat sums [D, 4]."""
+        targets = shifted_targets(batch["labels"])
+        counted = targets != IGNORE_INDEX
+        keep = counted.any(0).nonzero().squeeze(1)
+        token_directions = batch["direction"][:, None].expand_as(targets)[counted]
+        rows, weight = student_rows(batch, counted, keep)
+        teacher_kwargs = teacher_inputs(batch, counted, keep) if teacher is not None else {}
+        if weight is not None:
+            loss_sum, stats = compute_loss_from_hidden(args.method, rows, weight, targets[counted],
+                                                       beta=beta, **teacher_kwargs, **loss_options)
+        else:
+            loss_sum, stats = compute_loss(args.method, rows, teacher_kwargs.get("teacher_logits"), targets[counted],
+                                           beta=beta, **loss_options)
+        # per direction: tokens, hard tokens, sum of difficulty, tokens with a difficulty
+        difficulty = stats["token_difficulty"].float()
+        has_difficulty = ~torch.isnan(difficulty)
+        columns = torch.stack([torch.ones_like(difficulty), stats["token_hard"].float(),
+                               torch.where(has_difficulty, difficulty, torch.zeros_like(difficulty)),
+                               has_difficulty.float()], dim=1)
+        sums = torch.zeros(len(directions), 4, device=columns.device).index_add_(0, token_directions, columns)
+        return loss_sum, sums
+
+    # ------------------------------------------------------------------ 7. validation and saving
+    def validate():
+        """Mean token cross-entropy of the student on the references, overall and per direction."""
+        model.eval()
+        n_directions = len(valid_directions)
+        sums = torch.zeros(n_directions, 2, device=accelerator.device, dtype=torch.float64)
+        size = args.micro_batch_size
+        examples = [valid_set[i] for i in range(accelerator.process_index, len(valid_set), num_processes)]
+        # Every process runs the same number of forward passes (ZeRO-3 gathers weights collectively).
+        n_batches = math.ceil(math.ceil(len(valid_set) / num_processes) / size)
+        collate = TrainCollator(tokenizer.pad_token_id)
+        with torch.no_grad():
+            for index in range(n_batches):
+                chunk = examples[index * size:(index + 1) * size]
+                batch = collate(chunk or [valid_set[0]])
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                if not chunk:  # a padding batch: runs the forward pass, counts nothing
+                    batch["labels"].fill_(IGNORE_INDEX)
+                targets = shifted_targets(batch["labels"])
+                counted = targets != IGNORE_INDEX
+                keep = counted.any(0).nonzero().squeeze(1) if counted.any() else torch.tensor([0], device=counted.device)
+                with accelerator.autocast():
+                    rows, weight = student_rows(batch, counted, keep)
+                token_directions = batch["direction"][:, None].expand_as(targets)[counted]
+                for start in range(0, rows.shape[0], 1024):
+                    part = rows[start:start + 1024]
+                    logits = (part @ weight[:vocab_size].T) if weight is not None else part[:, :vocab_size]
+                    ce = F.cross_entropy(logits.float(), targets[counted][start:start + 1024], reduction="none")
+                    d = token_directions[start:start + 1024]
+                    sums[:, 0].index_add_(0, d, ce.double())
+                    sums[:, 1].index_add_(0, d, torch.ones_like(ce, dtype=torch.float64))
+        model.train()
+        sums = accelerator.reduce(sums, reduction="sum")
+        result = {"valid_loss": float(sums[:, 0].sum() / sums[:, 1].sum())}
+        for i, direction in enumerate(valid_directions):
+            if sums[i, 1] > 0:
+                result[f"valid_loss/{direction}"] = float(sums[i, 0] / sums[i, 1])
+        return result
+
+    def save_model(folder):
+        """save_pretrained of the student + tokenizer into folder (16-bit gathered under ZeRO-3), atomically."""
+        state_dict = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            tmp = folder.with_name(folder.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+        accelerator.wait_for_everyone()
+
+    def save_checkpoint(name):
+        folder = output_dir / name
+        accelerator.save_state(str(folder))
+        if accelerator.is_main_process:  # written last: a folder without it is incomplete
+            write_json_atomic(folder / TRAINER_STATE, {
+                "global_step": global_step, "epoch": global_step / steps_per_epoch,
+                "best_valid_loss": best_valid_loss, "best_step": best_step,
+                "train_tokens": train_tokens, "train_seconds": train_seconds})
+            if args.save_total_limit > 0:
+                for _, old in list_checkpoints(output_dir)[:-args.save_total_limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    def write_metrics(row):
+        row = {k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in row.items()}
+        if accelerator.is_main_process:
+            with open(output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row, allow_nan=False) + "\n")
+        accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
+                        step=row["step"])
+
+    def run_validation():
+        nonlocal best_valid_loss, best_step, last_valid
+        if valid_set is None:
+            return
+        result = validate()
+        last_valid = result["valid_loss"]
+        write_metrics({"type": "valid", "step": global_step, "epoch": global_step / steps_per_epoch, **result})
+        accelerator.print(f"step {global_step}: valid_loss {last_valid:.4f}")
+        if best_valid_loss is None or last_valid < best_valid_loss:
+            best_valid_loss, best_step = last_valid, global_step
+            save_model(output_dir / "best")
+
+    # ------------------------------------------------------------------ 8. resume
+    global_step, train_tokens, train_seconds = 0, 0, 0.0
+    best_valid_loss, best_step, last_valid, last_valid_step = None, None, None, None
+    if resume_path is not None:
+        accelerator.print(f"resuming from {resume_path}")
+        accelerator.load_state(str(resume_path))
+        state = json.loads((resume_path / TRAINER_STATE).read_text())
+        global_step, train_tokens, train_seconds = state["global_step"], state["train_tokens"], state["train_seconds"]
+        best_valid_loss, best_step = state["best_valid_loss"], state["best_step"]
+        metrics_file = output_dir / "metrics.jsonl"
+        if accelerator.is_main_process and metrics_file.is_file():  # drop rows written after the checkpoint
+            kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= global_step]
+            tmp = metrics_file.with_name("metrics.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, metrics_file)
+        accelerator.wait_for_everyone()
+    elif args.resume_from_checkpoint == "latest":
+        accelerator.print(f"--resume-from-checkpoint latest: no checkpoint in {output_dir} yet; starting from scratch")
+
+    if args.report_to != "none":
+        accelerator.init_trackers("train_kd", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                                                      for k, v in config.items()})
+
+    # ------------------------------------------------------------------ 9. training loop
+    model.train()
+    window = {"loss": 0.0, "tokens": 0, "steps": 0, "seconds": 0.0, "stats": torch.zeros(len(directions), 4)}
+    bad_steps = []
+    progress = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="train")
+    start_epoch = global_step // steps_per_epoch
+    for epoch in range(start_epoch, epochs):
+        if global_step >= total_steps:
+            break
+        train_dataloader.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        skip = global_step - epoch * steps_per_epoch
+        epoch_loader = accelerator.skip_first_batches(train_dataloader, skip) if skip > 0 else train_dataloader
+        for group in epoch_loader:
+            step_start = time.perf_counter()
+            beta = beta_at(global_step, total_steps, args.beta, args.beta_end)
+            local_tokens = sum(int((shifted_targets(mb["labels"]) != IGNORE_INDEX).sum()) for mb in group)
+            step_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
+            # Undo accelerate's 1/accumulation and DDP's mean over processes: sum / tokens of the effective batch.
+            scale = num_processes * grad_accum / step_tokens
+            loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+            stat_sums = torch.zeros(len(directions), 4, device=accelerator.device)
+            for micro_batch in group:
+                with accelerator.accumulate(model):
+                    loss_sum, sums = micro_batch_loss(micro_batch, beta)
+                    accelerator.backward(loss_sum * scale)
+                    loss_total += loss_sum.detach().double()
+                    stat_sums += sums
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+            grad_norm = float(grad_norm) if grad_norm is not None else None
+            step_loss = float(accelerator.reduce(loss_total, "sum")) / step_tokens
+            if is_finite(step_loss) and (grad_norm is None or is_finite(grad_norm)):
+                optimizer.step()
+                bad_steps = []
+            else:
+                bad_steps.append(global_step + 1)
+                warnings.warn(f"step {global_step + 1}: non-finite loss {step_loss} / grad norm {grad_norm}; "
+                              "skipping the optimizer step")
+            lr = lr_scheduler.get_last_lr()[0]
+            lr_scheduler.step()
+            optimizer.zero_grad()
+            global_step += 1
+            progress.update(1)
+            if len(bad_steps) >= args.max_bad_steps:
+                good = list_checkpoints(output_dir)
+                raise RuntimeError(
+                    f"{len(bad_steps)} non-finite steps in a row (steps {bad_steps[0]}-{bad_steps[-1]}, "
+                    f"--max-bad-steps {args.max_bad_steps}); stopping. Last good checkpoint: "
+                    f"{good[-1][1] if good else 'none'}. Lower --lr or check the data and the models.")
+
+            # -------------------------------------------------------------- logging
+            seconds = time.perf_counter() - step_start
+            train_seconds += seconds
+            if not bad_steps:
+                train_tokens += step_tokens
+                window["loss"] += step_loss * step_tokens
+                window["tokens"] += step_tokens
+                window["steps"] += 1
+                window["stats"] += accelerator.reduce(stat_sums, "sum").cpu()
+            window["seconds"] += seconds
+            if window["steps"] and (global_step % args.logging_steps == 0 or global_step == total_steps):
+                row = {"type": "train", "step": global_step, "epoch": global_step / steps_per_epoch,
+                       "loss": window["loss"] / window["tokens"], "lr": lr, "grad_norm": grad_norm,
+                       "tokens": window["tokens"], "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9)}
+                if is_kd:
+                    stats = window["stats"]
+                    row["beta"] = beta
+                    row["hard_fraction"] = float(stats[:, 1].sum() / stats[:, 0].sum())
+                    if args.method in TARGET_MIX_METHODS:
+                        row["mean_difficulty"] = float(stats[:, 2].sum() / stats[:, 3].sum())
+                    for i, direction in enumerate(directions):
+                        if stats[i, 0] > 0:
+                            row[f"hard_fraction/{direction}"] = float(stats[i, 1] / stats[i, 0])
+                            if args.method in TARGET_MIX_METHODS:
+                                row[f"mean_difficulty/{direction}"] = float(stats[i, 2] / stats[i, 3])
+                write_metrics(row)
+                progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+                window = {"loss": 0.0, "tokens": 0, "steps": 0, "seconds": 0.0, "stats": torch.zeros(len(directions), 4)}
+
+            # -------------------------------------------------------------- validation and checkpoints
+            end_of_epoch = global_step % steps_per_epoch == 0
+            if (args.eval_steps and global_step % args.eval_steps == 0) or end_of_epoch:
+                run_validation()
+                last_valid_step = global_step
+            if bad_steps:
+                continue  # never checkpoint after a bad step: the last good checkpoint stays the newest
+            if end_of_epoch:
+                save_checkpoint(f"epoch_{global_step // steps_per_epoch}")
+            elif args.save_steps and global_step % args.save_steps == 0:
+                save_checkpoint(f"step_{global_step}")
+            if global_step >= total_steps:
+                break
+    progress.close()
+
+    # ------------------------------------------------------------------ 10. final model and results
+    if last_valid_step != global_step:
+        run_validation()
+    save_model(output_dir / "final")
+    results = {
+        "method": args.method,
+        "hyperparameters": {k: config[k] for k in (
+            "student", "teacher", "teacher_dtype", "epochs", "max_steps", "batch_size", "micro_batch_size",
+            "gradient_accumulation_steps", "num_processes", "lr", "warmup_ratio", "lr_scheduler", "weight_decay",
+            "max_grad_norm", "max_length", "seed", "bf16", "kd_ratio", "target_mix", "beta", "beta_end", "gamma",
+            "top_k", "skew_beta")},
+        "final_valid_loss": last_valid,
+        "best_valid_loss": best_valid_loss,
+        "best_step": best_step,
+        "steps": global_step,
+        "epochs": global_step / steps_per_epoch,
+        "train_tokens": train_tokens,
+        "train_seconds": train_seconds,
+        "tokens_per_s": train_tokens / train_seconds if train_seconds else None,
+        "dropped_too_long": train_set.dropped_too_long,
+        "final_dir": str(output_dir / "final"),
+        "best_dir": str(output_dir / "best") if best_step is not None else None,
+    }
+    if accelerator.is_main_process:
+        write_json_atomic(output_dir / "all_results.json", results)
+        (output_dir / "COMPLETED").write_text(f"{global_step} steps\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    accelerator.print(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
