@@ -1,0 +1,218 @@
+"""generate.py on a tiny local Llama: batching, order, resuming, folders, processes, bad input.
+
+    pytest tests/test_generate.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import generate
+from kd.models import build_tiny_models
+from kd.prompts import build_prompt
+
+GERMAN = [
+    "Das Haus ist groß.",
+    "Ich trinke gern Kaffee am Morgen, bevor ich zur Arbeit fahre.",
+    "Der Hund schläft.",
+    "Wir fahren morgen mit dem Zug nach Berlin und besuchen unsere Großeltern.",
+    "Die Kinder spielen Fußball im Park.",
+    "Heute ist das Wetter sehr schön.",
+    "Er liest ein Buch.",
+    "Sie hat ihre Schlüssel im Büro verloren und musste lange warten.",
+    "Danke!",
+]
+ENGLISH = [
+    "The house is big.",
+    "I like drinking coffee in the morning before I drive to work.",
+    "The dog is sleeping.",
+    "Tomorrow we take the train to Berlin and visit our grandparents.",
+    "The children play football in the park.",
+    "Today the weather is very nice.",
+    "He reads a book.",
+    "She lost her keys at the office and had to wait a long time.",
+    "Thanks!",
+]
+MAX_NEW = ["--max-new-tokens", "10"]
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def read_rows(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def make_rows(src, tgt, sources, references, copies=2):
+    rows = []
+    for i, (source, reference) in enumerate(zip(sources * copies, references * copies)):
+        rows.append({"id": f"test-{src}-{tgt}-{i}", "direction": f"{src}-{tgt}", "src_lang": src, "tgt_lang": tgt,
+                     "source": source, "reference": reference, "prompt": build_prompt(source, src, tgt)})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A test folder with de-en (18 rows) and en-de (18 rows), and a tiny Llama whose tokenizer saw them."""
+    root = tmp_path_factory.mktemp("generate")
+    test_dir = root / "test"
+    write_jsonl(test_dir / "de-en.jsonl", make_rows("de", "en", GERMAN, ENGLISH))
+    write_jsonl(test_dir / "en-de.jsonl", make_rows("en", "de", ENGLISH, GERMAN))
+    train = make_rows("de", "en", GERMAN, ENGLISH, copies=20) + make_rows("en", "de", ENGLISH, GERMAN, copies=20)
+    write_jsonl(root / "train.jsonl", train)
+    folders = build_tiny_models(root / "train.jsonl", root / "models", vocab_size=500,
+                                teacher_size=(2, 64, 2), student_size=(1, 32, 2))
+    return {"root": root, "test": test_dir, "model": str(folders["teacher"])}
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(setup):
+    """The reference output: every row decoded alone (batch size 1, no padding at all)."""
+    out = setup["root"] / "hyps_batch1"
+    generate.main(["--model", setup["model"], "--input", str(setup["test"]), "--output", str(out),
+                   "--batch-size", "1", *MAX_NEW])
+    return out
+
+
+def test_batched_greedy_equals_one_at_a_time(setup, one_at_a_time, tmp_path):
+    for batch_size in ("5", "64"):
+        out = tmp_path / f"batch{batch_size}"
+        generate.main(["--model", setup["model"], "--input", str(setup["test"]), "--output", str(out),
+                       "--batch-size", batch_size, *MAX_NEW])
+        for name in ("de-en.jsonl", "en-de.jsonl"):
+            assert (out / name).read_bytes() == (one_at_a_time / name).read_bytes(), (batch_size, name)
+    # The prompts differ in length, so those batches really were padded.
+    lengths = {len(row["prompt"]) for row in read_rows(setup["test"] / "de-en.jsonl")}
+    assert len(lengths) >= 5
+
+
+def test_rows_kept_in_input_order_with_hypothesis_and_raw(setup, one_at_a_time):
+    for name in ("de-en.jsonl", "en-de.jsonl"):
+        inputs = read_rows(setup["test"] / name)
+        outputs = read_rows(one_at_a_time / name)
+        assert [row["id"] for row in outputs] == [row["id"] for row in inputs]
+        for source_row, row in zip(inputs, outputs):
+            assert row["direction"] == source_row["direction"]
+            assert row["source"] == source_row["source"] and row["reference"] == source_row["reference"]
+            assert "prompt" not in row
+            assert row["hypothesis"] == generate.first_line(row["raw"])
+            assert "\n" not in row["hypothesis"]
+        assert any(row["raw"] for row in outputs)
+    assert not list(one_at_a_time.glob("*.partial")) and not list(one_at_a_time.glob("*.tmp"))
+
+
+def test_first_line():
+    assert generate.first_line("  Hello world. \n### Instruction:\nmore") == "Hello world."
+    assert generate.first_line("\n\nHello.\nNext") == "Hello."
+    assert generate.first_line("") == ""
+
+
+def test_resume_after_partial_output_equals_uninterrupted_run(setup, one_at_a_time, tmp_path):
+    out = tmp_path / "resumed"
+    out.mkdir()
+    complete = read_rows(one_at_a_time / "de-en.jsonl")
+    # What a killed run leaves: some rows in completion order (length-sorted, not input order) and a
+    # last line cut mid-write.
+    done = [complete[7], complete[2], complete[11], complete[0]]
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in done)
+    cut = json.dumps(complete[5], ensure_ascii=False)[:40]
+    (out / "de-en.jsonl.partial").write_text(text + cut, encoding="utf-8")
+    stats = generate.main(["--model", setup["model"], "--input", str(setup["test"] / "de-en.jsonl"),
+                           "--output", str(out), "--batch-size", "4", *MAX_NEW])
+    assert stats["de-en.jsonl"]["generated"] == len(complete) - len(done)
+    assert (out / "de-en.jsonl").read_bytes() == (one_at_a_time / "de-en.jsonl").read_bytes()
+    assert not (out / "de-en.jsonl.partial").exists()
+
+    # A complete output is skipped, and stays as it is.
+    stats = generate.main(["--model", setup["model"], "--input", str(setup["test"] / "de-en.jsonl"),
+                           "--output", str(out), *MAX_NEW])
+    assert stats["de-en.jsonl"]["generated"] == 0
+    assert (out / "de-en.jsonl").read_bytes() == (one_at_a_time / "de-en.jsonl").read_bytes()
+
+
+def test_limit_then_extend(setup, one_at_a_time, tmp_path):
+    out = tmp_path / "limited"
+    stats = generate.main(["--model", setup["model"], "--input", str(setup["test"]), "--output", str(out),
+                           "--limit", "5", *MAX_NEW])
+    assert stats["de-en.jsonl"]["rows"] == 5
+    complete = read_rows(one_at_a_time / "de-en.jsonl")
+    assert read_rows(out / "de-en.jsonl") == complete[:5]
+    # Without --limit the same output folder is completed: the first 5 rows are not decoded again.
+    stats = generate.main(["--model", setup["model"], "--input", str(setup["test"]), "--output", str(out), *MAX_NEW])
+    assert stats["de-en.jsonl"]["generated"] == len(complete) - 5
+    assert (out / "de-en.jsonl").read_bytes() == (one_at_a_time / "de-en.jsonl").read_bytes()
+
+
+def test_folder_mode_one_output_per_input_file(setup, one_at_a_time):
+    assert sorted(p.name for p in one_at_a_time.iterdir()) == ["de-en.jsonl", "en-de.jsonl"]
+    assert {row["direction"] for row in read_rows(one_at_a_time / "en-de.jsonl")} == {"en-de"}
+
+
+def test_output_of_another_input_is_an_error(setup, tmp_path):
+    out = tmp_path / "foreign"
+    out.mkdir()
+    foreign = {"id": "test-cs-en-0", "direction": "cs-en", "hypothesis": "x", "raw": "x"}
+    write_jsonl(out / "de-en.jsonl.partial", [foreign])
+    before = (out / "de-en.jsonl.partial").read_bytes()
+    with pytest.raises(SystemExit, match=r"de-en\.jsonl\.partial.*test-cs-en-0"):
+        generate.main(["--model", setup["model"], "--input", str(setup["test"] / "de-en.jsonl"),
+                       "--output", str(out), *MAX_NEW])
+    assert (out / "de-en.jsonl.partial").read_bytes() == before
+    assert not (out / "de-en.jsonl").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", r"empty\.jsonl: no rows"),
+    ('{"id": "a", "direction": "de-en"}\n', r"bad\.jsonl:1: row lacks prompt"),
+    ('{"id": "a", "direction": "de-en", "prompt": "p"}\n{"id": "a", "direction": "de-en", "prompt": "q"}\n',
+     r"twice\.jsonl: id 'a' appears twice"),
+])
+def test_bad_input_names_the_file_and_writes_nothing(setup, tmp_path, content, message):
+    name = {"": "empty.jsonl"}.get(content, "twice.jsonl" if "q" in content else "bad.jsonl")
+    bad = tmp_path / "in" / name
+    bad.parent.mkdir()
+    bad.write_text(content, encoding="utf-8")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=message):
+        generate.main(["--model", setup["model"], "--input", str(bad), "--output", str(out)])
+    assert not out.exists()
+
+
+def test_missing_input_and_model_are_clear_errors(setup, tmp_path):
+    with pytest.raises(SystemExit, match=r"--input .*nowhere: no such file or folder"):
+        generate.main(["--model", setup["model"], "--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match=r"--model .*no_model"):
+        generate.main(["--model", str(tmp_path / "no_model"), "--input", str(setup["test"]), "--output", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_vllm_backend_without_vllm_is_a_clear_error(setup, tmp_path):
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vllm is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(SystemExit, match="vllm is not installed"):
+        generate.main(["--model", setup["model"], "--input", str(setup["test"]), "--output", str(tmp_path / "v"),
+                       "--backend", "vllm"])
+
+
+def test_two_processes_give_the_same_file(setup, one_at_a_time, tmp_path, repo_root):
+    """accelerate launch with 2 CPU processes: rows split, gathered, one writer, same bytes."""
+    out = tmp_path / "two"
+    # On CPU: the torchrun launcher (--multi_gpu) with ACCELERATE_USE_CPU gives DDP over gloo.
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(repo_root / "generate.py"), "--model", setup["model"], "--input", str(setup["test"] / "de-en.jsonl"),
+               "--output", str(out), "--batch-size", "3", *MAX_NEW]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    assert (out / "de-en.jsonl").read_bytes() == (one_at_a_time / "de-en.jsonl").read_bytes()
