@@ -20,7 +20,8 @@
 # Settings read here (each overridable from the environment; the pipelines set their own defaults
 # before sourcing this file):
 #   OUT, PYTHON, ACCELERATE_CONFIG (an accelerate YAML, or empty for accelerate's default),
-#   GEN_ACCELERATE_CONFIG (the same for generate.py), NUM_PROCESSES (empty: the config's), training: EPOCHS BATCH_SIZE MICRO_BATCH_SIZE LR WARMUP_RATIO
+#   GEN_ACCELERATE_CONFIG (the same for generate.py), NUM_PROCESSES (empty: the config's),
+#   LAUNCHER (accelerate, or python to run train_kd.py/generate.py in one plain process), training: EPOCHS BATCH_SIZE MICRO_BATCH_SIZE LR WARMUP_RATIO
 #   MAX_LENGTH MAX_STEPS EVAL_STEPS SAVE_STEPS BF16 SEED KD_RATIO TARGET_MIX BETA GAMMA SKEW_BETA
 #   TRAIN_EXTRA_ARGS; generation: GEN_BATCH_SIZE MAX_NEW_TOKENS NUM_BEAMS GEN_EXTRA_ARGS;
 #   evaluation: COMET_MODEL (a hub name, a local path, or none).
@@ -44,6 +45,7 @@ OUT="$(abspath "$OUT")"
 : "${PYTHON:=python}"
 : "${ACCELERATE_CONFIG:=}"
 : "${NUM_PROCESSES:=}"
+: "${LAUNCHER:=accelerate}"   # accelerate: `accelerate launch`; python: plain python, one process
 : "${GEN_ACCELERATE_CONFIG:=$ACCELERATE_CONFIG}"   # generation may run under another config (DDP)
 if [[ -n "$ACCELERATE_CONFIG" ]]; then ACCELERATE_CONFIG="$(abspath "$ACCELERATE_CONFIG")"; fi
 if [[ -n "$GEN_ACCELERATE_CONFIG" ]]; then GEN_ACCELERATE_CONFIG="$(abspath "$GEN_ACCELERATE_CONFIG")"; fi
@@ -192,10 +194,16 @@ use_experiment() {
 }
 
 # launch CONFIG SCRIPT ARGS...: accelerate launch with the config file CONFIG (none when empty) and
-# NUM_PROCESSES processes (the config's number when empty).
+# NUM_PROCESSES processes (the config's number when empty); with LAUNCHER=python, `python SCRIPT
+# ARGS` (one process: saves the launcher's start-up on a small CPU run).
 launch() {
   local config="$1" args=()
   shift
+  case "$LAUNCHER" in
+    python) "$PYTHON" "$@"; return ;;
+    accelerate) ;;
+    *) die "LAUNCHER=$LAUNCHER: choose accelerate or python" ;;
+  esac
   if [[ -n "$config" ]]; then args+=(--config_file "$config"); fi
   if [[ -n "$NUM_PROCESSES" ]]; then args+=(--num_processes "$NUM_PROCESSES"); fi
   "$PYTHON" -m accelerate.commands.launch "${args[@]}" "$@"
