@@ -1,0 +1,374 @@
+"""Score translations as the paper does (BLEU, COMET, significance †), and lay out Table 1.
+
+    # one system: every direction of hyps/selfevo against the references of data/alma/test
+    python evaluate.py --hyps hyps/selfevo --refs data/alma/test --baseline hyps/forward \\
+        --teacher-hyps hyps/teacher --out results/selfevo.json
+
+    # without COMET (or with a local COMET checkpoint: --comet-model path/to/wmt22-comet-da)
+    python evaluate.py --hyps hyps/tiny --refs data/demo/test --comet-model none --out results/tiny.json
+
+    # only some directions (the hyps folder may then lack the others)
+    python evaluate.py --hyps hyps/x --refs data/alma/test --directions de-en,en-de --out results/x.json
+
+    # the table: rows in the order given; the Δ row is the last system minus the baseline
+    python evaluate.py table results/teacher.json results/sft.json results/forward.json \\
+        results/selfevo.json --baseline forward --out table.md
+
+Inputs: --hyps and --refs are folders of <src>-<tgt>.jsonl files (or single files): the hypotheses of
+generate.py (`id`, `hypothesis`) and the test files of prepare_data.py (`id`, `source`, `reference`,
+`tgt_lang`). Hypotheses are matched to references by `id` (the output is in reference order);
+every direction of --hyps needs its reference file, and every reference file needs hypotheses
+unless --directions names the directions to score. Different numbers of rows, ids that do not
+match, an id twice, an empty file: an error naming the file, before anything is computed, and no
+results file. --limit N scores the first N references of each file (for generate.py --limit N).
+
+Per direction (results JSON, written atomically):
+    n                    rows scored
+    bleu, bleu_signature sacrebleu BLEU with the target language's tokenizer (13a; zh, ja-mecab, ...)
+    chrf, chrf_signature sacrebleu chrF2
+    comet                COMET system score x 100 (the paper's scale), null with --comet-model none
+    teacher_bleu         BLEU against the teacher's hypotheses (--teacher-hyps; the paper's Fig. 4)
+    off_target_rate      share of hypotheses not identified as the target language (py3langid)
+    baseline             the baseline's system name (--baseline), and against it:
+    bleu_p_value, bleu_significant     paired bootstrap, sacrebleu PairedTest, 1000 resamples, seed 12345
+    comet_p_value, comet_significant   the same on COMET segment scores (kd/metrics.py); p < 0.05 = †
+"average" holds the mean over the directions. COMET runs under plain python, not accelerate launch:
+on a GPU if there is one, else on the CPU.
+
+Table (`evaluate.py table`): Markdown like the paper's Table 1: one row per results file, BLEU and
+COMET per direction (de-en, cs-en, en-de, en-cs first, then the others) and their average; † where
+the result was tested against --baseline and p < 0.05; a last row Δ = the last system listed
+minus the baseline (list your method last, as the paper does; --delta NAME picks another).
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: find kd/
+
+from kd.data import read_jsonl
+
+DIRECTION_ORDER = ("de-en", "cs-en", "en-de", "en-cs")
+DIRECTION_PATTERN = re.compile(r"^[a-z]{2,3}-[a-z]{2,3}$")
+SIGNIFICANCE_LEVEL = 0.05
+
+
+class InputError(Exception):
+    """A bad input file; the message names it."""
+
+
+def fail(where, what, todo):
+    """Stop with a message naming the place, the problem and the fix; exit code 1."""
+    raise SystemExit(f"evaluate.py: {where}: {what}; {todo}")
+
+
+def write_atomic(path, text):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        out.write(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and matching the files
+# ---------------------------------------------------------------------------------------------
+
+def direction_files(path, argument):
+    """{direction: file} of a folder of <src>-<tgt>.jsonl files, or of one such file."""
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.glob("*.jsonl") if p.is_file())
+        if not files:
+            fail(f"{argument} {path}", "no .jsonl files in this folder", "pass the folder made by generate.py / prepare_data.py")
+    else:
+        fail(f"{argument} {path}", "no such file or folder", "check the path")
+    found = {}
+    for file in files:
+        if not DIRECTION_PATTERN.match(file.stem):
+            fail(str(file), "the file name is not a direction like de-en.jsonl", "rename it or move it out of the folder")
+        found[file.stem] = file
+    return found
+
+
+def read_rows(path, required):
+    try:
+        rows = read_jsonl(path, required=required)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"evaluate.py: {error}") from None
+    if not rows:
+        fail(str(path), "empty file", "regenerate it")
+    seen = set()
+    for row in rows:
+        if row["id"] in seen:
+            fail(str(path), f"id {row['id']!r} appears twice", "every row needs its own id")
+        seen.add(row["id"])
+    return rows
+
+
+def matched_hypotheses(path, references):
+    """The `hypothesis` of each reference row, matched by id, in reference order."""
+    rows = read_rows(path, required=("id", "hypothesis"))
+    if len(rows) != len(references):
+        fail(str(path), f"{len(rows)} hypotheses for {len(references)} references",
+             "generate the missing rows (run generate.py again to resume), or pass --limit to score a prefix")
+    by_id = {row["id"]: row["hypothesis"] for row in rows}
+    missing = [row["id"] for row in references if row["id"] not in by_id]
+    if missing:
+        extra = next(row["id"] for row in rows if row["id"] not in {r["id"] for r in references})
+        fail(str(path), f"ids that do not match the references ({len(missing)} missing, first {missing[0]!r}; "
+             f"first unknown {extra!r})", "hypotheses and references must come from the same test file")
+    return [by_id[row["id"]] for row in references]
+
+
+def target_language(direction, references, path):
+    tgt = direction.split("-")[1]
+    stated = {row.get("tgt_lang", tgt) for row in references}
+    if stated != {tgt}:
+        fail(str(path), f"tgt_lang {sorted(stated)} does not match the file name {direction}", "fix the file")
+    return tgt
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring one system
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring (head evaluate.py).",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hyps", required=True, type=Path, help="folder of <src>-<tgt>.jsonl made by generate.py (or one file)")
+    parser.add_argument("--refs", required=True, type=Path, help="test folder of prepare_data.py (or one file)")
+    parser.add_argument("--out", required=True, type=Path, help="results JSON to write")
+    parser.add_argument("--system", help="name of the system (default: the --hyps folder name)")
+    parser.add_argument("--baseline", type=Path, help="hypotheses of the baseline system, for the significance tests")
+    parser.add_argument("--teacher-hyps", type=Path, help="hypotheses of the teacher, for teacher_bleu")
+    parser.add_argument("--comet-model", default="Unbabel/wmt22-comet-da",
+                        help="hub name, local checkpoint (folder or model.ckpt), or none (default Unbabel/wmt22-comet-da)")
+    parser.add_argument("--comet-batch-size", type=int, default=32)
+    parser.add_argument("--directions", help="comma-separated directions to score (default: every file of --hyps)")
+    parser.add_argument("--limit", type=int, help="score only the first N references of each file")
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        fail(f"--limit {args.limit}", "must be at least 1", "pass a positive number")
+    if args.comet_batch_size < 1:
+        fail(f"--comet-batch-size {args.comet_batch_size}", "must be at least 1", "pass a positive number")
+    return args
+
+
+def system_name(path):
+    path = Path(path)
+    return path.stem if path.is_file() else path.name
+
+
+def evaluate(argv):
+    args = parse_args(argv)
+    from kd import metrics
+
+    # ---- inputs: every file read and matched before anything is computed ----
+    hyp_files = direction_files(args.hyps, "--hyps")
+    ref_files = direction_files(args.refs, "--refs")
+    if args.directions:
+        directions = [d.strip() for d in args.directions.split(",") if d.strip()]
+        for direction in directions:
+            if direction not in hyp_files:
+                fail(f"--hyps {args.hyps}", f"no {direction}.jsonl (asked for by --directions)", "generate it first")
+    else:
+        directions = list(hyp_files)
+        unscored = [d for d in ref_files if d not in hyp_files]
+        if unscored and args.refs.is_dir() and args.hyps.is_dir():
+            fail(f"--hyps {args.hyps}", f"no hypotheses for {', '.join(unscored)} of {args.refs}",
+                 "generate them, or name the directions to score with --directions")
+    for direction in directions:
+        if direction not in ref_files:
+            where = args.refs if args.refs.is_dir() else args.refs.parent
+            fail(str(hyp_files[direction]), f"no reference file {direction}.jsonl in {where}",
+                 "pass the test folder these hypotheses were generated from")
+    extra_systems = {"baseline": args.baseline, "teacher": args.teacher_hyps}
+    extra_files = {role: direction_files(path, f"--{'baseline' if role == 'baseline' else 'teacher-hyps'}")
+                   for role, path in extra_systems.items() if path is not None}
+    data = {}
+    for direction in directions:
+        references = read_rows(ref_files[direction], required=("id", "source", "reference"))[:args.limit]
+        entry = {
+            "tgt": target_language(direction, references, ref_files[direction]),
+            "sources": [row["source"] for row in references],
+            "references": [row["reference"] for row in references],
+            "hyps": matched_hypotheses(hyp_files[direction], references),
+        }
+        for role, files in extra_files.items():
+            if direction not in files:
+                fail(f"--{'baseline' if role == 'baseline' else 'teacher-hyps'} {extra_systems[role]}",
+                     f"no {direction}.jsonl", "score the same directions for every system")
+            entry[role] = matched_hypotheses(files[direction], references)
+        data[direction] = entry
+
+    # ---- COMET model (fails here, before any work, when it cannot be loaded) ----
+    comet_name = None if args.comet_model.lower() == "none" else args.comet_model
+    comet_model = None
+    if comet_name:
+        try:
+            comet_model = metrics.load_comet(comet_name)
+        except RuntimeError as error:
+            raise SystemExit(f"evaluate.py: {error}") from None
+
+    # ---- metrics per direction ----
+    name = args.system or system_name(args.hyps)
+    baseline_name = system_name(args.baseline) if args.baseline else None
+    identifier = metrics.language_identifier()
+    results = {}
+    for direction, entry in data.items():
+        tgt, refs, hyps = entry["tgt"], entry["references"], entry["hyps"]
+        bleu, bleu_signature = metrics.corpus_bleu(hyps, refs, tgt)
+        chrf, chrf_signature = metrics.corpus_chrf(hyps, refs)
+        row = {"n": len(hyps), "bleu": bleu, "bleu_signature": bleu_signature, "chrf": chrf,
+               "chrf_signature": chrf_signature, "comet": None, "teacher_bleu": None,
+               "off_target_rate": metrics.off_target_rate(hyps, tgt, identifier), "baseline": baseline_name,
+               "bleu_p_value": None, "bleu_significant": None, "comet_p_value": None, "comet_significant": None}
+        if comet_model is not None:
+            segment_scores, system_score = metrics.comet_scores(comet_model, entry["sources"], hyps, refs, args.comet_batch_size)
+            row["comet"] = 100 * system_score
+        if "teacher" in entry:
+            row["teacher_bleu"] = metrics.corpus_bleu(hyps, entry["teacher"], tgt)[0]
+        if "baseline" in entry:
+            row["baseline_bleu"] = metrics.corpus_bleu(entry["baseline"], refs, tgt)[0]
+            row["bleu_p_value"] = metrics.bleu_paired_bootstrap(entry["baseline"], hyps, refs, tgt)
+            row["bleu_significant"] = row["bleu_p_value"] < SIGNIFICANCE_LEVEL
+            if comet_model is not None:
+                baseline_scores, baseline_system = metrics.comet_scores(
+                    comet_model, entry["sources"], entry["baseline"], refs, args.comet_batch_size)
+                row["baseline_comet"] = 100 * baseline_system
+                row["comet_p_value"] = metrics.mean_paired_bootstrap(baseline_scores, segment_scores)
+                row["comet_significant"] = row["comet_p_value"] < SIGNIFICANCE_LEVEL
+        results[direction] = row
+        print(f"{name} {direction}: n={row['n']} BLEU {bleu:.2f} chrF {chrf:.2f}"
+              + (f" COMET {row['comet']:.2f}" if row["comet"] is not None else "")
+              + (f" (p BLEU {row['bleu_p_value']:.3f})" if row["bleu_p_value"] is not None else ""))
+
+    # ---- results JSON ----
+    def mean(key):
+        values = [row[key] for row in results.values()]
+        return None if any(value is None for value in values) else sum(values) / len(values)
+
+    output = {
+        "system": name, "hyps": str(args.hyps), "refs": str(args.refs), "comet_model": comet_name,
+        "comet_scale": 100, "bootstrap": {"samples": metrics.BOOTSTRAP_SAMPLES, "seed": metrics.BOOTSTRAP_SEED,
+                                          "significance_level": SIGNIFICANCE_LEVEL},
+        "directions": results,
+        "average": {key: mean(key) for key in ("bleu", "comet", "chrf", "teacher_bleu", "off_target_rate")},
+    }
+    write_atomic(args.out, json.dumps(output, indent=2, ensure_ascii=False) + "\n")
+    print(f"{args.out}: {name}, average BLEU {output['average']['bleu']:.2f}")
+    return output
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------
+
+def ordered_directions(found):
+    return [d for d in DIRECTION_ORDER if d in found] + sorted(d for d in found if d not in DIRECTION_ORDER)
+
+
+def format_number(value, mark=""):
+    return "–" if value is None else f"{value:.2f}{mark}"
+
+
+def format_delta(value, base):
+    return "–" if value is None or base is None else f"{value - base:+.2f}"
+
+
+def make_table(results, baseline=None, delta=None):
+    """Markdown table of results dicts (rows in the given order)."""
+    names = [r["system"] for r in results]
+    if baseline is not None and baseline not in names:
+        raise InputError(f"--baseline {baseline}: no results for this system (systems: {', '.join(names)})")
+    directions = ordered_directions({d for r in results for d in r["directions"]})
+    header = ["System"] + [f"{d} {m}" for d in directions for m in ("BLEU", "COMET")] + ["Avg. BLEU", "Avg. COMET"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+
+    def cells(result):
+        row = [result["system"]]
+        for direction in directions:
+            scores = result["directions"].get(direction)
+            if scores is None:
+                row += ["–", "–"]
+                continue
+            tested = baseline is not None and scores.get("baseline") == baseline and result["system"] != baseline
+            for metric in ("bleu", "comet"):
+                row.append(format_number(scores.get(metric), "†" if tested and scores.get(f"{metric}_significant") else ""))
+        row += [format_number(result["average"].get("bleu")), format_number(result["average"].get("comet"))]
+        return row
+
+    for result in results:
+        lines.append("| " + " | ".join(cells(result)) + " |")
+    if baseline is not None:
+        others = [r for r in results if r["system"] != baseline]
+        if delta is not None and delta not in names:
+            raise InputError(f"--delta {delta}: no results for this system (systems: {', '.join(names)})")
+        if others:
+            top = next(r for r in results if r["system"] == delta) if delta else others[-1]
+            base = next(r for r in results if r["system"] == baseline)
+            row = [f"Δ ({top['system']} − {baseline})"]
+            for direction in directions:
+                for metric in ("bleu", "comet"):
+                    mine = top["directions"].get(direction, {}).get(metric)
+                    theirs = base["directions"].get(direction, {}).get(metric)
+                    row.append(format_delta(mine, theirs))
+            for metric in ("bleu", "comet"):
+                row.append(format_delta(top["average"].get(metric), base["average"].get(metric)))
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+        lines.append(f"† p < {SIGNIFICANCE_LEVEL} against {baseline} (paired bootstrap resampling, "
+                     "1000 resamples). COMET: wmt22-comet-da x 100.")
+    return "\n".join(lines) + "\n"
+
+
+def table(argv):
+    parser = argparse.ArgumentParser(prog="evaluate.py table", description="Markdown table of results JSON files (rows in the given order).")
+    parser.add_argument("results", nargs="+", type=Path, help="results JSON files of evaluate.py")
+    parser.add_argument("--baseline", help="system name the † and the Δ row refer to")
+    parser.add_argument("--delta", help="system of the Δ row (default: the last one listed)")
+    parser.add_argument("--out", type=Path, help="also write the table to this file")
+    args = parser.parse_args(argv)
+    results = []
+    for path in args.results:
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            fail(str(path), "no such file", "run evaluate.py first")
+        except json.JSONDecodeError as error:
+            fail(str(path), f"not JSON ({error.msg})", "pass results files written by evaluate.py")
+        if not isinstance(result, dict) or not {"system", "directions", "average"} <= set(result):
+            fail(str(path), "not a results file of evaluate.py (no system/directions/average)", "pass results files written by evaluate.py")
+        results.append(result)
+    names = [r["system"] for r in results]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        fail("results", f"system {duplicates[0]!r} appears twice", "pass each system once (or rename with --system)")
+    try:
+        text = make_table(results, args.baseline, args.delta)
+    except InputError as error:
+        raise SystemExit(f"evaluate.py table: {error}") from None
+    sys.stdout.write(text)
+    if args.out:
+        write_atomic(args.out, text)
+    return text
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "table":
+        return table(argv[1:])
+    return evaluate(argv)
+
+
+if __name__ == "__main__":
+    main()

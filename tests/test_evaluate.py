@@ -1,0 +1,354 @@
+"""evaluate.py and kd/metrics.py: sacrebleu CLI agreement, real COMET on a tiny checkpoint, bootstrap,
+off-target rate, the table, and every bad input.
+
+    pytest tests/test_evaluate.py
+"""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import evaluate
+from kd import metrics
+
+ENGLISH = [
+    "The house is big and has a red roof.",
+    "I like drinking coffee in the morning before I drive to work.",
+    "The dog is sleeping in the garden under the old apple tree.",
+    "Tomorrow we take the train to Berlin and visit our grandparents.",
+    "The children play football in the park after school.",
+    "Today the weather is very nice, so we will go for a walk.",
+    "He reads a book about the history of the city.",
+    "She lost her keys at the office and had to wait a long time.",
+    "The meeting was moved to Thursday because the director is ill.",
+    "Prices for energy have risen sharply over the last year.",
+    "The new bridge will be opened to traffic next month.",
+    "Our neighbours are travelling to Italy for two weeks in summer.",
+]
+GERMAN = [
+    "Das Haus ist groß und hat ein rotes Dach.",
+    "Ich trinke gern Kaffee am Morgen, bevor ich zur Arbeit fahre.",
+    "Der Hund schläft im Garten unter dem alten Apfelbaum.",
+    "Morgen fahren wir mit dem Zug nach Berlin und besuchen unsere Großeltern.",
+    "Die Kinder spielen nach der Schule Fußball im Park.",
+    "Heute ist das Wetter sehr schön, also gehen wir spazieren.",
+    "Er liest ein Buch über die Geschichte der Stadt.",
+    "Sie hat ihre Schlüssel im Büro verloren und musste lange warten.",
+    "Die Sitzung wurde auf Donnerstag verschoben, weil der Direktor krank ist.",
+    "Die Preise für Energie sind im letzten Jahr stark gestiegen.",
+    "Die neue Brücke wird nächsten Monat für den Verkehr freigegeben.",
+    "Unsere Nachbarn reisen im Sommer für zwei Wochen nach Italien.",
+]
+CHINESE = ["房子很大，有一个红色的屋顶。", "我喜欢早上上班前喝咖啡。", "狗在老苹果树下的花园里睡觉。",
+           "明天我们坐火车去柏林看望祖父母。", "孩子们放学后在公园踢足球。", "今天天气很好，所以我们去散步。"]
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def ref_rows(direction, sources, references):
+    src, tgt = direction.split("-")
+    return [{"id": f"test-{direction}-{i}", "direction": direction, "src_lang": src, "tgt_lang": tgt,
+             "source": s, "reference": r, "prompt": "..."} for i, (s, r) in enumerate(zip(sources, references))]
+
+
+def hyp_rows(direction, hypotheses, order=None):
+    rows = [{"id": f"test-{direction}-{i}", "direction": direction, "hypothesis": h, "raw": h}
+            for i, h in enumerate(hypotheses)]
+    return [rows[i] for i in order] if order else rows
+
+
+def degrade(sentence, keep):
+    """A worse translation: only every `keep`-th word."""
+    words = sentence.split()
+    return " ".join(words[::keep])
+
+
+@pytest.fixture
+def files(tmp_path):
+    """refs (de-en, en-de, en-zh), a good system, a worse baseline, a teacher; hyps shuffled in order."""
+    refs = tmp_path / "refs"
+    write_jsonl(refs / "de-en.jsonl", ref_rows("de-en", GERMAN, ENGLISH))
+    write_jsonl(refs / "en-de.jsonl", ref_rows("en-de", ENGLISH, GERMAN))
+    write_jsonl(refs / "en-zh.jsonl", ref_rows("en-zh", ENGLISH[:6], CHINESE))
+    good = {  # near-references: a few words changed
+        "de-en": [e.replace("the", "a", 1) for e in ENGLISH],
+        "en-de": [g.replace("die", "eine", 1) for g in GERMAN],
+        "en-zh": [c.replace("很", "非常") for c in CHINESE],
+    }
+    bad = {d: [degrade(h, 3) for h in hyps] for d, hyps in good.items()}
+    bad["en-zh"] = [c[: len(c) // 3] for c in CHINESE]
+    systems = {}
+    for name, hyps in (("good", good), ("bad", bad), ("teacher", good)):
+        for direction, texts in hyps.items():
+            order = list(reversed(range(len(texts))))  # matched by id, not by position
+            write_jsonl(tmp_path / name / f"{direction}.jsonl", hyp_rows(direction, texts, order))
+        systems[name] = tmp_path / name
+    return {"root": tmp_path, "refs": refs, "hyps": good, **systems}
+
+
+def run_sacrebleu(tmp_path, direction, hypotheses, references):
+    ref_file, hyp_file = tmp_path / f"{direction}.ref.txt", tmp_path / f"{direction}.hyp.txt"
+    ref_file.write_text("\n".join(references) + "\n", encoding="utf-8")
+    hyp_file.write_text("\n".join(hypotheses) + "\n", encoding="utf-8")
+    out = subprocess.run(["sacrebleu", str(ref_file), "-i", str(hyp_file), "-m", "bleu", "chrf", "-b", "-w", "6",
+                          "-l", direction, "-f", "text"], capture_output=True, text=True, check=True).stdout.split()
+    return float(out[0]), float(out[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# BLEU, chrF, significance, off-target
+# ---------------------------------------------------------------------------------------------
+
+def test_bleu_and_chrf_equal_the_sacrebleu_command_line(files):
+    out = files["root"] / "results" / "good.json"
+    result = evaluate.main(["--hyps", str(files["good"]), "--refs", str(files["refs"]), "--comet-model", "none",
+                            "--teacher-hyps", str(files["teacher"]), "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert list(result["directions"]) == ["de-en", "en-de", "en-zh"]
+    for direction, scores in result["directions"].items():
+        refs = [row["reference"] for row in map(json.loads, (files["refs"] / f"{direction}.jsonl").read_text().splitlines())]
+        bleu, chrf = run_sacrebleu(files["root"], direction, files["hyps"][direction], refs)
+        assert scores["bleu"] == pytest.approx(bleu, abs=1e-6)
+        assert scores["chrf"] == pytest.approx(chrf, abs=1e-6)
+        assert 0 < scores["bleu"] < 100
+        assert scores["n"] == len(refs)
+        assert scores["teacher_bleu"] == pytest.approx(100.0)  # the teacher file holds the same hypotheses
+        assert scores["comet"] is None and scores["baseline"] is None and scores["bleu_p_value"] is None
+    assert "tok:13a" in result["directions"]["de-en"]["bleu_signature"]
+    assert "tok:zh" in result["directions"]["en-zh"]["bleu_signature"]
+    assert "nc:6" in result["directions"]["de-en"]["chrf_signature"]
+    assert result["average"]["bleu"] == pytest.approx(sum(s["bleu"] for s in result["directions"].values()) / 3)
+    assert result["average"]["comet"] is None and result["comet_model"] is None
+    assert result["system"] == "good"
+
+
+def test_bootstrap_p_values():
+    refs = ENGLISH * 4
+    good = [e.replace("the", "a", 1) for e in refs]
+    bad = [degrade(e, 3) for e in refs]
+    assert metrics.bleu_paired_bootstrap(good, list(good), refs, "en") == 1.0
+    assert metrics.bleu_paired_bootstrap(bad, good, refs, "en") < 0.05
+    baseline = [0.1 * (i % 7) for i in range(60)]
+    assert metrics.mean_paired_bootstrap(baseline, list(baseline)) == 1.0
+    assert metrics.mean_paired_bootstrap(baseline, [s + 0.3 for s in baseline]) < 0.01
+    noisy = [s + (0.01 if i % 2 else -0.01) for i, s in enumerate(baseline)]  # same mean, tiny noise
+    assert metrics.mean_paired_bootstrap(baseline, noisy) > 0.05
+    # Fixed seed: the same p-value every time.
+    assert metrics.mean_paired_bootstrap(baseline, noisy) == metrics.mean_paired_bootstrap(baseline, noisy)
+
+
+def test_significance_against_a_baseline_end_to_end(files):
+    out = files["root"] / "results"
+    good = evaluate.main(["--hyps", str(files["good"]), "--refs", str(files["refs"]), "--comet-model", "none",
+                          "--baseline", str(files["bad"]), "--out", str(out / "good.json")])
+    same = evaluate.main(["--hyps", str(files["good"]), "--refs", str(files["refs"]), "--comet-model", "none",
+                          "--baseline", str(files["teacher"]), "--system", "copy", "--out", str(out / "copy.json")])
+    for direction in ("de-en", "en-de"):
+        assert good["directions"][direction]["baseline"] == "bad"
+        assert good["directions"][direction]["bleu_significant"] is True
+        assert good["directions"][direction]["bleu_p_value"] < 0.05
+        assert same["directions"][direction]["bleu_p_value"] == 1.0
+        assert same["directions"][direction]["bleu_significant"] is False
+    assert same["system"] == "copy"
+
+
+def test_off_target_rate_on_german_and_english():
+    assert metrics.off_target_rate(GERMAN, "de") == 0.0
+    assert metrics.off_target_rate(ENGLISH, "de") == 1.0
+    assert metrics.off_target_rate(GERMAN[:3] + ENGLISH[:1], "de") == 0.25
+    assert metrics.off_target_rate(ENGLISH[:3] + [""], "en") == 0.25  # an empty hypothesis is off-target
+    assert metrics.off_target_rate(ENGLISH, "liv") is None  # a language py3langid does not know
+
+
+# ---------------------------------------------------------------------------------------------
+# COMET: the real unbabel-comet code path on a tiny checkpoint built here
+# ---------------------------------------------------------------------------------------------
+
+def build_tiny_comet(folder):
+    """A 2-layer XLM-R COMET regression model with a locally trained tokenizer, saved as COMET saves one."""
+    import pytorch_lightning
+    import torch
+    import yaml
+    from comet.models import RegressionMetric
+    from tokenizers import SentencePieceUnigramTokenizer
+    from transformers import XLMRobertaConfig, XLMRobertaTokenizerFast
+
+    encoder = folder / "encoder"
+    unigram = SentencePieceUnigramTokenizer()
+    unigram.train_from_iterator(ENGLISH + GERMAN, vocab_size=200, unk_token="<unk>", show_progress=False,
+                                special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tokenizer = XLMRobertaTokenizerFast(tokenizer_object=unigram._tokenizer, bos_token="<s>", eos_token="</s>",
+                                        sep_token="</s>", cls_token="<s>", unk_token="<unk>", pad_token="<pad>",
+                                        mask_token="<mask>")
+    tokenizer.save_pretrained(encoder)
+    XLMRobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=258, pad_token_id=tokenizer.pad_token_id,
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id).save_pretrained(encoder)
+    torch.manual_seed(0)
+    model = RegressionMetric(pretrained_model=str(encoder), load_pretrained_weights=False, hidden_sizes=[16],
+                             local_files_only=True)
+    (folder / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "pytorch-lightning_version": pytorch_lightning.__version__}, folder / "checkpoints" / "model.ckpt")
+    (folder / "hparams.yaml").write_text(yaml.safe_dump({**dict(model.hparams), "class_identifier": "regression_metric"}))
+    return folder
+
+
+def test_comet_with_a_tiny_checkpoint(files):
+    from comet import load_from_checkpoint
+
+    comet_dir = build_tiny_comet(files["root"] / "tiny-comet")
+    out = files["root"] / "results" / "comet.json"
+    refs = files["refs"] / "de-en.jsonl"
+    result = evaluate.main(["--hyps", str(files["good"] / "de-en.jsonl"), "--refs", str(refs),
+                            "--baseline", str(files["teacher"]), "--comet-model", str(comet_dir),
+                            "--comet-batch-size", "4", "--out", str(out)])
+    scores = result["directions"]["de-en"]
+    # The same numbers straight from unbabel-comet.
+    model = load_from_checkpoint(str(comet_dir / "checkpoints" / "model.ckpt"), local_files_only=True)
+    samples = [{"src": g, "mt": h, "ref": e} for g, h, e in zip(GERMAN, files["hyps"]["de-en"], ENGLISH)]
+    expected = model.predict(samples, batch_size=4, gpus=0, progress_bar=False)
+    assert scores["comet"] == pytest.approx(100 * expected.system_score, abs=1e-4)
+    assert result["average"]["comet"] == scores["comet"]
+    assert result["comet_model"] == str(comet_dir)
+    # The baseline holds the same hypotheses: not significant.
+    assert scores["comet_p_value"] == 1.0 and scores["comet_significant"] is False
+    assert metrics.comet_scores(model, GERMAN, files["hyps"]["de-en"], ENGLISH, 4)[0] == pytest.approx(expected.scores, abs=1e-5)
+
+
+def test_comet_model_that_cannot_be_loaded_offline(files, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = files["root"] / "results" / "x.json"
+    with pytest.raises(SystemExit, match=r"Unbabel/wmt22-comet-da: cannot load this COMET model.*HF_HUB_OFFLINE.*--comet-model none"):
+        evaluate.main(["--hyps", str(files["good"]), "--refs", str(files["refs"]), "--out", str(out),
+                       "--comet-model", "Unbabel/wmt22-comet-da"])
+    with pytest.raises(SystemExit, match=r"--comet-model .*empty: no checkpoints/model\.ckpt"):
+        (files["root"] / "empty").mkdir()
+        evaluate.main(["--hyps", str(files["good"]), "--refs", str(files["refs"]), "--out", str(out),
+                       "--comet-model", str(files["root"] / "empty")])
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: an error naming the file, and no results file
+# ---------------------------------------------------------------------------------------------
+
+def bad_case(files, case):
+    hyps = files["root"] / "case"
+    for direction in ("de-en", "en-de", "en-zh"):
+        (hyps / f"{direction}.jsonl").parent.mkdir(parents=True, exist_ok=True)
+        (hyps / f"{direction}.jsonl").write_text((files["good"] / f"{direction}.jsonl").read_text("utf-8"), "utf-8")
+    target = hyps / "de-en.jsonl"
+    rows = [json.loads(line) for line in target.read_text("utf-8").splitlines()]
+    if case == "fewer":
+        write_jsonl(target, rows[:-1])
+    elif case == "ids":
+        rows[3]["id"] = "test-de-en-999"
+        write_jsonl(target, rows)
+    elif case == "duplicate":
+        write_jsonl(target, rows[:-1] + rows[:1])
+    elif case == "empty":
+        target.write_text("", "utf-8")
+    elif case == "no_reference":
+        write_jsonl(hyps / "cs-en.jsonl", hyp_rows("cs-en", ["x"]))
+        target = hyps / "cs-en.jsonl"
+    elif case == "missing_direction":
+        (hyps / "en-zh.jsonl").unlink()
+        target = hyps
+    elif case == "no_hypothesis_field":
+        for row in rows:
+            row.pop("hypothesis")
+        write_jsonl(target, rows)
+    return hyps, target
+
+
+@pytest.mark.parametrize("case, message", [
+    ("fewer", r"de-en\.jsonl: 11 hypotheses for 12 references"),
+    ("ids", r"de-en\.jsonl: ids that do not match the references.*test-de-en-999"),
+    ("duplicate", r"de-en\.jsonl: id 'test-de-en-11' appears twice"),
+    ("empty", r"de-en\.jsonl: empty file"),
+    ("no_reference", r"cs-en\.jsonl: no reference file cs-en\.jsonl"),
+    ("missing_direction", r"no hypotheses for en-zh.*--directions"),
+    ("no_hypothesis_field", r"de-en\.jsonl:1: row lacks hypothesis"),
+])
+def test_bad_input_names_the_file_and_writes_nothing(files, case, message):
+    hyps, target = bad_case(files, case)
+    out = files["root"] / "results" / "bad.json"
+    with pytest.raises(SystemExit, match=message) as error:
+        evaluate.main(["--hyps", str(hyps), "--refs", str(files["refs"]), "--comet-model", "none", "--out", str(out)])
+    assert str(target) in str(error.value)
+    assert not out.exists() and not out.parent.exists()
+
+
+def test_directions_flag_allows_fewer_hypothesis_files(files):
+    hyps, _ = bad_case(files, "missing_direction")
+    out = files["root"] / "results" / "two.json"
+    result = evaluate.main(["--hyps", str(hyps), "--refs", str(files["refs"]), "--comet-model", "none",
+                            "--directions", "en-de,de-en", "--out", str(out)])
+    assert list(result["directions"]) == ["en-de", "de-en"]
+    with pytest.raises(SystemExit, match=r"no en-zh\.jsonl \(asked for by --directions\)"):
+        evaluate.main(["--hyps", str(hyps), "--refs", str(files["refs"]), "--comet-model", "none",
+                       "--directions", "en-zh", "--out", str(files["root"] / "results" / "zh.json")])
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------
+
+def result(system, baseline, scores, average):
+    directions = {}
+    for direction, (bleu, comet, bleu_sig, comet_sig) in scores.items():
+        directions[direction] = {"n": 10, "bleu": bleu, "comet": comet, "baseline": baseline,
+                                 "bleu_significant": bleu_sig, "comet_significant": comet_sig}
+    return {"system": system, "directions": directions, "average": {"bleu": average[0], "comet": average[1]}}
+
+
+EXPECTED_TABLE = """\
+| System | de-en BLEU | de-en COMET | en-de BLEU | en-de COMET | Avg. BLEU | Avg. COMET |
+|---|---:|---:|---:|---:|---:|---:|
+| teacher | 30.00 | 85.00 | 26.00 | 80.00 | 28.00 | 82.50 |
+| forward | 28.00 | 84.00 | 24.00 | 79.00 | 26.00 | 81.50 |
+| selfevo | 29.50† | 84.20 | 24.50 | 79.90† | 27.00 | 82.05 |
+| Δ (selfevo − forward) | +1.50 | +0.20 | +0.50 | +0.90 | +1.00 | +0.55 |
+
+† p < 0.05 against forward (paired bootstrap resampling, 1000 resamples). COMET: wmt22-comet-da x 100.
+"""
+
+
+def test_table_layout(tmp_path, capsys):
+    results = [  # en-de listed first in the files: the columns still follow de-en, cs-en, en-de, en-cs
+        result("teacher", "forward", {"en-de": (26.0, 80.0, True, True), "de-en": (30.0, 85.0, True, True)}, (28.0, 82.5)),
+        result("forward", None, {"en-de": (24.0, 79.0, None, None), "de-en": (28.0, 84.0, None, None)}, (26.0, 81.5)),
+        result("selfevo", "forward", {"en-de": (24.5, 79.9, False, True), "de-en": (29.5, 84.2, True, False)}, (27.0, 82.05)),
+    ]
+    results[0]["directions"]["de-en"]["baseline"] = "sft"  # tested against another system: no †
+    results[0]["directions"]["en-de"]["baseline"] = "sft"
+    paths = []
+    for r in results:
+        paths.append(tmp_path / f"{r['system']}.json")
+        paths[-1].write_text(json.dumps(r))
+    out = tmp_path / "table.md"
+    text = evaluate.main(["table", *map(str, paths), "--baseline", "forward", "--out", str(out)])
+    assert text == EXPECTED_TABLE
+    assert out.read_text() == EXPECTED_TABLE
+    assert capsys.readouterr().out == EXPECTED_TABLE
+
+    # Without a baseline: no † and no Δ row; a missing COMET is a dash.
+    results[2]["directions"]["de-en"]["comet"] = None
+    plain = evaluate.make_table(results[1:])
+    assert plain.splitlines() == [
+        "| System | de-en BLEU | de-en COMET | en-de BLEU | en-de COMET | Avg. BLEU | Avg. COMET |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        "| forward | 28.00 | 84.00 | 24.00 | 79.00 | 26.00 | 81.50 |",
+        "| selfevo | 29.50 | – | 24.50 | 79.90 | 27.00 | 82.05 |",
+    ]
+    with pytest.raises(SystemExit, match="--baseline sft: no results for this system"):
+        evaluate.main(["table", *map(str, paths), "--baseline", "sft"])
+    (tmp_path / "junk.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"junk\.json: not a results file"):
+        evaluate.main(["table", str(tmp_path / "junk.json")])
