@@ -341,6 +341,9 @@ def main(argv=None):
                 },
             })
     accelerator = Accelerator(
+        # accelerate's torchrun launcher (any --num_processes > 1) does not pass use_cpu on: on a machine
+        # without GPUs ask for CPU DDP (gloo) here. DeepSpeed runs its own CPU path and must not get cpu=True.
+        cpu=not torch.cuda.is_available() and deepspeed_plugins is None,
         mixed_precision="bf16" if args.bf16 else None,
         deepspeed_plugins=deepspeed_plugins,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),
