@@ -12,31 +12,8 @@ from pathlib import Path
 import pytest
 
 import generate
-from kd.models import build_tiny_models
-from kd.prompts import build_prompt
 
-GERMAN = [
-    "Das Haus ist groß.",
-    "Ich trinke gern Kaffee am Morgen, bevor ich zur Arbeit fahre.",
-    "Der Hund schläft.",
-    "Wir fahren morgen mit dem Zug nach Berlin und besuchen unsere Großeltern.",
-    "Die Kinder spielen Fußball im Park.",
-    "Heute ist das Wetter sehr schön.",
-    "Er liest ein Buch.",
-    "Sie hat ihre Schlüssel im Büro verloren und musste lange warten.",
-    "Danke!",
-]
-ENGLISH = [
-    "The house is big.",
-    "I like drinking coffee in the morning before I drive to work.",
-    "The dog is sleeping.",
-    "Tomorrow we take the train to Berlin and visit our grandparents.",
-    "The children play football in the park.",
-    "Today the weather is very nice.",
-    "He reads a book.",
-    "She lost her keys at the office and had to wait a long time.",
-    "Thanks!",
-]
+ROWS_PER_FILE = 16
 MAX_NEW = ["--max-new-tokens", "10"]
 
 
@@ -49,26 +26,14 @@ def read_rows(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def make_rows(src, tgt, sources, references, copies=2):
-    rows = []
-    for i, (source, reference) in enumerate(zip(sources * copies, references * copies)):
-        rows.append({"id": f"test-{src}-{tgt}-{i}", "direction": f"{src}-{tgt}", "src_lang": src, "tgt_lang": tgt,
-                     "source": source, "reference": reference, "prompt": build_prompt(source, src, tgt)})
-    return rows
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A test folder with de-en (18 rows) and en-de (18 rows), and a tiny Llama whose tokenizer saw them."""
+def setup(demo_data, tiny_models, tmp_path_factory):
+    """A test folder with the first rows of the demo de-en and en-de files, and the tiny teacher Llama."""
     root = tmp_path_factory.mktemp("generate")
     test_dir = root / "test"
-    write_jsonl(test_dir / "de-en.jsonl", make_rows("de", "en", GERMAN, ENGLISH))
-    write_jsonl(test_dir / "en-de.jsonl", make_rows("en", "de", ENGLISH, GERMAN))
-    train = make_rows("de", "en", GERMAN, ENGLISH, copies=20) + make_rows("en", "de", ENGLISH, GERMAN, copies=20)
-    write_jsonl(root / "train.jsonl", train)
-    folders = build_tiny_models(root / "train.jsonl", root / "models", vocab_size=500,
-                                teacher_size=(2, 64, 2), student_size=(1, 32, 2))
-    return {"root": root, "test": test_dir, "model": str(folders["teacher"])}
+    for name in ("de-en.jsonl", "en-de.jsonl"):
+        write_jsonl(test_dir / name, read_rows(Path(demo_data) / "test" / name)[:ROWS_PER_FILE])
+    return {"root": root, "test": test_dir, "model": tiny_models["teacher"]}
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +181,12 @@ def test_two_processes_give_the_same_file(setup, one_at_a_time, tmp_path, repo_r
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     assert (out / "de-en.jsonl").read_bytes() == (one_at_a_time / "de-en.jsonl").read_bytes()
+
+
+def test_beam_search_runs_and_keeps_order(setup, tmp_path):
+    out = tmp_path / "beam"
+    generate.main(["--model", setup["model"], "--input", str(setup["test"] / "de-en.jsonl"), "--output", str(out),
+                   "--num-beams", "3", "--batch-size", "2", "--limit", "4", *MAX_NEW])
+    rows = read_rows(out / "de-en.jsonl")
+    assert [row["id"] for row in rows] == [row["id"] for row in read_rows(setup["test"] / "de-en.jsonl")[:4]]
+    assert all(row["hypothesis"] == generate.first_line(row["raw"]) for row in rows)
