@@ -26,6 +26,17 @@ def read_rows(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models decode far faster on one thread than on cores shared with other jobs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def setup(demo_data, tiny_models, tmp_path_factory):
     """A test folder with the first rows of the demo de-en and en-de files, and the tiny teacher Llama."""
