@@ -1,0 +1,336 @@
+"""train_kd.py in-process (main([...])) on the tiny Llamas: every method learns, the files promised
+are written, micro-batching does not change the update, resume is exact, bad input fails early."""
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_kd
+from kd.data import IGNORE_INDEX, TrainCollator, TranslationDataset, read_jsonl
+from kd.losses import KD_METHODS, METHODS, TARGET_MIX_METHODS
+from kd.models import load_tokenizer, tiny_llama, train_tokenizer
+
+TRAIN_KEYS = {"type", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"}
+RESULT_KEYS = {"method", "hyperparameters", "final_valid_loss", "best_valid_loss", "best_step", "steps", "epochs",
+               "train_tokens", "train_seconds", "tokens_per_s", "dropped_too_long", "final_dir", "best_dir"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine, 2 threads spin against other processes (40x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each main() builds its own Accelerator; accelerate keeps process-wide singletons between them."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def write_subset(source, dest, per_direction):
+    """The first `per_direction` rows of each direction of a prepared JSONL file."""
+    kept, counts = [], {}
+    for row in read_jsonl(source):
+        if counts.get(row["direction"], 0) < per_direction:
+            counts[row["direction"]] = counts.get(row["direction"], 0) + 1
+            kept.append(row)
+    Path(dest).write_text("".join(json.dumps(row) + "\n" for row in kept))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def files(demo_data, tmp_path_factory):
+    """Small train/valid files: 8 training examples (one fixed batch), 12, and 8 validation examples."""
+    folder = tmp_path_factory.mktemp("train_kd_files")
+    return {
+        "train8": write_subset(demo_data / "train.jsonl", folder / "train8.jsonl", 2),
+        "train12": write_subset(demo_data / "train.jsonl", folder / "train12.jsonl", 3),
+        "valid": write_subset(demo_data / "valid.jsonl", folder / "valid.jsonl", 2),
+    }
+
+
+def train(models, train_file, output_dir, method="sft", *extra, valid_file=None):
+    argv = ["--method", method, "--student", models["student"], "--train-file", str(train_file),
+            "--output-dir", str(output_dir), "--logging-steps", "1", "--seed", "3", *map(str, extra)]
+    if method != "sft":
+        argv += ["--teacher", models["teacher"]]
+    if valid_file:
+        argv += ["--valid-file", str(valid_file)]
+    return train_kd.main(argv)
+
+
+def rows(output_dir, kind):
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if row["type"] == kind]
+
+
+def checkpoints(output_dir):
+    return sorted(p.name for p in Path(output_dir).iterdir() if train_kd.CHECKPOINT_NAME.match(p.name))
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# every method learns, and the outputs are what other scripts read
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_trains_and_writes_outputs(method, tiny_models, files, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / method
+    # 8 examples = one batch: every step sees the same batch, so the loss must go down.
+    results = train(tiny_models, files["train8"], out, method, "--batch-size", 8, "--micro-batch-size", 4,
+                    "--epochs", 8, "--lr", 3e-3, "--warmup-ratio", 0, "--lr-scheduler", "constant_with_warmup",
+                    "--save-total-limit", 2, valid_file=files["valid"])
+
+    train_rows = rows(out, "train")
+    assert [row["step"] for row in train_rows] == list(range(1, 9))
+    losses = [row["loss"] for row in train_rows]
+    assert sum(losses[-2:]) < sum(losses[:2]) and losses[-1] < losses[0], losses
+
+    directions = sorted({row["direction"] for row in read_jsonl(files["train8"])})
+    for row in train_rows:
+        expected = set(TRAIN_KEYS)
+        if method in KD_METHODS:
+            expected |= {"beta", "hard_fraction"} | {f"hard_fraction/{d}" for d in directions}
+        if method in TARGET_MIX_METHODS:
+            expected |= {"mean_difficulty"} | {f"mean_difficulty/{d}" for d in directions}
+        assert set(row) == expected
+        assert row["tokens"] > 0 and row["tokens_per_s"] > 0 and row["grad_norm"] > 0
+    if method == "skew":
+        assert all(row["hard_fraction"] == 1.0 for row in train_rows)
+    if method in ("forward", "reverse", "noevo", "skew_teacher"):
+        assert all(row["hard_fraction"] == 0.0 for row in train_rows)
+
+    valid_rows = rows(out, "valid")  # one per epoch end (8 epochs of one step)
+    assert [row["step"] for row in valid_rows] == list(range(1, 9))
+    valid_directions = sorted({row["direction"] for row in read_jsonl(files["valid"])})
+    assert set(valid_rows[0]) == {"type", "step", "epoch", "valid_loss"} | {f"valid_loss/{d}" for d in valid_directions}
+
+    saved = json.loads((out / "all_results.json").read_text())
+    assert set(saved) == RESULT_KEYS and saved == json.loads(json.dumps(results))
+    assert saved["method"] == method and saved["steps"] == 8 and saved["epochs"] == 8.0
+    assert saved["final_valid_loss"] == valid_rows[-1]["valid_loss"]
+    assert saved["best_valid_loss"] == min(row["valid_loss"] for row in valid_rows)
+    assert saved["train_tokens"] == sum(row["tokens"] for row in train_rows)
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == method and config["gradient_accumulation_steps"] == 2
+    assert config["student_loss_path"] == "hidden"
+    assert (out / "COMPLETED").is_file()
+
+    # final/ and best/ load with transformers; the checkpoints hold the student only
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    student_keys = set(model.state_dict())
+    assert set(weights(out / "best")) == set(weights(out / "final")) == student_keys
+    assert checkpoints(out) == ["epoch_7", "epoch_8"]  # --save-total-limit 2
+    for checkpoint in ("epoch_7", "epoch_8"):
+        assert sorted(p.name for p in (out / checkpoint).glob("model*")) == ["model.safetensors"]
+        assert set(weights(out / checkpoint)) <= student_keys
+        shapes = {k: tuple(v.shape) for k, v in weights(out / checkpoint).items()}
+        assert shapes == {k: tuple(v.shape) for k, v in weights(out / "final").items() if k in shapes}
+
+
+def test_progressive_beta_schedule(tiny_models, files, tmp_path):
+    assert train_kd.beta_at(0, 5, 0.5, 0.0) == 0.5
+    assert train_kd.beta_at(2, 5, 0.5, 0.0) == 0.25
+    assert train_kd.beta_at(4, 5, 0.5, 0.0) == 0.0
+    assert train_kd.beta_at(3, 5, 0.2, 1.0) == pytest.approx(0.8)
+    assert train_kd.beta_at(3, 5, 0.5) == 0.5
+    assert train_kd.beta_at(0, 1, 0.5, 0.0) == 0.5
+
+    out = tmp_path / "beta"
+    train(tiny_models, files["train8"], out, "selfevo", "--batch-size", 4, "--micro-batch-size", 4, "--epochs", 2,
+          "--beta", 0.5, "--beta-end", 0.0)
+    assert [row["beta"] for row in rows(out, "train")] == pytest.approx([0.5, 1 / 3, 1 / 6, 0.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# exact gradient accumulation
+# ---------------------------------------------------------------------------------------------
+
+# With AdamW's first step, w' = w - lr * g / (|g| + eps); with eps = lr = 1e3 and |g| << eps, the
+# update is (almost exactly) -g: the weights after one step show the gradient itself.
+ONE_STEP = ("--batch-size", 8, "--max-steps", 1, "--lr", 1e3, "--adam-epsilon", 1e3, "--warmup-ratio", 0,
+            "--max-grad-norm", 0, "--weight-decay", 0)
+
+
+def one_step_update(models, train_file, out, method, micro):
+    train(models, train_file, out, method, *ONE_STEP, "--micro-batch-size", micro)
+    return weights(out / "final")
+
+
+def test_gradient_accumulation_is_exact_sft(tiny_models, files, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    updates = {micro: one_step_update(tiny_models, files["train12"], tmp_path / f"m{micro}", "sft", micro)
+               for micro in (8, 1, 2)}  # 1x8, 8x1, 4x2 micro-batches
+    for micro in (1, 2):
+        for name, value in updates[8].items():
+            torch.testing.assert_close(updates[micro][name], value, rtol=0, atol=1e-6, msg=f"{micro}: {name}")
+
+    # Independent reference: the gradient of the mean token CE over the step's 8 examples.
+    tokenizer = load_tokenizer(tiny_models["student"])
+    dataset = TranslationDataset(read_jsonl(files["train12"]), tokenizer, 512)
+    sampler = train_kd.EpochSampler(dataset.lengths(), seed=3)
+    sampler.set_epoch(0)
+    batch = TrainCollator(tokenizer.pad_token_id)([dataset[i] for i in list(sampler)[:8]])
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = train_kd.shifted_targets(batch["labels"])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    loss.backward()
+    changed = 0
+    for name, param in model.named_parameters():
+        expected = param.detach() - 1e3 * param.grad / (param.grad.abs() + 1e3)
+        torch.testing.assert_close(updates[8][name], expected, rtol=0, atol=2e-6, msg=name)
+        changed += int((updates[8][name] != param.detach()).sum())
+    assert changed > 1000
+
+
+def test_gradient_accumulation_is_exact_kd(tiny_models, files, tmp_path):
+    big = one_step_update(tiny_models, files["train12"], tmp_path / "m8", "selfevo", 8)
+    small = one_step_update(tiny_models, files["train12"], tmp_path / "m1", "selfevo", 1)
+    for name, value in big.items():
+        torch.testing.assert_close(small[name], value, rtol=0, atol=1e-6, msg=name)
+    initial = weights(tiny_models["student"])
+    assert sum(int((big[name] != value).sum()) for name, value in initial.items()) > 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# resume
+# ---------------------------------------------------------------------------------------------
+
+def test_resume_gives_the_uninterrupted_weights(tiny_models, files, tmp_path):
+    # 12 examples, batch 4: 3 steps per epoch; 5 steps cross the epoch boundary after the resume point.
+    args = ("--batch-size", 4, "--micro-batch-size", 2, "--max-steps", 5, "--lr", 3e-3, "--save-steps", 2)
+    full = tmp_path / "full"
+    train(tiny_models, files["train12"], full, "selfevo", *args, valid_file=files["valid"])
+    assert checkpoints(full) == ["epoch_1", "step_2", "step_4"]
+
+    # A run that stopped after step 2: only its checkpoint is left.
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copytree(full / "step_2", stopped / "step_2")
+    results = train(tiny_models, files["train12"], stopped, "selfevo", *args, "--resume-from-checkpoint", "latest",
+                    valid_file=files["valid"])
+    assert results["steps"] == 5
+    resumed, uninterrupted = weights(stopped / "final"), weights(full / "final")
+    assert set(resumed) == set(uninterrupted)
+    for name, value in uninterrupted.items():
+        assert torch.equal(resumed[name], value), name
+    full_rows = {row["step"]: row["loss"] for row in rows(full, "train")}
+    assert {row["step"]: row["loss"] for row in rows(stopped, "train")} == {s: full_rows[s] for s in (3, 4, 5)}
+
+    # `latest` on a completed run does nothing and returns its results
+    again = train(tiny_models, files["train12"], stopped, "selfevo", *args, "--resume-from-checkpoint", "latest")
+    assert again == json.loads((stopped / "all_results.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# faults and bad input
+# ---------------------------------------------------------------------------------------------
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_models, files, tmp_path):
+    out = tmp_path / "nan"
+    # lr 1e30: the first step is finite and throws the weights to ~1e30; every later loss is NaN/inf.
+    with pytest.warns(UserWarning, match="non-finite"), pytest.raises(RuntimeError, match="non-finite steps in a row"):
+        train(tiny_models, files["train8"], out, "sft", "--batch-size", 4, "--micro-batch-size", 4,
+              "--max-steps", 10, "--lr", 1e30, "--warmup-ratio", 0, "--save-steps", 1, "--max-bad-steps", 2)
+    assert checkpoints(out) == ["step_1"]  # no checkpoint after a bad step
+    assert (out / "step_1" / train_kd.TRAINER_STATE).is_file()
+    assert not (out / "COMPLETED").exists() and not (out / "final").exists()
+    assert [row["step"] for row in rows(out, "train")] == [1]
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(train_kd, "load_model", refuse)
+
+
+@pytest.fixture(scope="module")
+def foreign_teacher(tmp_path_factory):
+    """A tiny Llama whose tokenizer was trained on other text (a different vocabulary)."""
+    folder = tmp_path_factory.mktemp("foreign_teacher")
+    tokenizer = train_tokenizer(["completely different words here", "zebra quartz fjord"] * 50, 300)
+    tiny_llama(tokenizer, 1, 32, 2, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("case", [
+    "missing_student", "missing_teacher_path", "kd_without_teacher", "missing_train_file", "malformed_train_file",
+    "empty_train_file", "missing_valid_file", "indivisible_batch", "batch_larger_than_data", "foreign_teacher",
+    "bad_resume_path", "output_dir_holds_a_run"])
+def test_bad_input_fails_early_naming_the_argument(case, tiny_models, files, tmp_path, no_model_loading,
+                                                   foreign_teacher):
+    student, teacher = tiny_models["student"], tiny_models["teacher"]
+    train_file, out = str(files["train12"]), str(tmp_path / "out")
+    base = {"--method": "selfevo", "--student": student, "--teacher": teacher, "--train-file": train_file,
+            "--output-dir": out, "--batch-size": "4", "--micro-batch-size": "2"}
+    error, pattern = ValueError, None
+    if case == "missing_student":
+        base["--student"], error, pattern = str(tmp_path / "nope"), FileNotFoundError, "--student"
+    elif case == "missing_teacher_path":
+        base["--teacher"], error, pattern = str(tmp_path / "nope"), FileNotFoundError, "--teacher"
+    elif case == "kd_without_teacher":
+        del base["--teacher"]
+        pattern = "--teacher"
+    elif case == "missing_train_file":
+        base["--train-file"], error, pattern = str(tmp_path / "none.jsonl"), FileNotFoundError, "--train-file"
+    elif case == "malformed_train_file":
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(Path(train_file).read_text().splitlines()[0] + "\n{not json\n")
+        base["--train-file"], pattern = str(bad), r"--train-file: .*bad\.jsonl:2:"
+    elif case == "empty_train_file":
+        empty = tmp_path / "empty.jsonl"
+        empty.write_text("")
+        base["--train-file"], pattern = str(empty), "--train-file"
+    elif case == "missing_valid_file":
+        base["--valid-file"], error, pattern = str(tmp_path / "none.jsonl"), FileNotFoundError, "--valid-file"
+    elif case == "indivisible_batch":
+        base["--batch-size"], base["--micro-batch-size"], pattern = "6", "4", "--batch-size 6 .*--micro-batch-size 4"
+    elif case == "batch_larger_than_data":
+        base["--batch-size"], pattern = "16", "--batch-size 16"
+    elif case == "foreign_teacher":
+        base["--teacher"], pattern = foreign_teacher, "--teacher .*tokenizer"
+    elif case == "bad_resume_path":
+        base["--resume-from-checkpoint"], error, pattern = str(tmp_path), FileNotFoundError, "--resume-from-checkpoint"
+    elif case == "output_dir_holds_a_run":
+        (Path(out) / "final").mkdir(parents=True)
+        error, pattern = FileExistsError, "--output-dir"
+    argv = [item for pair in base.items() for item in pair]
+    with pytest.raises(error, match=pattern):
+        train_kd.main(argv)
+
+
+def test_accumulation_steps_and_help():
+    assert train_kd.accumulation_steps(128, 4, 8) == 4
+    with pytest.raises(ValueError, match="--batch-size 128 .*--micro-batch-size 3"):
+        train_kd.accumulation_steps(128, 3, 8)
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), pytest.raises(SystemExit):
+        train_kd.parse_args(["--help"])
+    help_text = " ".join(buffer.getvalue().split())
+    for symbol in ("λ of Eq. 3", "λ (α) of Eq. 4", "β of Eq. 6", "Γ of Eq. 8", "β' of Eq. 10", "top K"):
+        assert symbol in help_text, symbol
+    assert "prose" in help_text
