@@ -19,7 +19,16 @@ smaller one:
 Simplifications, consistent throughout: numbers run from 2 to 20 ("one" would make "a dog" and
 "one dog" the same German); "you" is always singular (du, ty); "I", "you" and "we" are masculine
 in Czech; "they" is masculine (oni, -li); "the teacher" is male; Czech future is budu + the
-imperfective infinitive for every verb. Sentences have 4 to 15 English words.
+imperfective infinitive for every verb.
+
+Two lexicons: "compact" (the default, the quickstart's task: 12 nouns, 9 verbs, 8 adjectives,
+sentences of 4 to 8 English words) and "full" (every word of the tables below, 4 to 15 words).
+Every rule above applies in both. Why compact: a from-scratch model must see each word often before
+it learns to read the source at all. Measured with a Llama of 2 layers x 128 (batch 16, lr 3e-3,
+greedy, 100 test sentences per direction): after 500 steps the compact task gives a BLEU of 21/19
+(de-en/cs-en) and 7/5 (en-de/en-cs); the full lexicon, even cut to 9-word sentences, gives 1 to 3
+after 300 steps, every output
+the same sentence whatever the source.
 
     >>> corpus = generate_demo_corpus(train_pairs=3, eval_pairs=2, seed=0)
     >>> sorted(corpus["de"])
@@ -325,6 +334,28 @@ ADVERBS = {english: Phrase(english, german, czech, tense)
 PLACES = {english: Phrase(english, german, czech) for english, german, czech in table_rows(PLACE_TABLE)}
 TENSES = ("present", "past", "future")
 
+# the words the sentences of each lexicon draw from (the tables define them all; "compact" keeps
+# every subject and object tag of its verbs satisfiable: eat -> apple, write -> book, ...)
+COMPACT_NOUNS = "dog cat man woman girl teacher horse book car apple ball house".split()
+COMPACT_VERBS = "see buy eat love sleep run write wash feed".split()
+COMPACT_ADJECTIVES = "big small old young black red happy new".split()
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    nouns: tuple
+    verbs: tuple
+    adjectives: tuple
+    min_words: int  # English sentence length range
+    max_words: int
+
+
+LEXICONS = {
+    "compact": Lexicon(tuple(NOUNS[k] for k in COMPACT_NOUNS), tuple(VERBS[k] for k in COMPACT_VERBS),
+                       tuple(ADJECTIVES[k] for k in COMPACT_ADJECTIVES), 4, 8),
+    "full": Lexicon(tuple(NOUNS.values()), tuple(VERBS.values()), tuple(ADJECTIVES.values()), 4, 15),
+}
+
 
 # ---- sentence structure ----
 
@@ -565,11 +596,11 @@ def render(sentence):
 
 # ---- random sentences ----
 
-def random_noun_phrase(rng, tags):
-    noun = rng.choice([n for n in NOUNS.values() if n.tags & tags])
+def random_noun_phrase(rng, tags, lexicon):
+    noun = rng.choice([n for n in lexicon.nouns if n.tags & tags])
     determiner = rng.choices(["def", "indef", "defpl", "num"], weights=[4, 3, 2, 2])[0]
     number = rng.choice(NUMBERS) if determiner == "num" else 1
-    fitting = [a for a in ADJECTIVES.values() if a.tags & noun.tags]
+    fitting = [a for a in lexicon.adjectives if a.tags & noun.tags]
     count = rng.choices([0, 1, 2], weights=[5, 4, 1])[0]
     adjectives = rng.sample(fitting, count)
     if count == 2 and adjectives[0].kind == adjectives[1].kind:  # no "old young", "red green"
@@ -578,34 +609,34 @@ def random_noun_phrase(rng, tags):
     return NounPhrase(noun, determiner, number, adjectives)
 
 
-def random_subject(rng, tags, pronoun_share=0.35):
+def random_subject(rng, tags, lexicon, pronoun_share=0.35):
     if "person" in tags and rng.random() < pronoun_share:
         return rng.choice(list(PRONOUNS))
-    return random_noun_phrase(rng, tags)
+    return random_noun_phrase(rng, tags, lexicon)
 
 
-def random_clause(rng, main):
-    verb = rng.choice(list(VERBS.values()))
+def random_clause(rng, main, lexicon):
+    verb = rng.choice(lexicon.verbs)
     tense = rng.choice(TENSES)
-    obj = random_noun_phrase(rng, verb.object_tags) if verb.object_tags else None
+    obj = random_noun_phrase(rng, verb.object_tags, lexicon) if verb.object_tags else None
     # "not three dogs" reads badly in German: no negation with a numbered object
     negated = rng.random() < 0.25 and not (obj is not None and obj.determiner == "num")
     adverb = None
     if main and rng.random() < 0.3:
         adverb = rng.choice([a for a in ADVERBS.values() if a.tense == tense])
     place = rng.choice(list(PLACES.values())) if rng.random() < 0.3 else None
-    return Clause(random_subject(rng, verb.subject_tags), verb, tense, obj, negated, adverb, place)
+    return Clause(random_subject(rng, verb.subject_tags, lexicon), verb, tense, obj, negated, adverb, place)
 
 
-def random_sentence(rng):
+def random_sentence(rng, lexicon=LEXICONS["compact"]):
     if rng.random() < 0.25:
-        sayer = random_subject(rng, frozenset({"person"}), pronoun_share=0.5)
-        return Sentence(random_clause(rng, main=False), sayer, rng.choice(list(SAYING_VERBS)))
-    return Sentence(random_clause(rng, main=True))
+        sayer = random_subject(rng, frozenset({"person"}), lexicon, pronoun_share=0.5)
+        return Sentence(random_clause(rng, False, lexicon), sayer, rng.choice(list(SAYING_VERBS)))
+    return Sentence(random_clause(rng, True, lexicon))
 
 
-def sample_pairs(rng, lang, count, taken, translations, min_words=4, max_words=15):
-    """`count` new (lang text, English text) pairs: not in `taken`, lengths 4-15 English words.
+def sample_pairs(rng, lang, count, taken, translations, lexicon=LEXICONS["compact"]):
+    """`count` new (lang text, English text) pairs: not in `taken`, of the lexicon's lengths.
 
     `translations` maps every text seen so far to its translation, so that one sentence never
     gets two different translations in the corpus (kept for safety; the lexicon avoids such
@@ -618,9 +649,9 @@ def sample_pairs(rng, lang, count, taken, translations, min_words=4, max_words=1
         if attempts > 100 * count + 1000:
             raise RuntimeError(f"kd/demo.py: cannot find {count} new {lang}-en sentences; "
                                "ask for fewer pairs")
-        texts = render(random_sentence(rng))
+        texts = render(random_sentence(rng, lexicon))
         english, other = texts["en"], texts[lang]
-        if not min_words <= len(english.split()) <= max_words:
+        if not lexicon.min_words <= len(english.split()) <= lexicon.max_words:
             continue
         if english in taken or other in taken:
             continue
@@ -632,19 +663,24 @@ def sample_pairs(rng, lang, count, taken, translations, min_words=4, max_words=1
     return pairs
 
 
-def generate_demo_corpus(train_pairs=4000, eval_pairs=200, seed=42, langs=("de", "cs")):
+def generate_demo_corpus(train_pairs=4000, eval_pairs=200, seed=42, langs=("de", "cs"), lexicon="compact"):
     """{lang: {"train", "valid", "test.<lang>-en", "test.en-<lang>": [(lang text, English text)]}}.
+
+    `lexicon`: "compact" (the default, learnable by tiny models in minutes of CPU) or "full".
 
     Training pairs are distinct; every valid and test sentence is absent from all training data
     (of both language pairs: a model trained on de-en and cs-en together must not have seen a
     held-out English sentence either) and from the other held-out sets.
     """
+    if lexicon not in LEXICONS:
+        raise ValueError(f"kd/demo.py: unknown lexicon {lexicon!r}; choose one of {', '.join(LEXICONS)}")
+    words = LEXICONS[lexicon]
     rngs = {lang: random.Random(f"kd-demo-{seed}-{lang}") for lang in langs}
     translations = {lang: {} for lang in langs}  # per pair: one translation per sentence
     taken = set()  # every text used so far, in any language
-    corpus = {lang: {"train": sample_pairs(rngs[lang], lang, train_pairs, taken, translations[lang])}
+    corpus = {lang: {"train": sample_pairs(rngs[lang], lang, train_pairs, taken, translations[lang], words)}
               for lang in langs}
     for lang in langs:
         for part in ("valid", f"test.{lang}-en", f"test.en-{lang}"):
-            corpus[lang][part] = sample_pairs(rngs[lang], lang, eval_pairs, taken, translations[lang])
+            corpus[lang][part] = sample_pairs(rngs[lang], lang, eval_pairs, taken, translations[lang], words)
     return corpus

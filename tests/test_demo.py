@@ -67,15 +67,41 @@ def test_demo_sentences_look_like_sentences(demo_out):
     rows = read_jsonl(out / "train.jsonl")
     english = [r["source"] for r in rows if r["src_lang"] == "en"]
     lengths = [len(text.split()) for text in english]
-    assert min(lengths) == 4 and max(lengths) == 15  # varied lengths, within the range
-    assert sum(n >= 10 for n in lengths) > 0.15 * len(lengths)
+    # the default "compact" lexicon: short sentences that tiny models learn in minutes of CPU
+    assert min(lengths) == 4 and max(lengths) == 8  # varied lengths, within the range
+    assert sum(n >= 7 for n in lengths) > 0.3 * len(lengths)
     for row in rows[:2000]:
         for text in (row["source"], row["reference"]):
             assert text[0].isupper() and text.endswith(".") and "  " not in text
-    # a vocabulary of a few hundred word forms per language
-    for lang, low, high in (("en", 150, 400), ("de", 200, 600), ("cs", 300, 1200)):
+    # a vocabulary of one to a few hundred word forms per language
+    for lang, low, high in (("en", 100, 200), ("de", 150, 300), ("cs", 250, 600)):
         words = {w.strip(".,").lower() for r in rows if r["tgt_lang"] == lang for w in r["reference"].split()}
         assert low <= len(words) <= high, (lang, len(words))
+    # every rule still shows up: subordinate clauses (verb-final German), negation, numerals 5-20
+    german = [r["reference"] for r in rows if r["tgt_lang"] == "de"]
+    assert sum(", dass " in text for text in german) > 200
+    assert sum(" nicht" in text or " kein" in text for text in german) > 300
+    czech = [r["reference"] for r in rows if r["tgt_lang"] == "cs"]
+    assert sum(any(w.lower() in demo.CZECH_NUMBERS[3:] for w in text.split()) for text in czech) > 200
+
+
+def test_demo_full_lexicon():
+    """lexicon="full": every word of the tables, sentences of 4 to 15 words."""
+    corpus = demo.generate_demo_corpus(train_pairs=4000, eval_pairs=5, seed=42, lexicon="full")
+    english = [e for lang in ("de", "cs") for _, e in corpus[lang]["train"]]
+    lengths = [len(text.split()) for text in english]
+    assert min(lengths) == 4 and max(lengths) == 15
+    assert sum(n >= 10 for n in lengths) > 0.15 * len(lengths)
+    texts = {"en": english, "de": [o for o, _ in corpus["de"]["train"]], "cs": [o for o, _ in corpus["cs"]["train"]]}
+    for lang, low, high in (("en", 150, 400), ("de", 200, 600), ("cs", 300, 1200)):
+        words = {w.strip(".,").lower() for text in texts[lang] for w in text.split()}
+        assert low <= len(words) <= high, (lang, len(words))
+    compact = demo.generate_demo_corpus(train_pairs=4000, eval_pairs=5, seed=42)
+    compact_nouns = {w for _, e in compact["de"]["train"] + compact["cs"]["train"] for w in e.lower().split()}
+    assert "banana" in {w.strip(".") for text in english for w in text.lower().split()}
+    assert not {"banana", "bananas", "cake", "cakes"} & {w.strip(".") for w in compact_nouns}
+    with pytest.raises(ValueError, match="unknown lexicon"):
+        demo.generate_demo_corpus(train_pairs=3, eval_pairs=1, lexicon="huge")
 
 
 def test_demo_held_out_sentences_are_new(demo_out):
