@@ -8,7 +8,7 @@
         --input data/alma/test --output hyps/selfevo --bf16 --batch-size 32
 
     # two processes on a CPU-only machine (DDP over gloo)
-    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 generate.py \
+    accelerate launch --config_file accelerate_configs/cpu.yaml --num_processes 2 generate.py \\
         --model models/tiny/student --input data/demo/test --output hyps/tiny
 
     # a quick look: the first 20 rows of one file, beam search
@@ -258,7 +258,10 @@ def main(argv=None):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, gather_object
 
-    accelerator = Accelerator()
+    # accelerate's torchrun launcher (accelerate_configs/cpu.yaml with --num_processes > 1) does not pass
+    # use_cpu on: without GPUs ask for CPU DDP (gloo) here. DeepSpeed runs its own CPU path.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    accelerator = Accelerator(cpu=not torch.cuda.is_available() and not deepspeed)
     is_main = accelerator.is_main_process
     tokenizer = load_tokenizer(args.model, padding_side="left")
     synced_gpus = False
@@ -288,7 +291,8 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     accelerator.print(f"model {args.model} | {len(files)} file(s) | {accelerator.num_processes} process(es) | "
                       f"batch {args.batch_size} | beams {args.num_beams} | max new tokens {args.max_new_tokens} | "
-                      f"{'bf16' if args.bf16 else 'fp32'} | backend {args.backend}")
+                      f"{'bf16' if args.bf16 else 'fp32'} | backend {args.backend}"
+                      + (" | DeepSpeed ZeRO-3, synced_gpus" if synced_gpus else ""))
 
     stats = {}
     for path, rows in inputs.items():
