@@ -80,6 +80,9 @@ if [[ -n "$GEN_ACCELERATE_CONFIG" ]]; then GEN_ACCELERATE_CONFIG="$(abspath "$GE
 # checkpoint (the paper), the KD runs report the final one.
 : "${SFT_CHECKPOINT:=best}"
 : "${KD_CHECKPOINT:=final}"
+# The model the KD runs start from: the student base model (base, as the paper's Table 1) or the
+# student SFT checkpoint (sft).
+: "${KD_STUDENT_INIT:=base}"
 
 KD_METHODS=(forward reverse noevo skew selfevo)
 
@@ -222,7 +225,7 @@ prepare_alma() {
   else
     args+=(--hub)
   fi
-  args+=(--pairs "${PAIRS:-de-en,cs-en}" --seed "$SEED")
+  args+=(--pairs "${PAIRS:-de-en,cs-en}" --template "${TEMPLATE:-alpaca}" --seed "$SEED")
   if [[ -n "${SUBSET:-}" ]]; then args+=(--subset "$SUBSET"); fi
   step "prepare data" "$LOGS/prepare_data.log" all_exist "$data/train.jsonl" "$data/valid.jsonl" "$data/stats.json" -- \
     "$PYTHON" prepare_data.py "${args[@]}" --out "$data"
@@ -449,11 +452,17 @@ table_pipeline() {
     student_sft_run="$RUNS/student_sft"
   fi
 
-  say "== $EXP: the five KD methods, teacher $teacher_model -> student $student_base"
+  local kd_student="$student_base"
+  case "$KD_STUDENT_INIT" in
+    base) ;;
+    sft) kd_student="$student_sft_run/$SFT_CHECKPOINT" ;;
+    *) die "KD_STUDENT_INIT=$KD_STUDENT_INIT: choose base or sft" ;;
+  esac
+  say "== $EXP: the five KD methods, teacher $teacher_model -> student $kd_student"
   local method flags=()
   for method in "${KD_METHODS[@]}"; do
     read -r -a flags <<<"$(kd_flags "$method")"
-    train "$method" "$method" "$student_base" "$teacher_model" "$train_file" "$valid_file" "${flags[@]}"
+    train "$method" "$method" "$kd_student" "$teacher_model" "$train_file" "$valid_file" "${flags[@]}"
   done
 
   say "== $EXP: generation on $(basename "$test_dir") ($(find "$test_dir" -name '*.jsonl' | wc -l) directions)"

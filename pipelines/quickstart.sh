@@ -29,6 +29,7 @@ set -euo pipefail
 : "${OUT:=}"                    # output root (empty: the repository root)
 : "${DATA_DIR:=}"               # an ALMA-layout folder instead of the demo task
 : "${SUBSET:=}"                 # with DATA_DIR: training pairs per language pair (default 2000)
+: "${TEMPLATE:=alma}"           # prompt: ALMA's short one (3x fewer tokens than the paper's alpaca)
 : "${TEST_LIMIT:=}"             # first N rows of each test direction (empty: all)
 : "${COMET_MODEL:=none}"        # none: COMET skipped; a local checkpoint or hub name otherwise
 : "${ACCELERATE_CONFIG:=accelerate_configs/cpu.yaml}"
@@ -38,14 +39,14 @@ set -euo pipefail
 if [[ "$QUICK" == 1 ]]; then
   : "${DEMO_TRAIN_PAIRS:=300}" "${DEMO_EVAL_PAIRS:=8}"
   : "${MAX_STEPS:=4}" "${BATCH_SIZE:=8}" "${MICRO_BATCH_SIZE:=8}" "${EVAL_STEPS:=2}"
-  : "${MAX_NEW_TOKENS:=24}" "${VOCAB_SIZE:=600}"
+  : "${MAX_NEW_TOKENS:=24}" "${VOCAB_SIZE:=600}" "${TRAIN_EXTRA_ARGS:=--logging-steps 1}"
   : "${TEACHER_SIZE:=2 64 2}" "${STUDENT_SIZE:=1 32 2}"   # layers hidden heads
   : "${SUBSET:=200}"
   if [[ -n "$DATA_DIR" ]]; then : "${TEST_LIMIT:=8}"; fi
 else
   : "${DEMO_TRAIN_PAIRS:=4000}" "${DEMO_EVAL_PAIRS:=100}"
   : "${MAX_STEPS:=300}" "${BATCH_SIZE:=16}" "${MICRO_BATCH_SIZE:=16}" "${EVAL_STEPS:=100}"
-  : "${MAX_NEW_TOKENS:=64}" "${VOCAB_SIZE:=2000}"
+  : "${MAX_NEW_TOKENS:=64}" "${VOCAB_SIZE:=2000}" "${TRAIN_EXTRA_ARGS:=--logging-steps 5}"
   : "${TEACHER_SIZE:=4 256 4}" "${STUDENT_SIZE:=2 128 2}"
   : "${SUBSET:=2000}"
   if [[ -n "$DATA_DIR" ]]; then : "${TEST_LIMIT:=100}"; fi
@@ -54,7 +55,7 @@ fi
 : "${LR:=1e-3}"                 # from-scratch tiny models learn with a large rate
 : "${WARMUP_RATIO:=0.03}"
 : "${MAX_LENGTH:=256}"
-: "${SAVE_STEPS:=1000000}"      # no intermediate checkpoints: best/ and final/ are enough here
+: "${SAVE_STEPS:=0}"             # no step_N checkpoints: best/ and final/ are enough here
 : "${GEN_BATCH_SIZE:=32}"
 
 # shellcheck source=pipelines/common.sh disable=SC1091
@@ -70,7 +71,7 @@ else
   DATA="$OUT/data/${EXP}_demo"
   step "prepare demo data" "$LOGS/prepare_data.log" all_exist "$DATA/train.jsonl" "$DATA/valid.jsonl" "$DATA/stats.json" -- \
     "$PYTHON" prepare_data.py --demo --out "$DATA" --demo-train-pairs "$DEMO_TRAIN_PAIRS" \
-    --demo-eval-pairs "$DEMO_EVAL_PAIRS" --seed "$SEED"
+    --demo-eval-pairs "$DEMO_EVAL_PAIRS" --template "$TEMPLATE" --seed "$SEED"
 fi
 TEST_DIR="$DATA/test"
 if [[ -n "$TEST_LIMIT" ]]; then
