@@ -27,8 +27,7 @@ Every rule above applies in both. Why compact: a from-scratch model must see eac
 it learns to read the source at all. Measured with a Llama of 2 layers x 128 (batch 16, lr 3e-3,
 greedy, 100 test sentences per direction): after 500 steps the compact task gives a BLEU of 21/19
 (de-en/cs-en) and 7/5 (en-de/en-cs); the full lexicon, even cut to 9-word sentences, gives 1 to 3
-after 300 steps, every output
-the same sentence whatever the source.
+after 300 steps, every output the same sentence whatever the source.
 
     >>> corpus = generate_demo_corpus(train_pairs=3, eval_pairs=2, seed=0)
     >>> sorted(corpus["de"])
