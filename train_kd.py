@@ -455,6 +455,8 @@ def main(argv=None):
             accelerator.state.select_deepspeed_plugin("teacher")
             teacher = accelerator.prepare(teacher)
             accelerator.state.select_deepspeed_plugin("student")
+            # prepare() left the teacher's config here; get_state_dict reads the ZeRO stage from it.
+            accelerator.deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
             # save_state saves every prepared model: keep the teacher out of the checkpoints.
             accelerator._models = [m for m in accelerator._models if m is not teacher]
         else:
