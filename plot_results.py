@@ -114,8 +114,21 @@ def read_metrics(paths):
                 if isinstance(row, dict) and row.get("type") in rows and "step" in row:
                     rows[row["type"]].append(row)
         if rows["train"] or rows["valid"]:
+            rows["method"] = run_method(run_dir)
             runs[run_dir.name] = rows
     return runs
+
+
+def run_method(run_dir):
+    """The run's --method (its config.json, written by train_kd.py), else guessed from its name."""
+    try:
+        method = json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("method")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        method = None
+    if method:
+        return method
+    name = run_dir.name
+    return max((m for m in PAPER_ORDER + ["sft"] if name.startswith(m)), key=len, default=name)
 
 
 def score(result, metric):
@@ -161,21 +174,36 @@ def save(fig, path, dpi):
 def plot_curves(runs, results, out, dpi):
     if not runs:
         return "no metrics.jsonl in --runs"
-    panels = [("train", "loss", "training loss"), ("valid", "valid_loss", "validation loss"),
-              ("train", "hard_fraction", "hard-token fraction")]
-    panels = [p for p in panels if any(row.get(p[1]) is not None for r in runs.values() for row in r[p[0]])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
-    for ax, (kind, key, title) in zip(axes[0], panels):
-        for name in sorted(runs, key=paper_sort_key):
-            points = [(row["step"], row[key]) for row in runs[name][kind] if row.get(key) is not None]
+    # (rows, key, title, methods the quantity means something for: None = every method)
+    panels = [("train", "loss", "training loss", None),
+              ("valid", "valid_loss", "validation loss (student CE)", None),
+              ("train", "hard_fraction", "hard-token fraction (selfevo)", {"selfevo"}),
+              ("train", "mean_difficulty", "mean difficulty d = KL(ỹ‖q)", {"noevo", "skew", "selfevo"})]
+
+    def series(name, kind, key, methods):
+        if methods is not None and runs[name]["method"] not in methods:
+            return []
+        return [(row["step"], row[key]) for row in runs[name][kind] if row.get(key) is not None]
+
+    panels = [p for p in panels if any(series(name, *p[:2], p[3]) for name in runs)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    names = sorted(runs, key=paper_sort_key)
+    for ax, (kind, key, title, methods) in zip(axes[0], panels):
+        for index, name in enumerate(names):
+            points = series(name, kind, key, methods)
             if points:
                 steps, values = zip(*points)
-                ax.plot(steps, values, marker="." if len(points) < 30 else None, label=name)
-        ax.set_title(title)
+                ax.plot(steps, values, marker="." if len(points) < 30 else None, color=f"C{index % 10}", label=name)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("Training curves", y=1.03)
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 8), fontsize=8,
+               bbox_to_anchor=(0.5, -0.08))
+    fig.suptitle("Training curves", y=1.02)
     return save(fig, out / "curves.png", dpi)
 
 
