@@ -6,16 +6,20 @@ y = one-hot(t), KL(a‖b) = Σ_v a_v (log a_v − log b_v), a true divergence (e
 below is on the scale of the paper's Γ = 0.4). λ = `kd_ratio`, α = `target_mix`, β = `beta`,
 β' = `skew_beta`, Γ = `gamma`.
 
-| method         | per-token loss                                          | paper      | code                   |
-|----------------|---------------------------------------------------------|------------|------------------------|
-| `sft`          | −log q_t                                                | Eq. 2      | `_token_losses` "sft"  |
-| `forward`      | (1−λ)(−log q_t) + λ KL(p‖q)                             | Eq. 3      | "forward"              |
-| `reverse`      | (1−λ)(−log q_t) + λ KL(q‖p)                             | Sec. 4.3   | "reverse"              |
-| `noevo`        | KL(ỹ‖q),  ỹ = (1−α) y + α p                             | Eq. 4      | `_log_target_mix`      |
-| `skew`         | KL(ỹ‖q̂),  q̂ = β q + (1−β) ỹ   (every token)             | Eq. 6-7    | `_log_mixture`         |
-| `selfevo`      | d = KL(ỹ‖q) (no gradient); KL(ỹ‖q̂) if d > Γ else KL(ỹ‖q)| Eq. 5, 7-9 | `_select_hard`         |
-| `selfevo`+top_k| the round(top_k·N) tokens of largest d in the call are hard | Sec. 5.2.1 | `_top_k_hard`       |
-| `skew_teacher` | (1−λ)(−log q_t) + λ KL(p‖β' q + (1−β') p)               | Eq. 10     | "skew_teacher"         |
+| method         | per-token loss                                            | paper      |
+|----------------|-----------------------------------------------------------|------------|
+| `sft`          | −log q_t                                                  | Eq. 2      |
+| `forward`      | (1−λ)(−log q_t) + λ KL(p‖q)                               | Eq. 3      |
+| `reverse`      | (1−λ)(−log q_t) + λ KL(q‖p)                               | Sec. 4.3   |
+| `noevo`        | KL(ỹ‖q),  ỹ = (1−α) y + α p                               | Eq. 4      |
+| `skew`         | KL(ỹ‖q̂),  q̂ = β q + (1−β) ỹ   (every token)               | Eq. 6-7    |
+| `selfevo`      | d = KL(ỹ‖q) (no gradient); KL(ỹ‖q̂) if d > Γ else KL(ỹ‖q)  | Eq. 5, 7-9 |
+| `selfevo`+top_k| the round(top_k·N) tokens of largest d in the call are hard | Sec. 5.2.1 |
+| `skew_teacher` | (1−λ)(−log q_t) + λ KL(p‖β' q + (1−β') p)                 | Eq. 10     |
+
+In code: `_token_losses` writes each row of this table as it stands (autograd differentiates);
+`_token_losses_and_grads` computes the same values together with their derivatives, written out
+next to each loss; ỹ is `_log_target_mix_`, the selection `_select_hard` / `_top_k_hard`.
 
 The loss of a call is the mean over its counted tokens (Eq. 9 divides by N, easy and hard tokens
 together), or their sum with reduction="sum" (train_kd.py divides that by the token count of the
@@ -45,8 +49,9 @@ against an independent float64 reference):
 - `compute_loss(...)` (default chunk_size): a torch.autograd.Function that, chunk by chunk over the
   counted tokens, computes the loss AND its gradient w.r.t. the student logits inside forward (as
   Liger-Kernel's chunked losses do) and stores only that gradient; extra memory is the gradient
-  plus a few [chunk_size, V] buffers. The gradient w.r.t. z comes from the derivative w.r.t.
-  log q, g = ∂L/∂log q (written next to each loss in `_token_losses`), as ∂L/∂z = g − q·Σ_v g_v.
+  plus a few [chunk, V] buffers. Every loss is ce_weight·(−log q_t) plus a divergence whose
+  derivative w.r.t. log q is −r ("pull": p, ỹ, ỹ·βq/q̂, p·β'q/m, ...), so
+  ∂L/∂z = q·(Σ_v r_v + ce_weight) − r − ce_weight·y (`_token_losses_and_grads`).
 - `compute_loss_from_hidden(...)`: the same from the student's final hidden states and lm_head
   weight; per chunk it builds the logits, the loss, the gradient w.r.t. the chunk's hidden states
   and accumulates the weight gradient, so the full [N, V] student logits never exist.
@@ -59,7 +64,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 METHODS = ("sft", "forward", "reverse", "noevo", "skew", "selfevo", "skew_teacher")
 KD_METHODS = tuple(m for m in METHODS if m != "sft")
@@ -160,50 +164,32 @@ def _check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
                          f"and is not ignore_index ({ignore_index})")
 
 
-# ----------------------------------------------------------------------------- the formulas
+# ----------------------------------------------------------------------------- shared pieces
 
 
 def _log(x: float) -> float:
     return math.log(x) if x > 0 else -math.inf
 
 
-def _log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """log-softmax in float32 (float64 stays float64)."""
-    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
-    return torch.log_softmax(logits.to(compute_dtype), dim=-1)
+def _log_probs(logits: torch.Tensor, out: Optional[torch.Tensor] = None,
+               like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """log-softmax in float32 (float64 stays float64), into `out` when given; the teacher's
+    log-probabilities take the dtype of the student's (`like`)."""
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32) if like is None else like.dtype
+    if out is None:
+        return torch.log_softmax(logits.to(compute_dtype), dim=-1)
+    return torch.log_softmax(logits.to(compute_dtype), dim=-1, out=out)
 
 
-def _log_target_mix(log_p: torch.Tensor, targets: torch.Tensor, target_mix: float) -> torch.Tensor:
-    """log ỹ for ỹ = (1−α)·y + α·p (Eq. 4), exact in log space.
+def _log_target_mix_(log_p: torch.Tensor, targets: torch.Tensor, target_mix: float) -> torch.Tensor:
+    """log ỹ for ỹ = (1−α)·y + α·p (Eq. 4), exact in log space; overwrites log_p (no gradient).
 
     Off the target, log ỹ_v = log α + log p_v; at the target, logaddexp(log(1−α), log α + log p_t).
     """
-    log_mix = log_p + _log(target_mix)
+    log_mix = log_p.add_(_log(target_mix))
     at_target = log_mix.gather(1, targets[:, None])
-    log_mix.scatter_(1, targets[:, None], torch.logaddexp(at_target, torch.full_like(at_target, _log(1 - target_mix))))
-    return log_mix
-
-
-def _log_mixture(weight_on_a: float, log_a: torch.Tensor, log_b: torch.Tensor,
-                 support_b: torch.Tensor) -> torch.Tensor:
-    """log(w·a + (1−w)·b) = logaddexp(log w + log a, log(1−w) + log b).
-
-    Only read where b > 0 (support_b); elsewhere a finite stand-in for log b keeps autograd free
-    of NaN (logaddexp(−inf, −inf) has a NaN derivative, which would reach the student when w = 0).
-    """
-    log_b_weighted = torch.where(support_b, log_b + _log(1 - weight_on_a), torch.zeros_like(log_b))
-    return torch.logaddexp(log_a + _log(weight_on_a), log_b_weighted)
-
-
-def _kl_sum(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, support_a: torch.Tensor) -> torch.Tensor:
-    """Σ_v a_v (log a_v − log b_v) per row; terms with a_v = 0 are exactly 0 (never 0·inf = NaN)."""
-    return torch.where(support_a, a * (log_a - log_b), torch.zeros_like(log_b)).sum(-1)
-
-
-def _difficulty(log_q: torch.Tensor, log_y_mix: torch.Tensor) -> torch.Tensor:
-    """d = KL(ỹ‖q) per token (Eq. 5), with no gradient."""
-    log_q = log_q.detach()
-    return _kl_sum(log_y_mix.exp(), log_y_mix, log_q, log_y_mix > -math.inf)
+    return log_mix.scatter_(1, targets[:, None],
+                            torch.logaddexp(at_target, torch.full_like(at_target, _log(1 - target_mix))))
 
 
 def _top_k_hard(difficulty: torch.Tensor, top_k: float) -> torch.Tensor:
@@ -223,103 +209,179 @@ def _select_hard(config: LossConfig, difficulty: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _TokenTerms:
-    loss: torch.Tensor                  # [n] per-token loss
-    grad_log_q: Optional[torch.Tensor]  # [n, V] g = ∂loss/∂log q (want_grad=True only)
-    difficulty: Optional[torch.Tensor]  # [n] d = KL(ỹ‖q), methods with ỹ only
-    hard: torch.Tensor                  # [n] bool, took the skewed branch
+    loss: torch.Tensor                   # [n] per-token loss
+    difficulty: Optional[torch.Tensor]   # [n] d = KL(ỹ‖q), methods with ỹ only
+    hard: torch.Tensor                   # [n] bool, took the skewed branch
+    grad_logits: Optional[torch.Tensor] = None  # [n, V] ∂loss/∂z (lean form only)
+
+
+# ----------------------------------------------------------------------------- the formulas (autograd)
+
+
+def _log_mixture(weight_on_a: float, log_a: torch.Tensor, log_b: torch.Tensor,
+                 support_b: torch.Tensor) -> torch.Tensor:
+    """log(w·a + (1−w)·b) = logaddexp(log w + log a, log(1−w) + log b).
+
+    Only read where b > 0 (support_b); elsewhere a finite stand-in for log b keeps autograd free
+    of NaN (logaddexp(−inf, −inf) has a NaN derivative, which would reach the student when w = 0).
+    """
+    log_b_weighted = torch.where(support_b, log_b + _log(1 - weight_on_a), torch.zeros_like(log_b))
+    return torch.logaddexp(log_a + _log(weight_on_a), log_b_weighted)
+
+
+def _kl_sum(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, support_a: torch.Tensor) -> torch.Tensor:
+    """Σ_v a_v (log a_v − log b_v) per row; terms with a_v = 0 are exactly 0 (never 0·inf = NaN)."""
+    return torch.where(support_a, a * (log_a - log_b), torch.zeros_like(log_b)).sum(-1)
 
 
 def _token_losses(config: LossConfig, log_q: torch.Tensor, log_p: Optional[torch.Tensor],
-                  targets: torch.Tensor, hard: Optional[torch.Tensor], want_grad: bool) -> _TokenTerms:
-    """Per-token loss of `config.method` from log q [n, V] and log p [n, V] (see the table above).
+                  targets: torch.Tensor) -> _TokenTerms:
+    """Per-token loss of `config.method`, written as in the table above; autograd differentiates.
 
-    With want_grad, also g = ∂loss/∂log q, computed analytically (no autograd), for the chunked
-    path. `hard` overrides selfevo's selection (the chunked path picks top-K over all chunks).
+    log_q [n, V] carries the student's gradient; log_p [n, V] is the teacher's (no gradient).
     """
     method, lam = config.method, config.kd_ratio
-    n = log_q.shape[0]
-    no_hard = torch.zeros(n, dtype=torch.bool, device=log_q.device)
-    target_col = targets[:, None]
-
-    def add_ce_grad(g: torch.Tensor, weight: float) -> torch.Tensor:
-        # ∂(−weight·log q_t)/∂log q = −weight·y
-        return g.scatter_add_(1, target_col, torch.full_like(g[:, :1], -weight))
-
-    cross_entropy = -log_q.gather(1, target_col).squeeze(1)
+    no_hard = torch.zeros(log_q.shape[0], dtype=torch.bool, device=log_q.device)
+    cross_entropy = -log_q.gather(1, targets[:, None]).squeeze(1)
     if method == "sft":
-        g = add_ce_grad(torch.zeros_like(log_q), 1.0) if want_grad else None
-        return _TokenTerms(cross_entropy, g, None, no_hard)
+        return _TokenTerms(cross_entropy, None, no_hard)
 
     teacher_support = log_p > -math.inf  # p_v > 0; masked vocabulary is outside
     if method == "forward":
-        p = log_p.exp()
-        loss = (1 - lam) * cross_entropy + lam * _kl_sum(p, log_p, log_q, teacher_support)
-        g = add_ce_grad(p * -lam, 1 - lam) if want_grad else None  # ∂KL(p‖q)/∂log q = −p
-        return _TokenTerms(loss, g, None, no_hard)
-
+        forward_kl = _kl_sum(log_p.exp(), log_p, log_q, teacher_support)
+        return _TokenTerms((1 - lam) * cross_entropy + lam * forward_kl, None, no_hard)
     if method == "reverse":
-        q = log_q.exp()
         log_p_finite = torch.where(teacher_support, log_p, torch.zeros_like(log_p))
-        reverse_kl = _kl_sum(q, log_q, log_p_finite, teacher_support)
-        loss = (1 - lam) * cross_entropy + lam * reverse_kl
-        g = None
-        if want_grad:  # ∂[q_v (log q_v − log p_v)]/∂log q_v = q_v (log q_v − log p_v + 1)
-            g = torch.where(teacher_support, q * (log_q - log_p_finite + 1) * lam, torch.zeros_like(q))
-            g = add_ce_grad(g, 1 - lam)
-        return _TokenTerms(loss, g, None, no_hard)
-
+        reverse_kl = _kl_sum(log_q.exp(), log_q, log_p_finite, teacher_support)
+        return _TokenTerms((1 - lam) * cross_entropy + lam * reverse_kl, None, no_hard)
     if method == "skew_teacher":
-        beta = config.skew_beta
-        p = log_p.exp()
-        log_m = _log_mixture(beta, log_q, log_p, teacher_support)  # m = β'q + (1−β')p
-        loss = (1 - lam) * cross_entropy + lam * _kl_sum(p, log_p, log_m, teacher_support)
-        g = None
-        if want_grad:  # ∂KL(p‖m)/∂log q_v = −p_v·β'q_v/m_v
-            share = (log_q + _log(beta) - log_m).exp_()
-            g = torch.where(teacher_support, share.mul_(p).mul_(-lam), torch.zeros_like(p))
-            g = add_ce_grad(g, 1 - lam)
-        return _TokenTerms(loss, g, None, no_hard)
+        log_m = _log_mixture(config.skew_beta, log_q, log_p, teacher_support)  # m = β'q + (1−β')p
+        skew_kl = _kl_sum(log_p.exp(), log_p, log_m, teacher_support)
+        return _TokenTerms((1 - lam) * cross_entropy + lam * skew_kl, None, no_hard)
 
     # noevo, skew, selfevo: the target mixture ỹ (no gradient) and the difficulty d = KL(ỹ‖q).
-    log_y = _log_target_mix(log_p, targets, config.target_mix)
-    y_mix = log_y.exp()
-    y_support = log_y > -math.inf
-    kl_to_student = _kl_sum(y_mix, log_y, log_q, y_support)  # KL(ỹ‖q), Eq. 4 and the easy branch
+    log_y = _log_target_mix_(log_p, targets, config.target_mix)
+    y_mix, y_support = log_y.exp(), log_y > -math.inf
+    kl_to_student = _kl_sum(y_mix, log_y, log_q, y_support)  # KL(ỹ‖q): Eq. 4, selfevo's easy branch
     difficulty = kl_to_student.detach()
 
-    def skewed(rows: Optional[torch.Tensor]):
-        """KL(ỹ‖q̂) with q̂ = β·q + (1−β)·ỹ (Eq. 6-7) on the given rows (all when None), and its g."""
-        lq, ly, ym, sup = (log_q, log_y, y_mix, y_support) if rows is None else \
-            (log_q[rows], log_y[rows], y_mix[rows], y_support[rows])
-        log_q_hat = _log_mixture(config.beta, lq, ly, sup)
-        loss_rows = _kl_sum(ym, ly, log_q_hat, sup)
-        g_rows = None
-        if want_grad:  # ∂KL(ỹ‖q̂)/∂log q_v = −ỹ_v·βq_v/q̂_v
-            share = (lq + _log(config.beta) - log_q_hat).exp_()
-            g_rows = torch.where(sup, share.mul_(ym).neg_(), torch.zeros_like(ym))
-        return loss_rows, g_rows
+    def skewed(rows):  # KL(ỹ‖q̂), q̂ = β·q + (1−β)·ỹ (Eq. 6-7), on the given rows
+        log_q_hat = _log_mixture(config.beta, log_q[rows], log_y[rows], y_support[rows])
+        return _kl_sum(y_mix[rows], log_y[rows], log_q_hat, y_support[rows])
 
     if method == "noevo":
-        return _TokenTerms(kl_to_student, -y_mix if want_grad else None, difficulty, no_hard)
-
+        return _TokenTerms(kl_to_student, difficulty, no_hard)
     if method == "skew":
-        loss, g = skewed(None)
-        return _TokenTerms(loss, g, difficulty, torch.ones_like(no_hard))
-
-    assert method == "selfevo"
-    if hard is None:
-        hard = _select_hard(config, difficulty)
-    # Easy tokens: KL(ỹ‖q) with g = −ỹ; the hard rows are then overwritten by KL(ỹ‖q̂).
+        return _TokenTerms(skewed(slice(None)), difficulty, torch.ones_like(no_hard))
+    hard = _select_hard(config, difficulty)  # selfevo, Eq. 8-9
     hard_rows = hard.nonzero().squeeze(1)
-    loss, g = kl_to_student, None
+    loss = kl_to_student.index_put((hard_rows,), skewed(hard_rows))
+    return _TokenTerms(loss, difficulty, hard)
+
+
+# ----------------------------------------------------------------------------- the formulas (lean)
+# The same losses with their derivatives written out, for the chunked path (no autograd, in place).
+# With g = ∂L/∂log q, the gradient w.r.t. the logits is ∂L/∂z_u = g_u − q_u·Σ_v g_v.
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_v a_v·b_v per row, as a batched dot product (no [n, V] temporary)."""
+    return torch.einsum("nv,nv->n", a, b)
+
+
+def _finite_floor_(log_x: torch.Tensor) -> torch.Tensor:
+    """Replace −inf by the lowest finite number, in place: exp() still gives exactly 0, and the
+    terms 0·log x of a sum become 0 instead of NaN, so no mask is needed."""
+    return log_x.clamp_(min=torch.finfo(log_x.dtype).min)
+
+
+def _difficulty(log_q: torch.Tensor, log_p: torch.Tensor, targets: torch.Tensor, target_mix: float):
+    """d = KL(ỹ‖q) per token (Eq. 5), no gradient; overwrites log_p (for selfevo's top-K pass)."""
+    log_y = _finite_floor_(_log_target_mix_(log_p, targets, target_mix))
+    y_mix = log_y.exp()
+    return _row_dot(y_mix, log_y) - _row_dot(y_mix, log_q)
+
+
+def _token_losses_and_grads(config: LossConfig, log_q: torch.Tensor, log_p: Optional[torch.Tensor],
+                            targets: torch.Tensor, hard: Optional[torch.Tensor], scale: float) -> _TokenTerms:
+    """Per-token loss and scale·∂loss/∂z. Overwrites log_q and log_p. `hard` (optional) is selfevo's
+    selection made outside (top-K over all chunks); otherwise it is made here.
+
+    Every loss here is ce_weight·(−log q_t) + a divergence whose derivative w.r.t. log q is −r for a
+    nonnegative "pull" r (p for KL(p‖q), ỹ for KL(ỹ‖q), ỹ·βq/q̂ for KL(ỹ‖q̂), ...); then
+    g = −r − ce_weight·y and ∂L/∂z = q·(Σr + ce_weight) − r − ce_weight·y.
+    """
+    method, lam = config.method, config.kd_ratio
+    target_col = targets[:, None]
+    cross_entropy = -log_q.gather(1, target_col).squeeze(1)
+    no_hard = torch.zeros(log_q.shape[0], dtype=torch.bool, device=log_q.device)
+
+    def grad_logits(pull: Optional[torch.Tensor], ce_weight: float) -> torch.Tensor:
+        total_pull = ce_weight if pull is None else pull.sum(1, keepdim=True).add_(ce_weight)
+        grad = log_q.exp_().mul_(total_pull * scale)  # q·(Σr + w); log q is not needed any more
+        if pull is not None:
+            grad.sub_(pull, alpha=scale)
+        if ce_weight:
+            grad.scatter_add_(1, target_col, torch.full_like(grad[:, :1], -ce_weight * scale))
+        return grad
+
+    if method == "sft":  # −log q_t: r = 0, ∂/∂z = q − y
+        return _TokenTerms(cross_entropy, None, no_hard, grad_logits(None, 1.0))
+
+    if method == "forward":  # KL(p‖q) = Σ p log p − Σ p log q;  r = p
+        p = log_p.exp()
+        forward_kl = _row_dot(p, _finite_floor_(log_p)) - _row_dot(p, log_q)
+        loss = (1 - lam) * cross_entropy + lam * forward_kl
+        return _TokenTerms(loss, None, no_hard, grad_logits(p.mul_(lam), 1 - lam))
+
+    if method == "reverse":  # KL(q‖p) = Σ_{p>0} q (log q − log p);  r_v = −q_v (log q_v − log p_v + 1)
+        outside = log_p == -math.inf
+        q = log_q.exp()
+        log_ratio = torch.sub(log_q, log_p).masked_fill_(outside, 0.0)
+        reverse_kl = _row_dot(q, log_ratio)
+        pull = log_ratio.add_(1.0).mul_(q).masked_fill_(outside, 0.0).mul_(-lam)
+        loss = (1 - lam) * cross_entropy + lam * reverse_kl
+        return _TokenTerms(loss, None, no_hard, grad_logits(pull, 1 - lam))
+
+    if method == "skew_teacher":  # KL(p‖m), m = β'q + (1−β')p;  r_v = p_v·β'q_v/m_v
+        p = log_p.exp()
+        p_log_p = _row_dot(p, _finite_floor_(log_p))
+        student_part = log_q + _log(config.skew_beta)                       # log β'q
+        log_m = torch.logaddexp(student_part, log_p.add_(_log(1 - config.skew_beta)), out=log_p)
+        skew_kl = p_log_p - _row_dot(p, log_m)
+        pull = student_part.sub_(log_m).exp_().mul_(p).mul_(lam)            # λ·p·β'q/m
+        loss = (1 - lam) * cross_entropy + lam * skew_kl
+        return _TokenTerms(loss, None, no_hard, grad_logits(pull, 1 - lam))
+
+    # noevo, skew, selfevo. KL(ỹ‖q) = Σ ỹ log ỹ − Σ ỹ log q;  r = ỹ
+    log_y = _finite_floor_(_log_target_mix_(log_p, targets, config.target_mix))
+    y_mix = log_y.exp()
+    y_log_y = _row_dot(y_mix, log_y)
+    kl_to_student = y_log_y - _row_dot(y_mix, log_q)
+    difficulty = kl_to_student
+
+    def skewed(rows):
+        """KL(ỹ‖q̂), q̂ = βq + (1−β)ỹ, and its pull ỹ·βq/q̂ on the rows (all when None); overwrites log_y."""
+        lq, ly, ym = (log_q, log_y, y_mix) if rows is None else (log_q[rows], log_y[rows], y_mix[rows])
+        student_part = lq + _log(config.beta)                                 # log βq
+        log_q_hat = torch.logaddexp(student_part, ly.add_(_log(1 - config.beta)), out=ly)
+        loss_rows = (y_log_y if rows is None else y_log_y[rows]) - _row_dot(ym, log_q_hat)
+        return loss_rows, student_part.sub_(log_q_hat).exp_().mul_(ym)
+
+    if method == "noevo":
+        return _TokenTerms(kl_to_student, difficulty, no_hard, grad_logits(y_mix, 0.0))
+    if method == "skew":
+        loss, pull = skewed(None)
+        return _TokenTerms(loss, difficulty, torch.ones_like(no_hard), grad_logits(pull, 0.0))
+    if hard is None:  # selfevo
+        hard = _select_hard(config, difficulty)
+    hard_rows = hard.nonzero().squeeze(1)
+    loss, pull = kl_to_student, y_mix  # easy rows: KL(ỹ‖q), r = ỹ
     if hard_rows.numel():
-        hard_loss, hard_g = skewed(hard_rows)
-        loss = loss.index_put((hard_rows,), hard_loss)
-    if want_grad:
-        g = y_mix.neg_()  # ỹ is not read any more
-        if hard_rows.numel():
-            g[hard_rows] = hard_g
-    return _TokenTerms(loss, g, difficulty, hard)
+        hard_loss, hard_pull = skewed(hard_rows)  # works on copies of the hard rows
+        loss = kl_to_student.index_put((hard_rows,), hard_loss)
+        pull[hard_rows] = hard_pull
+    return _TokenTerms(loss, difficulty, hard, grad_logits(pull, 0.0))
 
 
 # ----------------------------------------------------------------------------- plain path
@@ -343,8 +405,8 @@ def _plain_loss(config, student_logits, teacher_logits, labels, vocab):
         student_rows = student_logits[counted_rows]
         teacher_rows = None if teacher_logits is None else teacher_logits[counted_rows]
     log_q = _log_probs(student_rows[:, :vocab])
-    log_p = None if teacher_rows is None else _log_probs(teacher_rows[:, :vocab].detach())
-    terms = _token_losses(config, log_q, log_p, labels[counted_rows], None, want_grad=False)
+    log_p = None if teacher_rows is None else _log_probs(teacher_rows[:, :vocab].detach(), like=log_q)
+    terms = _token_losses(config, log_q, log_p, labels[counted_rows])
     loss = terms.loss.sum()
     if config.reduction == "mean" and counted_rows.numel():
         loss = loss / counted_rows.numel()
@@ -361,20 +423,28 @@ def _auto_chunk_tokens(device: torch.device, vocab: int) -> int:
 def _run_chunks(config: LossConfig, labels: torch.Tensor, vocab: int,
                 student_chunk: Callable[[torch.Tensor], torch.Tensor],
                 teacher_chunk: Optional[Callable[[torch.Tensor], torch.Tensor]],
-                write_grad: Callable[[torch.Tensor, torch.Tensor], None]):
+                write_grad: Callable[[torch.Tensor, torch.Tensor], None],
+                log_q_buffer: Optional[Callable[[slice], Optional[torch.Tensor]]] = None):
     """Loss and ∂loss/∂z chunk by chunk over the counted tokens (no autograd, no [N, V] buffer).
 
     student_chunk(rows) / teacher_chunk(rows) return the logits [len(rows), V] of those rows;
     write_grad(rows, grad) receives ∂loss/∂z for them (already divided by N for "mean").
+    log_q_buffer(rows), if given, returns where to compute log q (the lean formulas turn it into
+    the gradient in place, so the gradient store itself can serve and no copy is needed).
     """
     counted_rows = (labels != config.ignore_index).nonzero().squeeze(1)
     n = counted_rows.numel()
     scale = 1.0 / n if config.reduction == "mean" and n else 1.0
     chunk = config.chunk_size or _auto_chunk_tokens(labels.device, vocab)
-    chunks = [(start, counted_rows[start:start + chunk]) for start in range(0, n, chunk)]
+    if n == labels.numel():  # every row counts: chunks are slices (views), not gathered copies
+        chunks = [(start, slice(start, min(start + chunk, n))) for start in range(0, n, chunk)]
+    else:
+        chunks = [(start, counted_rows[start:start + chunk]) for start in range(0, n, chunk)]
 
-    def log_probs_of(rows):
-        return _log_probs(student_chunk(rows)), (None if teacher_chunk is None else _log_probs(teacher_chunk(rows)))
+    def log_probs_of(rows, into_buffer=False):
+        out = log_q_buffer(rows) if into_buffer and log_q_buffer is not None else None
+        log_q = _log_probs(student_chunk(rows), out=out)
+        return log_q, (None if teacher_chunk is None else _log_probs(teacher_chunk(rows), like=log_q))
 
     forced_hard = None
     if config.method == "selfevo" and config.top_k is not None:
@@ -382,18 +452,16 @@ def _run_chunks(config: LossConfig, labels: torch.Tensor, vocab: int,
         difficulties = []
         for _, rows in chunks:
             log_q, log_p = log_probs_of(rows)
-            difficulties.append(_difficulty(log_q, _log_target_mix(log_p, labels[rows], config.target_mix)))
-        forced_hard = _top_k_hard(torch.cat(difficulties) if difficulties else torch.zeros(0), config.top_k)
+            difficulties.append(_difficulty(log_q, log_p, labels[rows], config.target_mix))
+        forced_hard = _top_k_hard(torch.cat(difficulties) if difficulties else torch.zeros(0, device=labels.device),
+                                  config.top_k)
 
     loss_sum, difficulty_parts, hard_parts = 0.0, [], []
     for start, rows in chunks:
-        log_q, log_p = log_probs_of(rows)
-        hard = None if forced_hard is None else forced_hard[start:start + rows.numel()]
-        terms = _token_losses(config, log_q, log_p, labels[rows], hard, want_grad=True)
-        # ∂L/∂z_u = g_u − q_u Σ_v g_v, built in place in g (log_q is not needed any more).
-        g = terms.grad_log_q
-        q_times_sum = log_q.exp_().mul_(g.sum(1, keepdim=True))
-        write_grad(rows, g.sub_(q_times_sum).mul_(scale))
+        log_q, log_p = log_probs_of(rows, into_buffer=True)
+        hard = None if forced_hard is None else forced_hard[start:start + log_q.shape[0]]
+        terms = _token_losses_and_grads(config, log_q, log_p, labels[rows], hard, scale)
+        write_grad(rows, terms.grad_logits)
         loss_sum = loss_sum + terms.loss.sum()
         difficulty_parts.append(terms.difficulty)
         hard_parts.append(terms.hard)
@@ -411,16 +479,23 @@ class _ChunkedLossOnLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, labels, config, vocab, report_out):
-        grad_store = torch.zeros_like(student_logits)
+        every_entry_written = vocab == student_logits.shape[1] and bool((labels != config.ignore_index).all())
+        grad_store = (torch.empty_like if every_entry_written else torch.zeros_like)(student_logits)
 
         def write_grad(rows, grad):
-            grad_store[rows, :vocab] = grad.to(grad_store.dtype)
+            if not compute_in_store:  # else the gradient was built in grad_store[rows] already
+                grad_store[rows, :vocab] = grad.to(grad_store.dtype)
 
+        # When every entry is written and the store has the compute dtype (float32/64 logits), log q
+        # is computed straight into the store's rows and turned into the gradient there.
+        compute_in_store = every_entry_written and grad_store.dtype == torch.promote_types(
+            grad_store.dtype, torch.float32)
         loss, report = _run_chunks(
             config, labels, vocab,
             lambda rows: student_logits[rows, :vocab],
             None if teacher_logits is None else (lambda rows: teacher_logits[rows, :vocab]),
-            write_grad)
+            write_grad,
+            (lambda rows: grad_store[rows]) if compute_in_store else None)
         report_out.append(report)
         ctx.grad_store = grad_store
         compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)

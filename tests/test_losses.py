@@ -395,6 +395,22 @@ def test_low_precision_inputs_close_to_float64(method, dtype):
         torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2, atol=1e-4)
 
 
+@pytest.mark.parametrize("student_dtype,teacher_dtype", [(torch.float32, torch.bfloat16),
+                                                          (torch.float64, torch.float32),
+                                                          (torch.float32, torch.float64)])
+def test_mixed_student_and_teacher_dtypes(student_dtype, teacher_dtype):
+    """The teacher's log-probabilities are computed in the student's compute dtype; compared with
+    the float64 value of the same rounded inputs (float32 arithmetic: rtol 1e-5)."""
+    student, teacher, labels = make_batch()
+    student, teacher = student.to(student_dtype), teacher.to(teacher_dtype)
+    for method in KD_METHODS:
+        ref_loss, ref_grad, _, _ = reference(method, student.double(), teacher.double(), labels)
+        for chunk_size in (0, 4):
+            loss, grad, _ = run(method, student, teacher, labels, chunk_size=chunk_size)
+            torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_teacher_gets_no_gradient_and_scaled_backward():
     student, teacher, labels = make_batch()
     for chunk_size in (0, 5):
