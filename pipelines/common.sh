@@ -19,7 +19,7 @@
 #
 # Settings read here (each overridable from the environment; the pipelines set their own defaults
 # before sourcing this file):
-#   OUT, PYTHON, ACCELERATE_CONFIG (an accelerate YAML, or empty for accelerate's default),
+#   OUT, PYTHON, ACCELERATE_CONFIG (an accelerate YAML, or none for accelerate's default),
 #   GEN_ACCELERATE_CONFIG (the same for generate.py), NUM_PROCESSES (empty: the config's),
 #   LAUNCHER (accelerate, or python to run train_kd.py/generate.py in one plain process), training: EPOCHS BATCH_SIZE MICRO_BATCH_SIZE LR WARMUP_RATIO
 #   MAX_LENGTH MAX_STEPS EVAL_STEPS SAVE_STEPS BF16 SEED KD_RATIO TARGET_MIX BETA GAMMA SKEW_BETA
@@ -47,8 +47,8 @@ OUT="$(abspath "$OUT")"
 : "${NUM_PROCESSES:=}"
 : "${LAUNCHER:=accelerate}"   # accelerate: `accelerate launch`; python: plain python, one process
 : "${GEN_ACCELERATE_CONFIG:=$ACCELERATE_CONFIG}"   # generation may run under another config (DDP)
-if [[ -n "$ACCELERATE_CONFIG" ]]; then ACCELERATE_CONFIG="$(abspath "$ACCELERATE_CONFIG")"; fi
-if [[ -n "$GEN_ACCELERATE_CONFIG" ]]; then GEN_ACCELERATE_CONFIG="$(abspath "$GEN_ACCELERATE_CONFIG")"; fi
+if [[ "$ACCELERATE_CONFIG" != none ]]; then ACCELERATE_CONFIG="$(abspath "$ACCELERATE_CONFIG")"; fi
+if [[ "$GEN_ACCELERATE_CONFIG" != none ]]; then GEN_ACCELERATE_CONFIG="$(abspath "$GEN_ACCELERATE_CONFIG")"; fi
 
 # Training (the paper's setup: 3 epochs, batch 128, lr 2e-5, warmup 3 %, length 512, bf16).
 : "${EPOCHS:=3}"
@@ -196,7 +196,7 @@ use_experiment() {
   cd "$REPO_ROOT" || die "cannot enter $REPO_ROOT"
 }
 
-# launch CONFIG SCRIPT ARGS...: accelerate launch with the config file CONFIG (none when empty) and
+# launch CONFIG SCRIPT ARGS...: accelerate launch with the config file CONFIG (none: no file) and
 # NUM_PROCESSES processes (the config's number when empty); with LAUNCHER=python, `python SCRIPT
 # ARGS` (one process: saves the launcher's start-up on a small CPU run).
 launch() {
@@ -207,7 +207,7 @@ launch() {
     accelerate) ;;
     *) die "LAUNCHER=$LAUNCHER: choose accelerate or python" ;;
   esac
-  if [[ -n "$config" ]]; then args+=(--config_file "$config"); fi
+  if [[ -n "$config" && "$config" != none ]]; then args+=(--config_file "$config"); fi
   if [[ -n "$NUM_PROCESSES" ]]; then args+=(--num_processes "$NUM_PROCESSES"); fi
   "$PYTHON" -m accelerate.commands.launch "${args[@]}" "$@"
 }

@@ -29,6 +29,7 @@ set -euo pipefail
 : "${NUM_PROCESSES:=$NUM_GPUS}"
 : "${EPOCHS:=3}" "${BATCH_SIZE:=128}" "${MICRO_BATCH_SIZE:=4}" "${LR:=2e-5}" "${WARMUP_RATIO:=0.03}"
 : "${MAX_LENGTH:=512}" "${BF16:=1}"
+: "${TRAIN_EXTRA_ARGS:=--gradient-checkpointing}"   # more train_kd.py flags (word-split)
 : "${TARGET_MIX:=0.5}" "${BETA:=0.5}" "${GAMMA:=0.4}"   # the values the other two sweeps hold fixed
 : "${COMET_MODEL:=Unbabel/wmt22-comet-da}"
 

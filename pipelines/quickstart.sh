@@ -38,7 +38,6 @@ set -euo pipefail
 : "${SEED:=42}"
 if [[ "$QUICK" == 1 ]]; then
   : "${LAUNCHER:=python}"       # one process each: skips accelerate launch's start-up
-  : "${THREADS:=1}"             # tiny matrices: one thread each, no contention on a busy CI machine
   : "${DEMO_TRAIN_PAIRS:=300}" "${DEMO_EVAL_PAIRS:=8}"
   : "${MAX_STEPS:=4}" "${BATCH_SIZE:=8}" "${MICRO_BATCH_SIZE:=8}" "${EVAL_STEPS:=2}"
   : "${MAX_NEW_TOKENS:=24}" "${VOCAB_SIZE:=600}" "${TRAIN_EXTRA_ARGS:=--logging-steps 1}"
@@ -59,7 +58,9 @@ fi
 : "${MAX_LENGTH:=256}"
 : "${SAVE_STEPS:=0}"             # no step_N checkpoints: best/ and final/ are enough here
 : "${GEN_BATCH_SIZE:=32}"
-: "${THREADS:=}"                # torch threads per process (OMP_NUM_THREADS); empty: the default
+: "${THREADS:=1}"               # torch threads per process (OMP_NUM_THREADS): tiny matrices gain
+                                # little from a second thread, and oversubscribed OpenMP threads on a
+                                # busy machine run 10x slower (measured); empty: torch's default
 if [[ -n "$THREADS" ]]; then export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"; fi
 export TOKENIZERS_PARALLELISM=false
 

@@ -27,6 +27,7 @@ set -euo pipefail
 : "${NUM_PROCESSES:=$NUM_GPUS}"
 : "${EPOCHS:=3}" "${BATCH_SIZE:=128}" "${MICRO_BATCH_SIZE:=2}" "${LR:=2e-5}" "${WARMUP_RATIO:=0.03}"
 : "${MAX_LENGTH:=512}" "${BF16:=1}"
+: "${TRAIN_EXTRA_ARGS:=--gradient-checkpointing}"   # more train_kd.py flags (word-split)
 : "${GEN_BATCH_SIZE:=16}" "${MAX_NEW_TOKENS:=256}" "${NUM_BEAMS:=1}"
 : "${COMET_MODEL:=Unbabel/wmt22-comet-da}"
 
