@@ -70,7 +70,6 @@ Outputs in --output-dir
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -388,6 +387,12 @@ def main(argv=None):
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)
     epochs = math.ceil(total_steps / steps_per_epoch)
+    if resume_path is not None:
+        state = json.loads((resume_path / TRAINER_STATE).read_text())
+        for key, value in (("batch_size", args.batch_size), ("seed", args.seed), ("train_examples", len(train_set))):
+            if state.get(key) != value:  # the data order would differ: the run could not continue exactly
+                raise ValueError(f"--resume-from-checkpoint {resume_path}: saved with {key} {state.get(key)}, "
+                                 f"this run has {value}; resume with the original --batch-size, --seed and data")
     directions = train_set.directions
     valid_directions = valid_set.directions if valid_set else []
 
@@ -571,6 +576,7 @@ def main(argv=None):
         if accelerator.is_main_process:  # written last: a folder without it is incomplete
             write_json_atomic(folder / TRAINER_STATE, {
                 "global_step": global_step, "epoch": global_step / steps_per_epoch,
+                "batch_size": args.batch_size, "seed": args.seed, "train_examples": len(train_set),
                 "best_valid_loss": best_valid_loss, "best_step": best_step,
                 "train_tokens": train_tokens, "train_seconds": train_seconds})
             if args.save_total_limit > 0:
@@ -614,8 +620,11 @@ def main(argv=None):
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, metrics_file)
         accelerator.wait_for_everyone()
-    elif args.resume_from_checkpoint == "latest":
-        accelerator.print(f"--resume-from-checkpoint latest: no checkpoint in {output_dir} yet; starting from scratch")
+    else:
+        if args.resume_from_checkpoint == "latest":
+            accelerator.print(f"--resume-from-checkpoint latest: no checkpoint in {output_dir} yet; starting from scratch")
+        if accelerator.is_main_process:  # rows of an earlier attempt that never reached a checkpoint
+            (output_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     if args.report_to != "none":
         accelerator.init_trackers("train_kd", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
@@ -705,12 +714,11 @@ def main(argv=None):
             if (args.eval_steps and global_step % args.eval_steps == 0) or end_of_epoch:
                 run_validation()
                 last_valid_step = global_step
-            if bad_steps:
-                continue  # never checkpoint after a bad step: the last good checkpoint stays the newest
-            if end_of_epoch:
-                save_checkpoint(f"epoch_{global_step // steps_per_epoch}")
-            elif args.save_steps and global_step % args.save_steps == 0:
-                save_checkpoint(f"step_{global_step}")
+            if not bad_steps:  # never checkpoint after a bad step: the last good checkpoint stays the newest
+                if end_of_epoch:
+                    save_checkpoint(f"epoch_{global_step // steps_per_epoch}")
+                elif args.save_steps and global_step % args.save_steps == 0:
+                    save_checkpoint(f"step_{global_step}")
             if global_step >= total_steps:
                 break
     progress.close()

@@ -280,7 +280,7 @@ def foreign_teacher(tmp_path_factory):
 @pytest.mark.parametrize("case", [
     "missing_student", "missing_teacher_path", "kd_without_teacher", "missing_train_file", "malformed_train_file",
     "empty_train_file", "missing_valid_file", "indivisible_batch", "batch_larger_than_data", "foreign_teacher",
-    "bad_resume_path", "output_dir_holds_a_run"])
+    "bad_resume_path", "resume_with_another_batch_size", "output_dir_holds_a_run"])
 def test_bad_input_fails_early_naming_the_argument(case, tiny_models, files, tmp_path, no_model_loading,
                                                    foreign_teacher):
     student, teacher = tiny_models["student"], tiny_models["teacher"]
@@ -315,6 +315,13 @@ def test_bad_input_fails_early_naming_the_argument(case, tiny_models, files, tmp
         base["--teacher"], pattern = foreign_teacher, "--teacher .*tokenizer"
     elif case == "bad_resume_path":
         base["--resume-from-checkpoint"], error, pattern = str(tmp_path), FileNotFoundError, "--resume-from-checkpoint"
+    elif case == "resume_with_another_batch_size":
+        checkpoint = Path(out) / "step_2"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / train_kd.TRAINER_STATE).write_text(json.dumps(
+            {"global_step": 2, "batch_size": 8, "seed": 42, "train_examples": 12}))
+        base["--resume-from-checkpoint"], base["--seed"] = "latest", "42"
+        pattern = "--resume-from-checkpoint .*step_2: saved with batch_size 8, this run has 4"
     elif case == "output_dir_holds_a_run":
         (Path(out) / "final").mkdir(parents=True)
         error, pattern = FileExistsError, "--output-dir"

@@ -1,0 +1,174 @@
+"""Benchmark of train_kd.py: seconds per optimizer step of sft and of each distillation method,
+against the ideal cost of distillation.
+
+    python bench/bench_train_step.py                    # tiny teacher/student built here, CPU, 1 thread
+    python bench/bench_train_step.py --steps 20 --batch-size 32 --threads 0
+
+A KD step adds a teacher forward to the student's forward + backward. Counting FLOPs per token as
+2·P for a forward and 6·P for forward + backward (P = parameters without the input embedding, which
+is a lookup), the ideal KD step costs (1 + 2·P_teacher / (6·P_student)) sft steps: the loss itself
+is free in that ideal. `ratio` = (KD step time / sft step time) / ideal; goal: every method <= 1.1.
+
+Each method runs train_kd.main in its own process (same seed, same batches, fp32, --max-steps
+warmup + steps), --repeats times, the methods interleaved. Per-step seconds are train_kd's own
+(tokens / tokens_per_s of each metrics.jsonl row; the warm-up steps are dropped); for each step
+the fastest of the repeats counts (the least disturbed by other processes), and a method's step
+time is the mean of those over the timed steps (the same batches for every method). Peak memory
+is the peak resident set size of that process (models, optimizer, activations, loss buffers;
+Python and torch themselves are ~0.4 GiB of it).
+The models: a teacher of 4 layers x 256 and a student of 4 layers x 192 (P_t/P_s ~ 1.7, like the
+paper's 13B/7B), a 2000-token BPE vocabulary, on the demo data (prepare_data.py --demo).
+Results: a markdown table on stdout and JSON in bench/results/bench_train_step.json.
+This is not a test; CPU timings on a shared machine are noisy (--threads 1 by default steadies them).
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from kd.losses import METHODS  # noqa: E402
+
+GOAL_RATIO = 1.1
+TEACHER_SIZE, STUDENT_SIZE = (4, 256, 4), (4, 192, 4)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per method (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (default 2)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per method, interleaved (default 2)")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step (default 16)")
+    parser.add_argument("--micro-batch-size", type=int, default=8, help="examples per forward pass (default 8)")
+    parser.add_argument("--vocab-size", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (sft always runs)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_train_step.json"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one method's run, JSON on stdout
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def non_embedding_parameters(folder):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    embedding = model.get_input_embeddings().weight
+    return sum(p.numel() for p in model.parameters() if p is not embedding)
+
+
+def run_child(args):
+    """One method: train_kd.main in this process; prints step seconds and peak RSS as JSON."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import train_kd
+
+    work = Path(args.work)
+    out = work / "runs" / args.child
+    shutil.rmtree(out, ignore_errors=True)  # the previous repeat's run
+    argv = ["--method", args.child, "--student", str(work / "models" / "student"),
+            "--train-file", str(work / "data" / "train.jsonl"), "--output-dir", str(out),
+            "--batch-size", str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size),
+            "--max-steps", str(args.warmup + args.steps), "--logging-steps", "1", "--lr", "1e-4", "--seed", "0"]
+    if args.child != "sft":
+        argv += ["--teacher", str(work / "models" / "teacher")]
+    train_kd.main(argv)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    seconds = [row["tokens"] / row["tokens_per_s"] for row in rows if row["type"] == "train"][args.warmup:]
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print("BENCH " + json.dumps({"all_seconds": seconds,
+                                 "tokens_per_step": statistics.mean(row["tokens"] for row in rows if row["type"] == "train"),
+                                 "peak_rss_mib": peak_mib}))
+
+
+def launch_child(method, work, args):
+    """One method's run in a fresh process (its own peak memory); returns its BENCH record."""
+    command = [sys.executable, __file__, "--child", method, "--work", str(work),
+               *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                 if k in ("steps", "warmup", "batch_size", "micro_batch_size", "threads")]]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    line = [x for x in result.stdout.splitlines() if x.startswith("BENCH ")]
+    if result.returncode or not line:
+        raise SystemExit(f"{method} failed:\n{result.stderr[-3000:]}")
+    return json.loads(line[-1][len("BENCH "):])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        return run_child(args)
+    import prepare_data
+    from kd.models import build_tiny_models
+
+    methods = ["sft"] + [m for m in args.methods.split(",") if m and m != "sft"]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        prepare_data.main(["--demo", "--out", str(work / "data"), "--demo-train-pairs", "500", "--seed", "0"])
+        build_tiny_models(work / "data" / "train.jsonl", work / "models", vocab_size=args.vocab_size,
+                          teacher_size=TEACHER_SIZE, student_size=STUDENT_SIZE)
+        p_teacher = non_embedding_parameters(work / "models" / "teacher")
+        p_student = non_embedding_parameters(work / "models" / "student")
+        ideal = 1 + 2 * p_teacher / (6 * p_student)
+        runs = {method: [] for method in methods}
+        for repeat in range(args.repeats):
+            for method in methods:
+                runs[method].append(launch_child(method, work, args))
+                print(f"{method} (run {repeat + 1}): {statistics.mean(runs[method][-1]['all_seconds']):.3f} s/step",
+                      file=sys.stderr)
+    measured = {}
+    for method, method_runs in runs.items():
+        fastest = [min(steps) for steps in zip(*(run["all_seconds"] for run in method_runs))]
+        measured[method] = {"step_seconds": statistics.mean(fastest), "fastest_per_step": fastest,
+                            "runs_seconds": [run["all_seconds"] for run in method_runs],
+                            "tokens_per_step": method_runs[0]["tokens_per_step"],
+                            "peak_rss_mib": max(run["peak_rss_mib"] for run in method_runs)}
+
+    sft = measured["sft"]["step_seconds"]
+    table = ["| method | s / step | × sft | ideal × sft | ratio to ideal | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|"]
+    rows = {}
+    for method in methods:
+        step = measured[method]["step_seconds"]
+        times_sft = step / sft
+        method_ideal = 1.0 if method == "sft" else ideal
+        rows[method] = {**measured[method], "times_sft": times_sft, "ideal_times_sft": method_ideal,
+                        "ratio_to_ideal": times_sft / method_ideal}
+        table.append(f"| {method} | {step:.3f} | {times_sft:.2f} | {method_ideal:.2f} | "
+                     f"{times_sft / method_ideal:.2f} | {measured[method]['peak_rss_mib']:.0f} |")
+    kd_ratios = [rows[m]["ratio_to_ideal"] for m in methods if m != "sft"]
+    met = all(r <= GOAL_RATIO for r in kd_ratios)
+    report = {
+        "benchmark": "train_kd.py seconds per optimizer step, KD methods vs sft and the ideal 1 + 2 P_t / (6 P_s)",
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
+        "setup": {"teacher_size": TEACHER_SIZE, "student_size": STUDENT_SIZE, "vocab_size": args.vocab_size,
+                  "p_teacher_non_embedding": p_teacher, "p_student_non_embedding": p_student,
+                  "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
+                  "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats},
+        "ideal_kd_times_sft": ideal,
+        "goal": f"every KD method <= {GOAL_RATIO} x ideal",
+        "goal_met": met,
+        "methods": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"P_teacher = {p_teacher:,}, P_student = {p_student:,} (without input embeddings); "
+          f"ideal KD step = {ideal:.2f} x sft")
+    print("\n".join(table))
+    print(f"goal (every KD method <= {GOAL_RATIO} x ideal): {'met' if met else 'NOT met'}")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
