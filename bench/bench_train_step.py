@@ -9,13 +9,13 @@ A KD step adds a teacher forward to the student's forward + backward. Counting F
 is a lookup), the ideal KD step costs (1 + 2·P_teacher / (6·P_student)) sft steps: the loss itself
 is free in that ideal. `ratio` = (KD step time / sft step time) / ideal; goal: every method <= 1.1.
 
-Each method runs train_kd.main in its own process (same seed, same batches, fp32, --max-steps
-warmup + steps), --repeats times, the methods interleaved. Per-step seconds are train_kd's own
-(tokens / tokens_per_s of each metrics.jsonl row; the warm-up steps are dropped); for each step
-the fastest of the repeats counts (the least disturbed by other processes), and a method's step
-time is the mean of those over the timed steps (the same batches for every method). Peak memory
-is the peak resident set size of that process (models, optimizer, activations, loss buffers;
-Python and torch themselves are ~0.4 GiB of it).
+Each method runs train_kd.main in its own process (same seed, same batches, fp32, one torch
+thread): the step cost is CPU time, not wall time, so other processes on a shared machine hardly
+disturb it: (CPU seconds of a run of warmup + steps optimizer steps - those of a run of warmup
+steps) / steps; both runs do the same setup, a first run pays the imports. The wall-clock seconds
+of each step (train_kd's own, metrics.jsonl) are kept in the JSON. Peak memory is the peak
+resident set size of that process (models, optimizer, activations, loss buffers; Python, torch
+and transformers themselves are ~0.4 GiB of it).
 The models: a teacher of 4 layers x 256 and a student of 4 layers x 192 (P_t/P_s ~ 1.7, like the
 paper's 13B/7B), a 2000-token BPE vocabulary, on the demo data (prepare_data.py --demo).
 Results: a markdown table on stdout and JSON in bench/results/bench_train_step.json.
@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -48,7 +49,6 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per method (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (default 2)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per method, interleaved (default 2)")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step (default 16)")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="examples per forward pass (default 8)")
     parser.add_argument("--vocab-size", type=int, default=2000)
@@ -69,27 +69,42 @@ def non_embedding_parameters(folder):
 
 
 def run_child(args):
-    """One method: train_kd.main in this process; prints step seconds and peak RSS as JSON."""
+    """One method, in this process: CPU seconds per optimizer step and peak RSS, as JSON on stdout.
+
+    CPU time of a run of warmup + steps optimizer steps minus that of a run of warmup steps (same
+    setup, same first batches), divided by steps; a first warmup-only run pays the imports.
+    """
     if args.threads:
         torch.set_num_threads(args.threads)
     import train_kd
 
     work = Path(args.work)
-    out = work / "runs" / args.child
-    shutil.rmtree(out, ignore_errors=True)  # the previous repeat's run
-    argv = ["--method", args.child, "--student", str(work / "models" / "student"),
-            "--train-file", str(work / "data" / "train.jsonl"), "--output-dir", str(out),
-            "--batch-size", str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size),
-            "--max-steps", str(args.warmup + args.steps), "--logging-steps", "1", "--lr", "1e-4", "--seed", "0"]
-    if args.child != "sft":
-        argv += ["--teacher", str(work / "models" / "teacher")]
-    train_kd.main(argv)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    seconds = [row["tokens"] / row["tokens_per_s"] for row in rows if row["type"] == "train"][args.warmup:]
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print("BENCH " + json.dumps({"all_seconds": seconds,
-                                 "tokens_per_step": statistics.mean(row["tokens"] for row in rows if row["type"] == "train"),
-                                 "peak_rss_mib": peak_mib}))
+
+    def run(name, max_steps):
+        out = work / "runs" / f"{args.child}-{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        argv = ["--method", args.child, "--student", str(work / "models" / "student"),
+                "--train-file", str(work / "data" / "train.jsonl"), "--output-dir", str(out),
+                "--batch-size", str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size),
+                "--max-steps", str(max_steps), "--logging-steps", "1", "--lr", "1e-4", "--seed", "0"]
+        if args.child != "sft":
+            argv += ["--teacher", str(work / "models" / "teacher")]
+        start = time.process_time()
+        train_kd.main(argv)
+        seconds = time.process_time() - start
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return seconds, [row for row in rows if row["type"] == "train"]
+
+    run("imports", args.warmup)
+    short, _ = run("short", args.warmup)
+    long, rows = run("long", args.warmup + args.steps)
+    wall = [row["tokens"] / row["tokens_per_s"] for row in rows][args.warmup:]
+    print("BENCH " + json.dumps({
+        "step_seconds": (long - short) / args.steps,
+        "wall_step_seconds": wall,
+        "tokens_per_step": statistics.mean(row["tokens"] for row in rows),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+    }))
 
 
 def launch_child(method, work, args):
@@ -121,22 +136,13 @@ def main(argv=None):
         p_teacher = non_embedding_parameters(work / "models" / "teacher")
         p_student = non_embedding_parameters(work / "models" / "student")
         ideal = 1 + 2 * p_teacher / (6 * p_student)
-        runs = {method: [] for method in methods}
-        for repeat in range(args.repeats):
-            for method in methods:
-                runs[method].append(launch_child(method, work, args))
-                print(f"{method} (run {repeat + 1}): {statistics.mean(runs[method][-1]['all_seconds']):.3f} s/step",
-                      file=sys.stderr)
-    measured = {}
-    for method, method_runs in runs.items():
-        fastest = [min(steps) for steps in zip(*(run["all_seconds"] for run in method_runs))]
-        measured[method] = {"step_seconds": statistics.mean(fastest), "fastest_per_step": fastest,
-                            "runs_seconds": [run["all_seconds"] for run in method_runs],
-                            "tokens_per_step": method_runs[0]["tokens_per_step"],
-                            "peak_rss_mib": max(run["peak_rss_mib"] for run in method_runs)}
+        measured = {}
+        for method in methods:
+            measured[method] = launch_child(method, work, args)
+            print(f"{method}: {measured[method]['step_seconds']:.3f} CPU s/step", file=sys.stderr)
 
     sft = measured["sft"]["step_seconds"]
-    table = ["| method | s / step | × sft | ideal × sft | ratio to ideal | peak RSS (MiB) |",
+    table = ["| method | CPU s / step | × sft | ideal × sft | ratio to ideal | peak RSS (MiB) |",
              "|---|---|---|---|---|---|"]
     rows = {}
     for method in methods:
@@ -155,7 +161,7 @@ def main(argv=None):
         "setup": {"teacher_size": TEACHER_SIZE, "student_size": STUDENT_SIZE, "vocab_size": args.vocab_size,
                   "p_teacher_non_embedding": p_teacher, "p_student_non_embedding": p_student,
                   "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
-                  "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats},
+                  "steps": args.steps, "warmup": args.warmup},
         "ideal_kd_times_sft": ideal,
         "goal": f"every KD method <= {GOAL_RATIO} x ideal",
         "goal_met": met,
