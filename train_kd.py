@@ -61,11 +61,14 @@ Outputs in --output-dir
   config.json        the fully resolved configuration
   metrics.jsonl      {"type": "train", step, epoch, loss, lr, grad_norm, tokens, tokens_per_s, beta,
                      hard_fraction, mean_difficulty, hard_fraction/<dir>, mean_difficulty/<dir>} per
-                     logging window; {"type": "valid", step, epoch, valid_loss, valid_loss/<dir>}
+                     --logging-steps window (loss, tokens, tokens/s and the stats over the window's
+                     steps; mean_difficulty only for the methods with ỹ: noevo, skew, selfevo);
+                     {"type": "valid", step, epoch, valid_loss, valid_loss/<dir>}
   step_{n}/ epoch_{n}/  accelerator.save_state (student, optimizer, scheduler, RNG); the teacher is
                      never saved; the last --save-total-limit are kept
   best/  final/      save_pretrained model + tokenizer (best validation loss / end of training)
-  all_results.json   method, hyperparameters, final/best valid loss, steps, tokens, time, tokens/s
+  all_results.json   method, hyperparameters, final/best valid loss, steps, tokens, train_seconds (time
+                     in optimizer steps, without validation and saving), tokens/s
   COMPLETED          written last
 """
 
