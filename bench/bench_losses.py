@@ -17,10 +17,11 @@ Memory ("peak extra"): the highest memory in use during one forward+backward min
 use just before it (inputs allocated, no gradients). On CUDA: torch.cuda.max_memory_allocated
 after reset_peak_memory_stats. On CPU torch keeps no allocator statistics, so each configuration
 runs in a fresh subprocess and we read the kernel's resident-set high-water mark (VmHWM in
-/proc/self/status) after resetting it with /proc/self/clear_refs ("5"); glibc returns large
-freed blocks to the kernel, so RSS follows torch's live tensors. Time: median wall-clock of
+/proc/self/status) after resetting it with /proc/self/clear_refs ("5"), with glibc told to map
+and unmap every block >= 1 MiB on its own (MALLOC_MMAP_THRESHOLD_), so RSS follows torch's live
+tensors. The timing runs in another subprocess with glibc's defaults.
 
-Time: median of --repeat forward+backward runs after one warm-up run (the memory run); on CUDA
+Time: median of --repeat forward+backward runs after one warm-up run; on CUDA
 wall-clock, on CPU the process's CPU time (all threads), because on a CPU shared with other jobs
 the wall clock mostly measures waiting for a core (both are saved in the JSON).
 Results: a markdown table on stdout and JSON in bench/results/bench_losses.json (rewritten after
@@ -30,6 +31,7 @@ every row). This is not a test.
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -122,9 +124,12 @@ def run_worker(spec: dict) -> dict:
             torch.cuda.synchronize(device)
         return stats
 
-    before = _reset_peak(device)
-    stats = step()
-    extra = _peak(device) - before
+    if spec["measure"] == "memory":
+        before = _reset_peak(device)
+        stats = step()
+        return {**spec, "peak_extra_bytes": _peak(device) - before, "hard_fraction": stats["hard_fraction"],
+                "loss": stats["loss"]}
+    step()  # warm-up
     wall, cpu = [], []
     for _ in range(spec["repeat"]):
         start_wall, start_cpu = time.perf_counter(), time.process_time()
@@ -134,16 +139,21 @@ def run_worker(spec: dict) -> dict:
     # On a GPU the wall clock is the measure; on a CPU shared with other jobs the process's CPU
     # time (all threads) is the work done, while the wall clock also counts waiting for a core.
     time_s = statistics.median(wall if device.type == "cuda" else cpu)
-    return {**spec, "time_s": time_s, "wall_s": wall, "cpu_s": cpu, "peak_extra_bytes": extra,
-            "hard_fraction": stats["hard_fraction"], "loss": stats["loss"]}
+    return {**spec, "time_s": time_s, "wall_s": wall, "cpu_s": cpu}
 
 
 # ----------------------------------------------------------------------------- driver
 
 
 def run_in_subprocess(spec: dict) -> dict:
+    env = dict(os.environ)
+    if spec["measure"] == "memory" and spec["device"] == "cpu":
+        # A fixed mmap threshold makes glibc map every block >= 1 MiB on its own and unmap it on
+        # free, so RSS is exactly the live tensors (its default, adaptive threshold keeps freed
+        # blocks up to 32 MiB in the heap, where they still count, by chance, for hundreds of MB).
+        env["MALLOC_MMAP_THRESHOLD_"] = str(2**20)
     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                          text=True, check=False)
+                          text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"worker {spec} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -175,7 +185,8 @@ def main():
             for impl in ("naive", "lean"):
                 spec = dict(method=method, path=path, impl=impl, tokens=args.tokens, vocab=args.vocab,
                             hidden=args.hidden, device=args.device, repeat=args.repeat)
-                results[impl] = run_in_subprocess(spec)
+                results[impl] = {**run_in_subprocess({**spec, "measure": "memory"}),
+                                 **run_in_subprocess({**spec, "measure": "time"})}
             naive, lean = results["naive"], results["lean"]
             row = dict(method=method, path=path,
                        naive_time_s=naive["time_s"], lean_time_s=lean["time_s"],
@@ -228,7 +239,8 @@ def write_results(args, rows, final=False):
         "time_method": ("median wall-clock" if args.device.startswith("cuda") else
                         "median process CPU time (all threads)"),
         "memory_method": ("torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else
-                          "VmHWM after /proc/self/clear_refs=5, fresh subprocess per configuration"),
+                          "VmHWM after /proc/self/clear_refs=5, fresh subprocess per configuration, "
+                          "MALLOC_MMAP_THRESHOLD_=1MiB"),
         "rows": rows, "selfevo_over_forward": selfevo_over_forward, "goals_missed": missed,
         "table_markdown": table}, indent=1))
 
