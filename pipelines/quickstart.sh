@@ -32,12 +32,13 @@ set -euo pipefail
 : "${TEMPLATE:=alma}"           # prompt: ALMA's short one (3x fewer tokens than the paper's alpaca)
 : "${TEST_LIMIT:=}"             # first N rows of each test direction (empty: all)
 : "${COMET_MODEL:=none}"        # none: COMET skipped; a local checkpoint or hub name otherwise
-: "${ACCELERATE_CONFIG:=accelerate_configs/cpu.yaml}"
+: "${LAUNCHER:=python}"         # one CPU process: plain python saves accelerate launch's start-up
+                                # (~10 s a step); LAUNCHER=accelerate goes through accelerate launch
+: "${ACCELERATE_CONFIG:=accelerate_configs/cpu.yaml}"   # with LAUNCHER=accelerate
 : "${NUM_PROCESSES:=1}"
 : "${BF16:=0}"
 : "${SEED:=42}"
 if [[ "$QUICK" == 1 ]]; then
-  : "${LAUNCHER:=python}"       # one process each: skips accelerate launch's start-up
   : "${DEMO_TRAIN_PAIRS:=300}" "${DEMO_EVAL_PAIRS:=8}"
   : "${MAX_STEPS:=4}" "${BATCH_SIZE:=8}" "${MICRO_BATCH_SIZE:=8}" "${EVAL_STEPS:=2}"
   : "${MAX_NEW_TOKENS:=24}" "${VOCAB_SIZE:=600}" "${TRAIN_EXTRA_ARGS:=--logging-steps 1}"
@@ -46,7 +47,7 @@ if [[ "$QUICK" == 1 ]]; then
   if [[ -n "$DATA_DIR" ]]; then : "${TEST_LIMIT:=8}"; fi
 else
   : "${DEMO_TRAIN_PAIRS:=4000}" "${DEMO_EVAL_PAIRS:=100}"
-  : "${MAX_STEPS:=300}" "${BATCH_SIZE:=16}" "${MICRO_BATCH_SIZE:=16}" "${EVAL_STEPS:=100}"
+  : "${MAX_STEPS:=300}" "${BATCH_SIZE:=32}" "${MICRO_BATCH_SIZE:=32}" "${EVAL_STEPS:=100}"
   : "${MAX_NEW_TOKENS:=64}" "${VOCAB_SIZE:=2000}" "${TRAIN_EXTRA_ARGS:=--logging-steps 5}"
   : "${TEACHER_SIZE:=4 256 4}" "${STUDENT_SIZE:=2 128 2}"
   : "${SUBSET:=2000}"
