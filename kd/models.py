@@ -7,7 +7,6 @@ tokenizer trained locally, so the whole pipeline runs offline exactly as it runs
 """
 
 import json
-import os
 import warnings
 from pathlib import Path
 

@@ -57,3 +57,26 @@ def tiny_models(demo_data, tmp_path_factory):
         ["--data", str(demo_data), "--out", str(out), "--vocab-size", "600", *TINY_TEACHER, *TINY_STUDENT]
     )
     return {role: str(folder) for role, folder in folders.items()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One torch thread for the tiny models: on a busy 2-core machine two threads spin against other
+    processes (measured up to 40x slower), and one thread is plenty for 64-wide layers."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process main() builds its own Accelerator; accelerate keeps process-wide singletons."""
+    yield
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()

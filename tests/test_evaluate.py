@@ -6,7 +6,6 @@ off-target rate, the table, and every bad input.
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 

@@ -26,27 +26,6 @@ def read_rows(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """generate.main builds an Accelerator in this process; leave no shared state to other tests."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models decode far faster on one thread than on cores shared with other jobs."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def setup(demo_data, tiny_models, tmp_path_factory):
     """A test folder with the first rows of the demo de-en and en-de files, and the tiny teacher Llama."""

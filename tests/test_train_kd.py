@@ -20,25 +20,6 @@ RESULT_KEYS = {"method", "hyperparameters", "final_valid_loss", "best_valid_loss
                "train_tokens", "train_seconds", "tokens_per_s", "dropped_too_long", "final_dir", "best_dir"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine, 2 threads spin against other processes (40x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each main() builds its own Accelerator; accelerate keeps process-wide singletons between them."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def write_subset(source, dest, per_direction):
     """The first `per_direction` rows of each direction of a prepared JSONL file."""
     kept, counts = [], {}

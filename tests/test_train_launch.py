@@ -24,24 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 420  # seconds per launch; DeepSpeed builds its CPU comm op once per machine (minutes)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine, 2 threads spin against other processes (40x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def small_files(demo_data, tmp_path_factory):
     folder = tmp_path_factory.mktemp("launch_files")
