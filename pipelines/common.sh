@@ -21,9 +21,9 @@
 # before sourcing this file):
 #   OUT, PYTHON, ACCELERATE_CONFIG (an accelerate YAML, or none for accelerate's default),
 #   GEN_ACCELERATE_CONFIG (the same for generate.py), NUM_PROCESSES (empty: the config's),
-#   LAUNCHER (accelerate, or python to run train_kd.py/generate.py in one plain process), training: EPOCHS BATCH_SIZE MICRO_BATCH_SIZE LR WARMUP_RATIO
-#   MAX_LENGTH MAX_STEPS EVAL_STEPS SAVE_STEPS BF16 SEED KD_RATIO TARGET_MIX BETA GAMMA SKEW_BETA
-#   TRAIN_EXTRA_ARGS; generation: GEN_BATCH_SIZE MAX_NEW_TOKENS NUM_BEAMS GEN_EXTRA_ARGS;
+#   LAUNCHER (accelerate, or python to run train_kd.py/generate.py in one plain process);
+#   training: EPOCHS BATCH_SIZE MICRO_BATCH_SIZE LR WARMUP_RATIO MAX_LENGTH MAX_STEPS EVAL_STEPS
+#   SAVE_STEPS BF16 SEED KD_RATIO TARGET_MIX BETA GAMMA SKEW_BETA TRAIN_EXTRA_ARGS KD_STUDENT_INIT; generation: GEN_BATCH_SIZE MAX_NEW_TOKENS NUM_BEAMS GEN_EXTRA_ARGS;
 #   evaluation: COMET_MODEL (a hub name, a local path, or none).
 
 # Run from the repository root so the scripts are found; relative paths given by the user are
@@ -434,14 +434,26 @@ sweep_run() {
 #   4. evaluation (teacher similarity against the teacher's hypotheses, significance against
 #      forward KD), and the table $RESULTS/table.md.
 # STUDENT_SFT_RUN: an existing student SFT run to reuse (Table 2 reuses Table 1's).
+# TEACHER_MAX_STEPS: the teacher SFT's --max-steps when it differs from MAX_STEPS (toy scale).
+# STUDENT_WARMUP_STEPS (toy scale): first SFT the student base model for that many steps, and start
+# the student SFT and the KD runs from the result (runs/$EXP/student_base).
 # Sets SYSTEMS (the table's rows) and TABLE.
 table_pipeline() {
   local data="$1" test_dir="$2" teacher_base="$3" student_base="$4"
   local train_file="$data/train.jsonl" valid_file="$data/valid.jsonl"
 
   say "== $EXP: SFT of the teacher ($teacher_base) and the student ($student_base)"
-  train teacher_sft sft "$teacher_base" "" "$train_file" "$valid_file"
+  MAX_STEPS="${TEACHER_MAX_STEPS:-$MAX_STEPS}" train teacher_sft sft "$teacher_base" "" "$train_file" "$valid_file"
   local teacher_model="$RUNS/teacher_sft/$SFT_CHECKPOINT"
+  if [[ -n "${STUDENT_WARMUP_STEPS:-}" ]]; then
+    # Toy scale only: a randomly initialised student is no "base model". The skewed losses give a
+    # student that puts almost no mass on the targets almost no gradient (q-hat >= (1-beta) y-tilde
+    # caps the loss), where Llama-7B already speaks the language. A short SFT warm-up gives every
+    # student system (SFT and the five KD methods) the same pretrained starting point.
+    say "== $EXP: student warm-up ($STUDENT_WARMUP_STEPS SFT steps): the student base model of every student system"
+    MAX_STEPS="$STUDENT_WARMUP_STEPS" train student_base sft "$student_base" "" "$train_file" "$valid_file"
+    student_base="$RUNS/student_base/final"
+  fi
   local student_sft_run="${STUDENT_SFT_RUN:-}"
   if [[ -n "$student_sft_run" ]]; then
     student_sft_run="$(abspath "$student_sft_run")"

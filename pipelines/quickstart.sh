@@ -40,14 +40,18 @@ set -euo pipefail
 : "${SEED:=42}"
 if [[ "$QUICK" == 1 ]]; then
   : "${DEMO_TRAIN_PAIRS:=300}" "${DEMO_EVAL_PAIRS:=8}"
-  : "${MAX_STEPS:=4}" "${BATCH_SIZE:=8}" "${MICRO_BATCH_SIZE:=8}" "${EVAL_STEPS:=2}"
+  : "${MAX_STEPS:=4}" "${TEACHER_MAX_STEPS:=4}" "${STUDENT_WARMUP_STEPS:=2}"
+  : "${BATCH_SIZE:=8}" "${MICRO_BATCH_SIZE:=8}" "${EVAL_STEPS:=2}"
   : "${MAX_NEW_TOKENS:=24}" "${VOCAB_SIZE:=600}" "${TRAIN_EXTRA_ARGS:=--logging-steps 1}"
   : "${TEACHER_SIZE:=2 64 2}" "${STUDENT_SIZE:=1 32 2}"   # layers hidden heads
   : "${SUBSET:=200}"
   if [[ -n "$DATA_DIR" ]]; then : "${TEST_LIMIT:=8}"; fi
 else
   : "${DEMO_TRAIN_PAIRS:=4000}" "${DEMO_EVAL_PAIRS:=100}"
-  : "${MAX_STEPS:=300}" "${BATCH_SIZE:=32}" "${MICRO_BATCH_SIZE:=32}" "${EVAL_STEPS:=100}"
+  # The teacher trains longer than the students, so that distillation has something to pass on;
+  # every student system starts from the same warmed-up student (common.sh: STUDENT_WARMUP_STEPS).
+  : "${MAX_STEPS:=150}" "${TEACHER_MAX_STEPS:=400}" "${STUDENT_WARMUP_STEPS:=150}"
+  : "${BATCH_SIZE:=32}" "${MICRO_BATCH_SIZE:=32}" "${EVAL_STEPS:=50}"
   : "${MAX_NEW_TOKENS:=64}" "${VOCAB_SIZE:=2000}" "${TRAIN_EXTRA_ARGS:=--logging-steps 5}"
   : "${TEACHER_SIZE:=4 256 4}" "${STUDENT_SIZE:=2 128 2}"
   : "${SUBSET:=2000}"
