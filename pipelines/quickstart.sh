@@ -4,12 +4,18 @@
 #   bash pipelines/quickstart.sh
 #
 # The embedded demo task (prepare_data.py --demo: synthetic de<->en and cs<->en), a tiny Llama
-# teacher and student with a tokenizer trained here (make_tiny_models.py), then exactly Table 1's
-# steps (pipelines/common.sh: table_pipeline): SFT of the teacher and of the student, the five KD
-# methods (forward, reverse, noevo, skew, selfevo) from the SFT teacher into the student, greedy
-# generation on the 4 test directions, BLEU/chrF (COMET when COMET_MODEL is set), teacher
-# similarity and significance against forward KD, the table, and the figures (training curves,
-# Fig. 4). About 10 minutes on 2 CPU cores; it ends by printing the paths of the table and figures.
+# teacher (4 layers x 256) and student (2 x 128) with a tokenizer trained here (make_tiny_models.py),
+# then exactly Table 1's steps (pipelines/common.sh: table_pipeline): SFT of the teacher and of the
+# student, the five KD methods (forward, reverse, noevo, skew, selfevo) from the SFT teacher into the
+# student, greedy generation on the 4 test directions, BLEU/chrF (COMET when COMET_MODEL is set),
+# teacher similarity and significance against forward KD, the table, and the figures (training
+# curves, Fig. 4). It ends by printing the paths of the table and the figures.
+#
+# Toy-scale choices (each a setting below): ALMA's short prompt (TEMPLATE=alma; the paper's alpaca
+# prompt triples the tokens); the teacher trains longer (TEACHER_MAX_STEPS) so that it clearly
+# beats the student; a random student is no "base model" (the skewed losses barely move a student
+# that puts no mass on the targets), so every student system starts from the same short SFT
+# warm-up (STUDENT_WARMUP_STEPS); one thread per process (THREADS=1), plain python (LAUNCHER).
 #
 # Outputs (OUT defaults to the repository root): data/quickstart_demo, models/quickstart_tiny,
 # runs/quickstart/<run>, hyps/quickstart/<system>, results/quickstart/{<system>.json,table.md},
