@@ -301,7 +301,7 @@ train() {
   local args=(--method "$method" --student "$student" --train-file "$train_file"
     --output-dir "$RUNS/$name" --epochs "$EPOCHS" --batch-size "$BATCH_SIZE"
     --micro-batch-size "$MICRO_BATCH_SIZE" --lr "$LR" --warmup-ratio "$WARMUP_RATIO"
-    --max-length "$MAX_LENGTH" --seed "$SEED")
+    --max-length "$MAX_LENGTH" --seed "$SEED" --resume-from-checkpoint latest)
   if [[ -n "$teacher" ]]; then args+=(--teacher "$teacher"); fi
   if [[ -n "$valid_file" ]]; then args+=(--valid-file "$valid_file"); fi
   if [[ -n "$MAX_STEPS" ]]; then args+=(--max-steps "$MAX_STEPS"); fi
@@ -311,6 +311,7 @@ train() {
   local extra=()
   # shellcheck disable=SC2206  # word splitting of the user's extra flags is intended
   extra=($TRAIN_EXTRA_ARGS)
+  # --resume-from-checkpoint latest: a run that crashed after a checkpoint continues from it (fresh otherwise)
   step "train $name" "$LOGS/train_$name.log" test -f "$RUNS/$name/COMPLETED" -- \
     launch "$ACCELERATE_CONFIG" train_kd.py "${args[@]}" "$@" "${extra[@]}"
 }
