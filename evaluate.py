@@ -101,16 +101,11 @@ def direction_files(path, argument):
 
 def read_rows(path, required):
     try:
-        rows = read_jsonl(path, required=required)
+        rows = read_jsonl(path, required=required, unique_ids=True)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"evaluate.py: {error}") from None
     if not rows:
         fail(str(path), "empty file", "regenerate it")
-    seen = set()
-    for row in rows:
-        if row["id"] in seen:
-            fail(str(path), f"id {row['id']!r} appears twice", "every row needs its own id")
-        seen.add(row["id"])
     return rows
 
 

@@ -117,19 +117,12 @@ def input_files(path):
 def read_inputs(path, limit):
     """Rows of one input file (first `limit`), checked: not empty, unique ids."""
     try:
-        rows = read_jsonl(path, required=INPUT_FIELDS)
+        rows = read_jsonl(path, required=INPUT_FIELDS, unique_ids=True)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"generate.py: {error}") from None
     if not rows:
         fail(str(path), "no rows", "regenerate it with prepare_data.py")
-    if limit is not None:
-        rows = rows[:limit]
-    seen = set()
-    for row in rows:
-        if row["id"] in seen:
-            fail(str(path), f"id {row['id']!r} appears twice", "ids must be unique; regenerate the file")
-        seen.add(row["id"])
-    return rows
+    return rows if limit is None else rows[:limit]
 
 
 def read_done_rows(path, tolerate_cut_last_line):

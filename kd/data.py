@@ -24,12 +24,13 @@ IGNORE_INDEX = -100
 REQUIRED_FIELDS = ("id", "direction", "prompt", "reference")
 
 
-def read_jsonl(path, required=REQUIRED_FIELDS):
-    """Rows of a JSON Lines file; a bad line is an error naming the file and line."""
+def read_jsonl(path, required=REQUIRED_FIELDS, unique_ids=False):
+    """Rows of a JSON Lines file; a bad line (or, with unique_ids, a repeated id) is an error naming
+    the file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (run prepare_data.py first, or check the path)")
-    rows = []
+    rows, first_line_of_id = [], {}
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -46,6 +47,13 @@ def read_jsonl(path, required=REQUIRED_FIELDS):
                     f"{path}:{line_number}: row lacks {', '.join(missing)}; "
                     "files made by prepare_data.py have them"
                 )
+            if unique_ids:
+                if row["id"] in first_line_of_id:
+                    raise ValueError(
+                        f"{path}:{line_number}: id {row['id']!r} appears twice (first on line "
+                        f"{first_line_of_id[row['id']]}); every row needs its own id"
+                    )
+                first_line_of_id[row["id"]] = line_number
             rows.append(row)
     return rows
 

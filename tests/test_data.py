@@ -121,6 +121,11 @@ def test_read_jsonl_errors_name_file_and_line(tmp_path):
     path.write_text(json.dumps({"id": "1", "direction": "de-en", "prompt": "p"}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1: row lacks reference"):
         read_jsonl(path)
+    row = json.dumps({"id": "7", "direction": "de-en", "prompt": "p", "reference": "r"}) + "\n"
+    path.write_text(row + row.replace('"7"', '"8"') + row)
+    assert len(read_jsonl(path)) == 3  # repeated ids are allowed unless asked for
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: id '7' appears twice \(first on line 1\)"):
+        read_jsonl(path, unique_ids=True)
     with pytest.raises(FileNotFoundError, match="missing.jsonl: no such file"):
         read_jsonl(tmp_path / "missing.jsonl")
 

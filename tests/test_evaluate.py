@@ -269,7 +269,7 @@ def bad_case(files, case):
 @pytest.mark.parametrize("case, message", [
     ("fewer", r"de-en\.jsonl: 11 hypotheses for 12 references"),
     ("ids", r"de-en\.jsonl: ids that do not match the references.*test-de-en-999"),
-    ("duplicate", r"de-en\.jsonl: id 'test-de-en-11' appears twice"),
+    ("duplicate", r"de-en\.jsonl:\d+: id 'test-de-en-11' appears twice \(first on line \d+\)"),
     ("empty", r"de-en\.jsonl: empty file"),
     ("no_reference", r"cs-en\.jsonl: no reference file cs-en\.jsonl"),
     ("missing_direction", r"no hypotheses for en-zh.*--directions"),

@@ -136,7 +136,7 @@ def test_output_of_another_input_is_an_error(setup, tmp_path):
     ("", r"empty\.jsonl: no rows"),
     ('{"id": "a", "direction": "de-en"}\n', r"bad\.jsonl:1: row lacks prompt"),
     ('{"id": "a", "direction": "de-en", "prompt": "p"}\n{"id": "a", "direction": "de-en", "prompt": "q"}\n',
-     r"twice\.jsonl: id 'a' appears twice"),
+     r"twice\.jsonl:2: id 'a' appears twice \(first on line 1\)"),
 ])
 def test_bad_input_names_the_file_and_writes_nothing(setup, tmp_path, content, message):
     name = {"": "empty.jsonl"}.get(content, "twice.jsonl" if "q" in content else "bad.jsonl")
