@@ -168,17 +168,24 @@ def test_vllm_backend_without_vllm_is_a_clear_error(setup, tmp_path):
                        "--backend", "vllm"])
 
 
+def launch_generate(repo_root, config, processes, setup, out, batch_size):
+    """generate.py on the de-en test file under the real `accelerate launch`; the finished process."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(repo_root / "accelerate_configs" / config), "--num_processes", str(processes),
+               str(repo_root / "generate.py"), "--model", setup["model"], "--input", str(setup["test"] / "de-en.jsonl"),
+               "--output", str(out), "--batch-size", str(batch_size), *MAX_NEW]
+    # DeepSpeed builds its CPU comm op once per machine (minutes), hence the long timeout.
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            cwd=repo_root, timeout=420)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.slow
 def test_two_processes_give_the_same_file(setup, one_at_a_time, tmp_path, repo_root):
     """accelerate launch with 2 CPU processes: rows split, gathered, one writer, same bytes."""
     out = tmp_path / "two"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(repo_root / "accelerate_configs" / "cpu.yaml"), "--num_processes", "2",
-               str(repo_root / "generate.py"), "--model", setup["model"], "--input", str(setup["test"] / "de-en.jsonl"),
-               "--output", str(out), "--batch-size", "3", *MAX_NEW]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = launch_generate(repo_root, "cpu.yaml", 2, setup, out, batch_size=3)
     assert "2 process(es)" in result.stdout
     assert (out / "de-en.jsonl").read_bytes() == (one_at_a_time / "de-en.jsonl").read_bytes()
 
@@ -196,12 +203,6 @@ def test_beam_search_runs_and_keeps_order(setup, tmp_path):
 def test_deepspeed_zero3_one_process_same_file(setup, one_at_a_time, tmp_path, repo_root):
     """ZeRO-3 (parameters partitioned, generate with synced_gpus=True) in one CPU process: same bytes."""
     out = tmp_path / "zero3"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(repo_root / "accelerate_configs" / "deepspeed_zero3.yaml"), "--num_processes", "1",
-               str(repo_root / "generate.py"), "--model", setup["model"], "--input", str(setup["test"] / "de-en.jsonl"),
-               "--output", str(out), "--batch-size", "4", *MAX_NEW]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=repo_root, timeout=420)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = launch_generate(repo_root, "deepspeed_zero3.yaml", 1, setup, out, batch_size=4)
     assert "DeepSpeed ZeRO-3, synced_gpus" in result.stdout
     assert (out / "de-en.jsonl").read_bytes() == (one_at_a_time / "de-en.jsonl").read_bytes()
