@@ -87,7 +87,7 @@ import torch
 import torch.nn.functional as F
 
 from kd.data import IGNORE_INDEX, TrainCollator, TranslationDataset, length_grouped_order, read_jsonl
-from kd.losses import KD_METHODS, METHODS, TARGET_MIX_METHODS, compute_loss, compute_loss_from_hidden, shared_vocab_size
+from kd.losses import KD_METHODS, METHODS, SELECTING_METHODS, TARGET_MIX_METHODS, compute_loss, compute_loss_from_hidden, shared_vocab_size
 from kd.models import DTYPES, check_model_path, load_model, load_tokenizer, tokenizer_mismatch
 
 CHECKPOINT_NAME = re.compile(r"^(step|epoch)_(\d+)$")
@@ -153,6 +153,10 @@ def parse_args(argv=None):
 
     group = parser.add_argument_group("evaluation, checkpoints, logging")
     group.add_argument("--eval-steps", type=int, default=0, help="validate every N optimizer steps (and at each epoch end)")
+    group.add_argument("--early-stopping-patience", type=int, default=0,
+                       help="stop when N validations in a row have not improved the best validation loss (0: off; "
+                            "needs --valid-file). The learning-rate schedule stays that of the full run; best/ is "
+                            "the result. Lets a study train every system to convergence with a generous --epochs")
     group.add_argument("--save-steps", type=int, default=0, help="save_state into step_N every N optimizer steps")
     group.add_argument("--save-total-limit", type=int, default=0, help="keep only the last N step_/epoch_ checkpoints (0: all)")
     group.add_argument("--resume-from-checkpoint", help="'latest' (the newest step_N/epoch_N of --output-dir) or a folder")
@@ -304,8 +308,12 @@ def main(argv=None):
             raise ValueError(f"--{name.replace('_', '-')} must lie in [0, 1], got {value}")
     if args.beta_end is not None and not 0.0 <= args.beta_end <= 1.0:
         raise ValueError(f"--beta-end must lie in [0, 1], got {args.beta_end}")
-    if args.top_k is not None and (args.method != "selfevo" or not 0.0 < args.top_k <= 1.0):
-        raise ValueError(f"--top-k is a fraction in (0, 1] for --method selfevo, got {args.top_k} with {args.method}")
+    if args.top_k is not None and (args.method not in SELECTING_METHODS or not 0.0 < args.top_k <= 1.0):
+        raise ValueError(f"--top-k is a fraction in (0, 1] for --method {'/'.join(SELECTING_METHODS)}, "
+                         f"got {args.top_k} with {args.method}")
+    if args.early_stopping_patience < 0 or (args.early_stopping_patience and not args.valid_file):
+        raise ValueError(f"--early-stopping-patience {args.early_stopping_patience} needs a number >= 0 and, "
+                         "when > 0, a --valid-file to watch")
     for name in ("batch_size", "micro_batch_size", "max_length", "epochs", "logging_steps", "max_bad_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -581,6 +589,7 @@ def main(argv=None):
                 "global_step": global_step, "epoch": global_step / steps_per_epoch,
                 "batch_size": args.batch_size, "seed": args.seed, "train_examples": len(train_set),
                 "best_valid_loss": best_valid_loss, "best_step": best_step,
+                "validations_without_improvement": validations_without_improvement,
                 "train_tokens": train_tokens, "train_seconds": train_seconds})
             if args.save_total_limit > 0:
                 for _, old in list_checkpoints(output_dir)[:-args.save_total_limit]:
@@ -596,7 +605,7 @@ def main(argv=None):
                         step=row["step"])
 
     def run_validation():
-        nonlocal best_valid_loss, best_step, last_valid
+        nonlocal best_valid_loss, best_step, last_valid, validations_without_improvement
         if valid_set is None:
             return
         result = validate()
@@ -605,17 +614,22 @@ def main(argv=None):
         accelerator.print(f"step {global_step}: valid_loss {last_valid:.4f}")
         if best_valid_loss is None or last_valid < best_valid_loss:
             best_valid_loss, best_step = last_valid, global_step
+            validations_without_improvement = 0
             save_model(output_dir / "best")
+        else:
+            validations_without_improvement += 1
 
     # ------------------------------------------------------------------ 8. resume
     global_step, train_tokens, train_seconds = 0, 0, 0.0
     best_valid_loss, best_step, last_valid, last_valid_step = None, None, None, None
+    validations_without_improvement, stopped_early = 0, False
     if resume_path is not None:
         accelerator.print(f"resuming from {resume_path}")
         accelerator.load_state(str(resume_path))
         state = json.loads((resume_path / TRAINER_STATE).read_text())
         global_step, train_tokens, train_seconds = state["global_step"], state["train_tokens"], state["train_seconds"]
         best_valid_loss, best_step = state["best_valid_loss"], state["best_step"]
+        validations_without_improvement = state.get("validations_without_improvement", 0)
         metrics_file = output_dir / "metrics.jsonl"
         if accelerator.is_main_process and metrics_file.is_file():  # drop rows written after the checkpoint
             kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= global_step]
@@ -639,8 +653,10 @@ def main(argv=None):
     bad_steps = []
     progress = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="train")
     start_epoch = global_step // steps_per_epoch
+    # a run resumed from the checkpoint written where it decided to stop early stops again at once
+    stopped_early = 0 < args.early_stopping_patience <= validations_without_improvement
     for epoch in range(start_epoch, epochs):
-        if global_step >= total_steps:
+        if global_step >= total_steps or stopped_early:
             break
         train_dataloader.set_epoch(epoch)
         sampler.set_epoch(epoch)
@@ -722,8 +738,14 @@ def main(argv=None):
                     save_checkpoint(f"epoch_{global_step // steps_per_epoch}")
                 elif args.save_steps and global_step % args.save_steps == 0:
                     save_checkpoint(f"step_{global_step}")
-            if global_step >= total_steps:
+            if args.early_stopping_patience and validations_without_improvement >= args.early_stopping_patience:
+                stopped_early = True
+                accelerator.print(f"step {global_step}: no improvement of the validation loss in "
+                                  f"{validations_without_improvement} validations; stopping (best: step {best_step})")
+            if global_step >= total_steps or stopped_early:
                 break
+        if stopped_early:
+            break
     progress.close()
 
     # ------------------------------------------------------------------ 10. final model and results
@@ -740,6 +762,7 @@ def main(argv=None):
         "final_valid_loss": last_valid,
         "best_valid_loss": best_valid_loss,
         "best_step": best_step,
+        "stopped_early": stopped_early,
         "steps": global_step,
         "epochs": global_step / steps_per_epoch,
         "train_tokens": train_tokens,

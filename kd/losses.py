@@ -16,6 +16,14 @@ below is on the scale of the paper's Γ = 0.4). λ = `kd_ratio`, α = `target_mi
 | `selfevo`      | d = KL(ỹ‖q) (no gradient); KL(ỹ‖q̂) if d > Γ else KL(ỹ‖q)  | Eq. 5, 7-9 |
 | `selfevo`+top_k| the round(top_k·N) tokens of largest d in the call are hard | Sec. 5.2.1 |
 | `skew_teacher` | (1−λ)(−log q_t) + λ KL(p‖β' q + (1−β') p)                 | Eq. 10     |
+| `selfevo_token`| as selfevo, but hard tokens: KL(sg(q̂)‖q), q̂ = βq + (1−β)ỹ  | NOT the paper |
+
+`selfevo_token` is NOT the paper's Eq. 7. It is the token-level self-evolution target of the work
+the paper builds on (hard tokens learn toward the detached mixture, as a soft label), kept as a
+clearly labelled reading to compare against. Its gradient is worth knowing: with m = sg(q̂),
+∂KL(m‖q)/∂z = q − m = (1−β)·(q − ỹ), i.e. noevo's gradient scaled by (1−β) on the hard tokens,
+uniformly over the vocabulary; the paper's KL(ỹ‖q̂) instead pulls each v with ỹ_v·βq_v/q̂_v, and
+where q_v ≪ ỹ_v (q̂_v ≈ (1−β)ỹ_v) that is ≈ βq_v/(1−β): almost nothing where the token is hardest.
 
 In code: `_token_losses` writes each row of this table as it stands (autograd differentiates);
 `_token_losses_and_grads` computes the same values together with their derivatives, written out
@@ -35,7 +43,8 @@ Conventions worth knowing:
   divergence. For KL(p‖q) and KL(ỹ‖q) that is the exact value; for the reverse KL(q‖p), whose
   true value would be +inf, it means the sum runs over the teacher's support only. Every teacher
   row needs at least one finite logit; student logits must be finite.
-- `hard_fraction` is 1.0 for `skew`, the selected share for `selfevo`, 0.0 for everything else.
+- `hard_fraction` is 1.0 for `skew`, the selected share for `selfevo` and `selfevo_token`, 0.0 for
+  everything else.
   `mean_difficulty` is the mean of d = KL(ỹ‖q) for the methods that build ỹ (noevo, skew,
   selfevo) and NaN for the others (no ỹ exists there); with no counted token it is 0.0.
 - top_k selects within one call: with gradient accumulation it is per micro-batch.
@@ -65,10 +74,12 @@ from typing import Callable, Optional
 
 import torch
 
-METHODS = ("sft", "forward", "reverse", "noevo", "skew", "selfevo", "skew_teacher")
+METHODS = ("sft", "forward", "reverse", "noevo", "skew", "selfevo", "skew_teacher", "selfevo_token")
 KD_METHODS = tuple(m for m in METHODS if m != "sft")
 # Methods that build the target mixture ỹ and therefore report the difficulty d = KL(ỹ‖q).
-TARGET_MIX_METHODS = ("noevo", "skew", "selfevo")
+TARGET_MIX_METHODS = ("noevo", "skew", "selfevo", "selfevo_token")
+# Methods that split the tokens into hard and easy ones by d (Γ or top-K).
+SELECTING_METHODS = ("selfevo", "selfevo_token")
 # chunk_size=None (the default) picks the tokens per chunk of the lean path from the vocabulary:
 # as many as fit CHUNK_ELEMENTS logits, so the ~8 float32 [chunk, V] buffers of a chunk stay small.
 # On CPU 2**22 elements (16 MiB per buffer) stays under glibc's mmap threshold (32 MiB), so the
@@ -105,8 +116,9 @@ class LossConfig:
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or math.isnan(self.gamma):
             raise ValueError(f"gamma must be a number, got {self.gamma!r}")
         if self.top_k is not None:
-            if self.method != "selfevo":
-                raise ValueError(f"top_k selects hard tokens for 'selfevo' only, not for {self.method!r}")
+            if self.method not in SELECTING_METHODS:
+                raise ValueError(f"top_k selects hard tokens for {' and '.join(SELECTING_METHODS)} only, "
+                                 f"not for {self.method!r}")
             if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, float)) or not 0.0 < self.top_k <= 1.0:
                 raise ValueError(f"top_k is a fraction of the tokens in (0, 1], got {self.top_k!r}")
         if self.chunk_size is not None and (
@@ -275,6 +287,11 @@ def _token_losses(config: LossConfig, log_q: torch.Tensor, log_p: Optional[torch
         return _TokenTerms(skewed(slice(None)), difficulty, torch.ones_like(no_hard))
     hard = _select_hard(config, difficulty)  # selfevo, Eq. 8-9
     hard_rows = hard.nonzero().squeeze(1)
+    if method == "selfevo_token":  # hard rows: KL(m‖q) with m = sg(β·q + (1−β)·ỹ), a soft label
+        log_m = torch.logaddexp(log_q[hard_rows].detach() + _log(config.beta),
+                                log_y[hard_rows] + _log(1 - config.beta))
+        hard_loss = _kl_sum(log_m.exp(), log_m, log_q[hard_rows], log_m > -math.inf)
+        return _TokenTerms(kl_to_student.index_put((hard_rows,), hard_loss), difficulty, hard)
     loss = kl_to_student.index_put((hard_rows,), skewed(hard_rows))
     return _TokenTerms(loss, difficulty, hard)
 
@@ -373,11 +390,18 @@ def _token_losses_and_grads(config: LossConfig, log_q: torch.Tensor, log_p: Opti
     if method == "skew":
         loss, pull = skewed(None)
         return _TokenTerms(loss, difficulty, torch.ones_like(no_hard), grad_logits(pull, 0.0))
-    if hard is None:  # selfevo
+    if hard is None:  # selfevo, selfevo_token
         hard = _select_hard(config, difficulty)
     hard_rows = hard.nonzero().squeeze(1)
     loss, pull = kl_to_student, y_mix  # easy rows: KL(ỹ‖q), r = ỹ
-    if hard_rows.numel():
+    if hard_rows.numel() and method == "selfevo_token":
+        # KL(m‖q) = Σ m log m − Σ m log q with m = βq + (1−β)ỹ held fixed: r = m (on copies of the rows)
+        lq = log_q[hard_rows]
+        log_m = _finite_floor_(torch.logaddexp(lq + _log(config.beta), log_y[hard_rows] + _log(1 - config.beta)))
+        m = log_m.exp()
+        loss = kl_to_student.index_put((hard_rows,), _row_dot(m, log_m) - _row_dot(m, lq))
+        pull[hard_rows] = m
+    elif hard_rows.numel():
         hard_loss, hard_pull = skewed(hard_rows)  # works on copies of the hard rows
         loss = kl_to_student.index_put((hard_rows,), hard_loss)
         pull[hard_rows] = hard_pull
@@ -447,7 +471,7 @@ def _run_chunks(config: LossConfig, labels: torch.Tensor, vocab: int,
         return log_q, (None if teacher_chunk is None else _log_probs(teacher_chunk(rows), like=log_q))
 
     forced_hard = None
-    if config.method == "selfevo" and config.top_k is not None:
+    if config.method in SELECTING_METHODS and config.top_k is not None:
         # top-K ranks d over the whole call, so d of every token is needed before any loss.
         difficulties = []
         for _, rows in chunks:

@@ -54,16 +54,17 @@ def reference(method, student, teacher, labels, *, kd_ratio=0.5, target_mix=0.5,
         return t, log_q, log_p, log_y_mix
 
     difficulty = {}
-    if method in ("noevo", "skew", "selfevo"):
+    selecting = method in ("selfevo", "selfevo_token")
+    if method in ("noevo", "skew", "selfevo", "selfevo_token"):
         for i in positions:
             _, log_q, _, log_y_mix = parts(i)
             difficulty[i] = ref_kl(log_y_mix, log_q.detach()).item()
     if method == "skew":
         hard = set(positions)
-    elif method == "selfevo" and top_k is not None:
+    elif selecting and top_k is not None:
         by_difficulty = sorted(positions, key=lambda i: -difficulty[i])
         hard = set(by_difficulty[:round(top_k * len(positions))])
-    elif method == "selfevo":
+    elif selecting:
         hard = {i for i in positions if difficulty[i] > gamma}
     else:
         hard = set()
@@ -81,8 +82,11 @@ def reference(method, student, teacher, labels, *, kd_ratio=0.5, target_mix=0.5,
             q = log_q.exp()
             reverse_kl = (q[on_teacher_support] * (log_q - log_p)[on_teacher_support]).sum()
             loss = (1 - lam) * ce + lam * reverse_kl
-        elif method == "noevo" or (method == "selfevo" and i not in hard):
+        elif method == "noevo" or (selecting and i not in hard):
             loss = ref_kl(log_y_mix, log_q)
+        elif method == "selfevo_token":  # hard: KL(m‖q), m = β q + (1−β) ỹ held fixed (a soft label)
+            log_m = ref_log_mix(beta, log_q.detach(), log_y_mix)
+            loss = ref_kl(log_m, log_q)
         elif method in ("skew", "selfevo"):
             log_q_hat = ref_log_mix(beta, log_q, log_y_mix)  # β q + (1−β) ỹ
             loss = ref_kl(log_y_mix, log_q_hat)
@@ -118,7 +122,7 @@ def run(method, student, teacher, labels, **kw):
 
 # ----------------------------------------------------------------------------- against the reference
 
-CASES = [(m, None) for m in METHODS] + [("selfevo", 0.3), ("selfevo", 1.0)]
+CASES = [(m, None) for m in METHODS] + [("selfevo", 0.3), ("selfevo", 1.0), ("selfevo_token", 0.3)]
 
 
 @pytest.mark.parametrize("chunk_size", [0, 4, None])
@@ -144,7 +148,7 @@ def test_matches_float64_reference(method, top_k, chunk_size):
         expected = [ref_d.get(i, 0.0) for i in range(labels.shape[0])]
         torch.testing.assert_close(stats["token_difficulty"].double(), torch.tensor(expected, dtype=torch.float64),
                                    rtol=1e-6, atol=0)
-    if method == "selfevo" and top_k is None:
+    if method in ("selfevo", "selfevo_token") and top_k is None:
         assert 0 < len(ref_hard) < len(counted), "the batch must have both easy and hard tokens"
 
 
@@ -189,6 +193,7 @@ EXPECTED_A = {
     "skew": 0.09648045823050767,
     "selfevo": 0.3163770193035085,
     "skew_teacher": 0.40009495848544796,
+    "selfevo_token": 0.3163770193035085,  # easy, as selfevo: the noevo value
 }
 # Case B, V = 3 with a masked teacher entry: student logits [ln 2, 0, 0] -> q = [1/2, 1/4, 1/4];
 # teacher logits [0, 0, −inf] -> p = [1/2, 1/2, 0]; label 1.
@@ -199,6 +204,7 @@ EXPECTED_A = {
 #   skew:    q̂ = [3/8, 1/2, 1/8]; KL(ỹ‖q̂) = ¼ ln(2/3) + ¾ ln(3/2) = ½ ln(3/2)
 #   selfevo: d = 0.6507 > 0.4 -> hard -> the skew value
 #   skew_teacher: m = [1/2, 0.275, 0.225]; ½ ln 4 + ½ (½ ln 1 + ½ ln(0.5/0.275)) = ln 2 + ¼ ln(20/11)
+#   selfevo_token: hard; m = sg(q̂) = [3/8, 1/2, 1/8]; KL(m‖q) = ⅜ ln(3/4) + ½ ln 2 + ⅛ ln(1/2) = ⅜ ln(3/2)
 CASE_B = dict(student=[[math.log(2.0), 0.0, 0.0]], teacher=[[0.0, 0.0, NEG_INF]], label=[1])
 EXPECTED_B = {
     "sft": 1.3862943611198906,
@@ -208,6 +214,7 @@ EXPECTED_B = {
     "skew": 0.2027325540540822,
     "selfevo": 0.2027325540540822,
     "skew_teacher": 0.8426064307488503,
+    "selfevo_token": 0.375 * math.log(1.5),
 }
 
 
@@ -219,7 +226,7 @@ def test_hand_computed_values(method, case, expected, chunk_size):
                          torch.tensor(case["teacher"], dtype=torch.float64), torch.tensor(case["label"]),
                          chunk_size=chunk_size, **HYPER)
     assert loss.item() == pytest.approx(expected[method], rel=1e-12)
-    if method == "selfevo":  # case A is easy (d = 0.316 < 0.4), case B hard (d = 0.651)
+    if method in ("selfevo", "selfevo_token"):  # case A is easy (d = 0.316 < 0.4), case B hard (d = 0.651)
         assert stats["hard_fraction"] == (1.0 if case is CASE_B else 0.0)
         assert stats["mean_difficulty"] == pytest.approx(expected["noevo"], rel=1e-12)
 
@@ -243,6 +250,33 @@ def test_hand_computed_gradients(method, chunk_size):
                      chunk_size=chunk_size, **HYPER)
     torch.testing.assert_close(grad, torch.tensor([HAND_GRADS_A[method]], dtype=torch.float64),
                                rtol=1e-12, atol=1e-15)
+
+
+# Case B for selfevo_token (hard): ∂KL(m‖q)/∂z = q − m = (1−β)(q − ỹ) = ½([½, ¼, ¼] − [¼, ¾, 0]).
+@pytest.mark.parametrize("chunk_size", [0, None])
+def test_selfevo_token_hand_gradient(chunk_size):
+    _, grad, stats = run("selfevo_token", torch.tensor(CASE_B["student"], dtype=torch.float64),
+                         torch.tensor(CASE_B["teacher"], dtype=torch.float64), torch.tensor(CASE_B["label"]),
+                         chunk_size=chunk_size, **HYPER)
+    assert stats["hard_fraction"] == 1.0
+    torch.testing.assert_close(grad, torch.tensor([[0.125, -0.25, 0.125]], dtype=torch.float64),
+                               rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.9])
+@pytest.mark.parametrize("chunk_size", [0, 4, None])
+def test_selfevo_token_hard_gradient_is_scaled_noevo(beta, chunk_size):
+    """Every token hard (Γ = −∞): the gradient is exactly (1−β) times noevo's; with Γ = +∞ it is noevo's."""
+    student, teacher, labels = make_batch()
+    _, noevo_grad, _ = run("noevo", student, teacher, labels, chunk_size=chunk_size)
+    _, hard_grad, stats = run("selfevo_token", student, teacher, labels, gamma=-math.inf, beta=beta,
+                              chunk_size=chunk_size)
+    assert stats["hard_fraction"] == 1.0
+    torch.testing.assert_close(hard_grad, (1 - beta) * noevo_grad, rtol=1e-10, atol=1e-13)
+    _, easy_grad, stats = run("selfevo_token", student, teacher, labels, gamma=math.inf, beta=beta,
+                              chunk_size=chunk_size)
+    assert stats["hard_fraction"] == 0.0
+    torch.testing.assert_close(easy_grad, noevo_grad, rtol=0, atol=0)
 
 
 def test_special_mixing_weights():

@@ -17,7 +17,8 @@ from kd.models import load_tokenizer, tiny_llama, train_tokenizer
 
 TRAIN_KEYS = {"type", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"}
 RESULT_KEYS = {"method", "hyperparameters", "final_valid_loss", "best_valid_loss", "best_step", "steps", "epochs",
-               "train_tokens", "train_seconds", "tokens_per_s", "dropped_too_long", "final_dir", "best_dir"}
+               "train_tokens", "train_seconds", "tokens_per_s", "dropped_too_long", "final_dir", "best_dir",
+               "stopped_early"}
 
 
 def write_subset(source, dest, per_direction):
@@ -222,6 +223,27 @@ def test_resume_gives_the_uninterrupted_weights(tiny_models, files, tmp_path):
     # `latest` on a completed run does nothing and returns its results
     again = train(tiny_models, files["train12"], stopped, "selfevo", *args, "--resume-from-checkpoint", "latest")
     assert again == json.loads((stopped / "all_results.json").read_text())
+
+
+def test_early_stopping_stops_after_patience_validations_and_stays_stopped(tiny_models, files, tmp_path):
+    # lr 0: the validation loss never improves after the first validation; patience 2 with a
+    # validation every step stops at step 3, the end of epoch 1, whatever --epochs says.
+    args = ("--batch-size", 4, "--micro-batch-size", 4, "--epochs", 10, "--lr", 0.0, "--eval-steps", 1,
+            "--early-stopping-patience", 2)
+    out = tmp_path / "stopped"
+    results = train(tiny_models, files["train12"], out, "selfevo_token", *args, valid_file=files["valid"])
+    assert (results["steps"], results["stopped_early"], results["best_step"]) == (3, True, 1)
+    assert [row["step"] for row in rows(out, "valid")] == [1, 2, 3]
+    # killed after the stopping epoch's checkpoint: the resumed run stops again at once
+    shutil.rmtree(out / "final")
+    (out / "COMPLETED").unlink()
+    again = train(tiny_models, files["train12"], out, "selfevo_token", *args, "--resume-from-checkpoint", "latest",
+                  valid_file=files["valid"])
+    assert (again["steps"], again["stopped_early"]) == (3, True)
+    # without patience the same run goes on to the end
+    full = train(tiny_models, files["train12"], tmp_path / "full", "sft", "--batch-size", 4, "--micro-batch-size", 4, "--epochs", 2,
+                 "--lr", 0.0, "--eval-steps", 1, valid_file=files["valid"])
+    assert (full["steps"], full["stopped_early"]) == (6, False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,191 @@
+# shellcheck shell=bash
+# The study's regimes (pipelines/study.sh) and the quickstart's (pipelines/quickstart.sh): the demo
+# task with base models pretrained on its monolingual corpus, every system trained to convergence
+# (generous --epochs, early stopping on the validation loss) and evaluated with its best validation
+# checkpoint. Sourced after common.sh, never run on its own.
+#
+# A regime is a set of variables (regime_settings) and one function (run_regime) that builds:
+#   $STUDY_DATA/<data>/            prepare_data.py --demo with --demo-monolingual (and R2's options)
+#   $STUDY_DATA/<data>_models/     make_tiny_models.py: the teacher and the student (random init)
+#   $RUNS/teacher_base, student_base   SFT on mono.jsonl: the "base models" (know the languages)
+#   $RUNS/teacher                  the SFT teacher, from teacher_base, to convergence
+#   $RUNS/<system>-s<seed>         every student system, from the student base (random init in R4)
+#   $HYPS/..., $RESULTS/...        greedy translations of the test set, evaluate.py's scores
+# Independent trainings run LANES at a time (one per core on a CPU).
+
+# ---- the regimes (each varies one factor from R1) ----
+#   R1  paper-like: teacher and student pretrained on the monolingual corpus, the student about
+#       half the teacher's parameters, clean data, every system to convergence, best checkpoint
+#   R2  R1 + --demo-ambiguity (several correct translations) + --demo-noise 0.1
+#   R3  R1 with a small student, about a fifth of the teacher (today's quickstart student)
+#   R4  R1 with a random-init student (no base model)
+# (R0, the first quickstart's regime, is in study.sh: it reuses common.sh's table_pipeline.)
+
+# regime_settings REGIME: the variables that differ between regimes.
+regime_settings() {
+  REGIME="$1"
+  REGIME_DATA=clean                 # which prepared data set (R1, R3, R4 share one; R2 has its own)
+  REGIME_DATA_FLAGS=""
+  REGIME_STUDENT="$STUDENT_SIZE"    # layers hidden heads
+  REGIME_STUDENT_INIT=base          # base: pretrained on mono.jsonl; random: make_tiny_models' init
+  case "$REGIME" in
+    R1) ;;
+    R2) REGIME_DATA=noisy; REGIME_DATA_FLAGS="--demo-ambiguity $AMBIGUITY --demo-noise $NOISE" ;;
+    R3) REGIME_STUDENT="$SMALL_STUDENT_SIZE" ;;
+    R4) REGIME_STUDENT_INIT=random ;;
+    *) die "regime $REGIME: choose R1, R2, R3 or R4 (R0 is study.sh's)" ;;
+  esac
+}
+
+# system_spec SYSTEM: "method flags..." of a student system: the paper's systems at the paper's
+# λ = α = β = 0.5 and Γ = 0.4, the ablations, and the sweep points selfevo_{beta,gamma,topk}<x>.
+system_spec() {
+  local name="$1" x
+  case "$name" in
+    student_sft) echo "sft" ;;
+    forward | reverse) echo "$name --kd-ratio $KD_RATIO" ;;
+    noevo) echo "noevo --target-mix $TARGET_MIX" ;;
+    skew) echo "skew --target-mix $TARGET_MIX --beta $BETA" ;;
+    selfevo | selfevo_token) echo "$name --target-mix $TARGET_MIX --beta $BETA --gamma $GAMMA" ;;
+    selfevo_topk) echo "selfevo --target-mix $TARGET_MIX --beta $BETA --top-k $TOP_K" ;;
+    selfevo_beta*) x="${name#selfevo_beta}"; echo "selfevo --target-mix $TARGET_MIX --beta $x --gamma $GAMMA" ;;
+    selfevo_gamma*) x="${name#selfevo_gamma}"; echo "selfevo --target-mix $TARGET_MIX --beta $BETA --gamma $x" ;;
+    selfevo_topk*) x="${name#selfevo_topk}"; echo "selfevo --target-mix $TARGET_MIX --beta $BETA --top-k $x" ;;
+    *) die "system $name: unknown (pipeline bug)" ;;
+  esac
+}
+
+# run_lanes FUNCTION JOB...: FUNCTION JOB for every JOB (a word-split string), LANES at a time;
+# the next job starts as soon as one finishes. Stops the pipeline after the running jobs when any
+# failed (each failure already printed its step and log).
+run_lanes() {
+  local fn="$1" job running=0 failed=0
+  shift
+  for job in "$@"; do
+    if ((running >= LANES)); then
+      wait -n || failed=1
+      running=$((running - 1))
+    fi
+    # shellcheck disable=SC2086  # a job is the function's word-split arguments
+    ("$fn" $job) &
+    running=$((running + 1))
+  done
+  while ((running > 0)); do
+    wait -n || failed=1
+    running=$((running - 1))
+  done
+  [[ $failed -eq 0 ]] || die "a job of $fn failed (see above); a re-run continues where it stopped"
+}
+
+# converge_flags: train_kd.py flags of a run trained to convergence and kept at its best checkpoint.
+converge_flags() {
+  echo "--early-stopping-patience $PATIENCE --save-total-limit 1"
+}
+
+# train_base NAME MODEL: SFT of MODEL on the monolingual corpus (language modelling of sentences).
+train_base() {
+  local name="$1" model="$2"
+  EPOCHS="$BASE_EPOCHS" BATCH_SIZE="$BASE_BATCH_SIZE" MICRO_BATCH_SIZE="$BASE_BATCH_SIZE" LR="$BASE_LR" \
+    EVAL_STEPS="" MAX_STEPS="$BASE_MAX_STEPS" \
+    train "$name" sft "$model" "" "$DATA/mono.jsonl" "$DATA/mono_valid.jsonl" --save-total-limit 1
+}
+
+# student_job SYSTEM SEED: train, translate and score one student system.
+student_job() {
+  local system="$1" seed="$2" run spec=()
+  run="$system-s$seed"
+  read -r -a spec <<<"$(system_spec "$system")"
+  local method="${spec[0]}" teacher="$TEACHER_MODEL_DIR"
+  [[ "$method" == sft ]] && teacher=""
+  local flags=()
+  read -r -a flags <<<"$(converge_flags)"
+  SEED="$seed" train "$run" "$method" "$STUDENT_INIT_MODEL" "$teacher" "$DATA/train.jsonl" "$DATA/valid.jsonl" \
+    "${spec[@]:1}" "${flags[@]}"
+  generate "$run" "$RUNS/$run/best" "$TEST_DIR"
+  evaluate "$run" "$TEST_DIR" teacher
+}
+
+# teacher_job: the SFT teacher from its base model, its translations and scores.
+teacher_job() {
+  local flags=()
+  read -r -a flags <<<"$(converge_flags)"
+  EPOCHS="$TEACHER_EPOCHS" train teacher sft "$RUNS/teacher_base/final" "" "$DATA/train.jsonl" "$DATA/valid.jsonl" \
+    "${flags[@]}"
+  generate teacher "$RUNS/teacher/best" "$TEST_DIR"
+  evaluate teacher "$TEST_DIR"
+}
+
+# regime_data: the regime's prepared data; sets DATA and TEST_DIR.
+regime_data() {
+  DATA="$STUDY_DATA/$REGIME_DATA"
+  TEST_DIR="$DATA/test"
+  local flags=()
+  # shellcheck disable=SC2206  # word-split flags
+  flags=($REGIME_DATA_FLAGS)
+  step "prepare data ($REGIME_DATA)" "$LOGS/prepare_data.log" all_exist "$DATA/stats.json" "$DATA/mono.jsonl" -- \
+    "$PYTHON" prepare_data.py --demo --out "$DATA" --demo-train-pairs "$TRAIN_PAIRS" --demo-eval-pairs "$EVAL_PAIRS" \
+    --demo-monolingual "$MONO_SENTENCES" --template "$TEMPLATE" --seed "$DATA_SEED" "${flags[@]}"
+}
+
+# regime_models "LAYERS HIDDEN HEADS": a random-init teacher and a student of that size with the
+# data's tokenizer; sets MODELS. The tokenizer is trained on train.jsonl, deterministically, so
+# every student size of one data set gets the same one (tests/test_study.py checks it).
+regime_models() {
+  local size="$1" t_layers t_hidden t_heads s_layers s_hidden s_heads
+  MODELS="$STUDY_DATA/${REGIME_DATA}_models_${size// /x}"
+  read -r t_layers t_hidden t_heads <<<"$TEACHER_SIZE"
+  read -r s_layers s_hidden s_heads <<<"$size"
+  step "tiny models ($(basename "$MODELS"))" "$LOGS/tiny_models_$(basename "$MODELS").log" \
+    all_exist "$MODELS/teacher/config.json" "$MODELS/student/config.json" -- \
+    "$PYTHON" make_tiny_models.py --data "$DATA" --out "$MODELS" --vocab-size "$VOCAB_SIZE" --seed "$MODEL_SEED" \
+    --teacher-layers "$t_layers" --teacher-hidden "$t_hidden" --teacher-heads "$t_heads" \
+    --student-layers "$s_layers" --student-hidden "$s_hidden" --student-heads "$s_heads"
+}
+
+# shared_job KIND: a job of the data set's shared experiment: the teacher's base model, the
+# standard student's base model, or the SFT teacher (after its base).
+shared_job() {
+  case "$1" in
+    teacher_base) train_base teacher_base "$MODELS/teacher" ;;
+    student_base) train_base student_base "$MODELS/student" ;;
+    teacher) teacher_job ;;
+  esac
+}
+
+# run_regime REGIME: the whole regime for the systems of the array SYSTEMS and the seeds SEEDS.
+#   Shared by the regimes of one data set (experiment ${STUDY_EXP}_<data>): the base models and
+#   the SFT teacher. Per regime (experiment ${STUDY_EXP}_<regime>): the student systems, links to
+#   the teacher's run, hypotheses and scores, and R3's small student base.
+run_regime() {
+  regime_settings "$1"
+  use_experiment "${STUDY_EXP}_$REGIME_DATA"
+  regime_data
+  regime_models "$STUDENT_SIZE"
+  local shared_runs="$RUNS" shared_hyps="$HYPS" shared_results="$RESULTS"
+  say "== $REGIME: base models and the SFT teacher ($shared_runs)"
+  local jobs=(teacher_base)
+  if [[ "$REGIME_STUDENT_INIT" == base && "$REGIME_STUDENT" == "$STUDENT_SIZE" ]]; then jobs+=(student_base); fi
+  run_lanes shared_job "${jobs[@]}"
+  shared_job teacher
+  TEACHER_MODEL_DIR="$shared_runs/teacher/best"
+
+  use_experiment "${STUDY_EXP}_$REGIME"
+  ln -sfn "$shared_runs/teacher" "$RUNS/teacher"
+  ln -sfn "$shared_hyps/teacher" "$HYPS/teacher"
+  cp "$shared_results/teacher.json" "$RESULTS/teacher.json"
+  if [[ "$REGIME_STUDENT_INIT" == random ]]; then
+    STUDENT_INIT_MODEL="$MODELS/student"
+  elif [[ "$REGIME_STUDENT" == "$STUDENT_SIZE" ]]; then
+    STUDENT_INIT_MODEL="$shared_runs/student_base/final"
+  else
+    regime_models "$REGIME_STUDENT"
+    train_base student_base "$MODELS/student"
+    STUDENT_INIT_MODEL="$RUNS/student_base/final"
+  fi
+  say "== $REGIME: ${#SYSTEMS[@]} systems x seeds ($SEEDS), $LANES at a time, from $STUDENT_INIT_MODEL"
+  local job_list=() seed system
+  for seed in $SEEDS; do
+    for system in "${SYSTEMS[@]}"; do job_list+=("$system $seed"); done
+  done
+  run_lanes student_job "${job_list[@]}"
+}

@@ -1,0 +1,317 @@
+"""Summarise one regime of the study (pipelines/study.sh): every system over its seeds.
+
+    python summarize_study.py --regime R1 --runs runs/study_R1 --hyps hyps/study_R1 \\
+        --results results/study_R1 --refs data/study_R1/test --out study/R1
+
+Reads the runs named <system>-s<seed> (train_kd.py output folders), their hypotheses and
+evaluate.py results, and the teacher's (`teacher`). Writes, complete or not at all:
+  OUT/summary.json   per system: seeds, mean ± std over seeds of BLEU and chrF per direction and
+                     averaged, BLEU against the teacher's outputs (the paper's Fig. 4), best
+                     validation loss and the epoch it was reached, epochs trained, hard fraction and
+                     mean difficulty at the start and end of training, significance against the
+                     baseline (forward KD)
+  OUT/table.md       the same as a Markdown table
+  OUT/curves.png     validation loss, hard fraction and mean difficulty against the epoch (mean
+                     over seeds)
+
+Significance against the baseline: paired bootstrap resampling over test sentences (Koehn 2004),
+1000 samples, seed 12345. In each sample the same sentence indices are drawn for both systems and
+for every seed; the statistic is the difference of the seed-averaged corpus BLEU (per direction,
+and averaged over the directions for "avg"). p is two-sided: twice the share of samples on the
+other side of zero than the observed difference (at most 1). With 3 seeds the seed-to-seed spread
+is reported next to it (mean ± std, and in how many seeds the system beats the baseline), since
+the bootstrap measures the test-set sampling error only, not the training variance.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: find kd/
+
+from kd.data import read_jsonl
+
+RUN_NAME = re.compile(r"^(?P<system>.+)-s(?P<seed>\d+)$")
+DIRECTION_ORDER = ("de-en", "cs-en", "en-de", "en-cs")
+BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED = 1000, 12345
+SYSTEM_ORDER = ("student_sft", "forward", "reverse", "noevo", "skew", "selfevo", "selfevo_topk", "selfevo_token")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--regime", required=True, help="the regime's name (R0, R1, ...), written into the outputs")
+    parser.add_argument("--runs", required=True, type=Path, help="folder of the train_kd.py runs <system>-s<seed>")
+    parser.add_argument("--hyps", required=True, type=Path, help="folder of the hypotheses <system>-s<seed>/<dir>.jsonl")
+    parser.add_argument("--results", required=True, type=Path, help="folder of evaluate.py's <system>-s<seed>.json")
+    parser.add_argument("--refs", required=True, type=Path, help="the test folder the hypotheses were generated from")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (summary.json, table.md, curves.png)")
+    parser.add_argument("--baseline", default="forward", help="the system every other is tested against")
+    parser.add_argument("--settings", type=Path, help="a JSON file of the regime's settings, copied into summary.json")
+    parser.add_argument("--checkpoint", default="best", help="which checkpoint the systems were evaluated with")
+    return parser.parse_args(argv)
+
+
+def fail(message):
+    raise SystemExit(f"summarize_study.py: {message}")
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(values), "values": values}
+
+
+def read_metrics(run):
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return [], []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if r["type"] == "train"], [r for r in rows if r["type"] == "valid"]
+
+
+def run_facts(run):
+    """What one training run says about itself: best validation loss and epoch, epochs, hard fraction."""
+    results = json.loads((run / "all_results.json").read_text(encoding="utf-8"))
+    train_rows, valid_rows = read_metrics(run)
+    steps_per_epoch = results["steps"] / results["epochs"] if results["epochs"] else None
+    facts = {"best_valid_loss": results["best_valid_loss"], "epochs_trained": results["epochs"],
+             "best_epoch": (results["best_step"] / steps_per_epoch
+                            if results["best_step"] is not None and steps_per_epoch else None),
+             "stopped_early": results.get("stopped_early")}
+    for key in ("hard_fraction", "mean_difficulty"):
+        with_key = [r for r in train_rows if r.get(key) is not None]
+        facts[f"{key}_start"] = with_key[0][key] if with_key else None
+        facts[f"{key}_end"] = with_key[-1][key] if with_key else None
+    return facts
+
+
+def bleu_statistics(hyps_dir, refs_dir, directions):
+    """{direction: [sentences, 10] int array of sacrebleu's sufficient statistics}, in reference order."""
+    from kd import metrics
+
+    out = {}
+    for direction in directions:
+        refs = read_jsonl(refs_dir / f"{direction}.jsonl", required=("id", "reference", "tgt_lang"))
+        by_id = {row["id"]: row["hypothesis"] for row in read_jsonl(hyps_dir / f"{direction}.jsonl",
+                                                                    required=("id", "hypothesis"))}
+        missing = [row["id"] for row in refs if row["id"] not in by_id]
+        if missing:
+            fail(f"{hyps_dir / (direction + '.jsonl')}: no hypothesis for {len(missing)} reference ids "
+                 f"(first: {missing[0]}); rerun the study step that generates it")
+        bleu = metrics.bleu_metric(refs[0]["tgt_lang"])
+        stats = bleu._extract_corpus_statistics([by_id[row["id"]] for row in refs], [[row["reference"] for row in refs]])
+        out[direction] = (np.asarray(stats, dtype=np.int64), bleu)
+    return out
+
+
+def bootstrap_p(system_stats, baseline_stats, directions):
+    """Two-sided paired-bootstrap p-values of seed-averaged BLEU(system) − BLEU(baseline), per
+    direction and for the average over directions (see the module docstring)."""
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    deltas = {}
+    for direction in directions:
+        n = system_stats[0][direction][0].shape[0]
+        indices = rng.integers(0, n, size=(BOOTSTRAP_SAMPLES, n))
+
+        def seed_mean(per_seed):
+            observed, samples = [], []
+            for stats in per_seed:
+                array, bleu = stats[direction]
+                observed.append(bleu._compute_score_from_stats(list(array.sum(0))).score)
+                sums = array[indices].sum(1)
+                samples.append([bleu._compute_score_from_stats(list(row)).score for row in sums])
+            return float(np.mean(observed)), np.mean(np.asarray(samples), axis=0)
+
+        sys_obs, sys_samples = seed_mean(system_stats)
+        base_obs, base_samples = seed_mean(baseline_stats)
+        deltas[direction] = (sys_obs - base_obs, sys_samples - base_samples)
+    deltas["avg"] = (float(np.mean([deltas[d][0] for d in directions])),
+                     np.mean([deltas[d][1] for d in directions], axis=0))
+    out = {}
+    for key, (observed, samples) in deltas.items():
+        other_side = np.mean(samples <= 0) if observed > 0 else np.mean(samples >= 0)
+        out[key] = {"delta": observed, "p_value": float(min(1.0, 2 * other_side)) if observed != 0 else 1.0}
+    return out
+
+
+def write_atomic(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fmt(entry, digits=2):
+    if entry is None:
+        return "–"
+    if entry["n"] == 1:
+        return f"{entry['mean']:.{digits}f}"
+    return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
+
+
+def make_table(summary):
+    directions = summary["directions"]
+    baseline = summary["baseline"]
+    head = (["system", "seeds"] + [f"{d} BLEU" for d in directions]
+            + ["avg BLEU", "avg chrF", "BLEU vs teacher", f"Δ avg BLEU vs {baseline} (p)", "wins",
+               "best valid loss", "best epoch", "epochs", "hard frac. start → end"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    for name, entry in summary["systems"].items():
+        test = entry.get("significance")
+        delta = "–" if not test else f"{test['avg']['delta']:+.2f} (p={test['avg']['p_value']:.3f})"
+        wins = "–" if entry.get("seeds_beating_baseline") is None else \
+            f"{entry['seeds_beating_baseline']}/{len(entry['seeds'])}"
+        start, end = entry.get("hard_fraction_start"), entry.get("hard_fraction_end")
+        hard = "–" if start is None else f"{start['mean']:.2f} → {end['mean']:.2f}"
+        cells = ([name, str(len(entry["seeds"]))] + [fmt(entry["bleu"].get(d)) for d in directions]
+                 + [fmt(entry["bleu"]["avg"]), fmt(entry["chrf"]["avg"]), fmt(entry.get("teacher_bleu")), delta, wins,
+                    fmt(entry.get("best_valid_loss"), 4), fmt(entry.get("best_epoch"), 1),
+                    fmt(entry.get("epochs_trained"), 1), hard])
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (f"\nRegime {summary['regime']}: mean ± std over seeds; systems evaluated with their "
+            f"`{summary['checkpoint']}` checkpoint. Δ and p: paired bootstrap over test sentences of the "
+            f"seed-averaged BLEU against {baseline} (two-sided, {BOOTSTRAP_SAMPLES} samples); wins: seeds in "
+            f"which the system's average BLEU beats {baseline}'s of the same seed.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def plot_curves(summary_runs, out_path, regime):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    panels = [("valid", "valid_loss", "validation loss (student CE)"),
+              ("train", "hard_fraction", "hard-token fraction (d > Γ)"),
+              ("train", "mean_difficulty", "mean difficulty d = KL(ỹ‖q)")]
+    for axis, (kind, key, title) in zip(axes, panels):
+        drawn = False
+        for system, runs in summary_runs.items():
+            curves = []
+            for run in runs:
+                train_rows, valid_rows = read_metrics(run)
+                rows = valid_rows if kind == "valid" else train_rows
+                points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+                if points:
+                    curves.append(points)
+            if not curves or (key == "hard_fraction" and system in ("student_sft", "forward", "reverse", "noevo")):
+                continue
+            if key == "hard_fraction" and all(abs(v - 1.0) < 1e-12 for c in curves for _, v in c):
+                continue  # skew: every token takes the skewed branch
+            length = min(len(c) for c in curves)
+            epochs = [curves[0][i][0] for i in range(length)]
+            values = np.mean([[c[i][1] for i in range(length)] for c in curves], axis=0)
+            axis.plot(epochs, values, label=system)
+            drawn = True
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        if drawn:
+            axis.legend(fontsize=7)
+    fig.suptitle(f"Regime {regime}: mean over seeds")
+    fig.tight_layout()
+    handle, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".png")
+    os.close(handle)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    for name in ("runs", "hyps", "results", "refs"):
+        if not getattr(args, name).is_dir():
+            fail(f"--{name} {getattr(args, name)}: no such folder; run the study's steps first")
+    runs = {}
+    for run in sorted(args.runs.iterdir()):
+        match = RUN_NAME.match(run.name)
+        if match and (run / "COMPLETED").is_file():
+            runs.setdefault(match["system"], []).append((int(match["seed"]), run))
+    if not runs:
+        fail(f"--runs {args.runs}: no completed <system>-s<seed> run")
+    order = {name: i for i, name in enumerate(SYSTEM_ORDER)}
+    systems = sorted(runs, key=lambda s: (order.get(s, len(order)), s))
+    directions = [d for d in DIRECTION_ORDER if (args.refs / f"{d}.jsonl").is_file()] + sorted(
+        p.stem for p in args.refs.glob("*.jsonl") if p.stem not in DIRECTION_ORDER)
+
+    per_seed_stats = {}
+    summary = {"regime": args.regime, "baseline": args.baseline, "checkpoint": args.checkpoint,
+               "directions": directions, "bootstrap": {"samples": BOOTSTRAP_SAMPLES, "seed": BOOTSTRAP_SEED},
+               "settings": json.loads(args.settings.read_text()) if args.settings else None, "systems": {}}
+    teacher_result = args.results / "teacher.json"
+    if teacher_result.is_file():
+        teacher = json.loads(teacher_result.read_text(encoding="utf-8"))
+        summary["teacher"] = {"bleu": {**{d: teacher["directions"][d]["bleu"] for d in directions},
+                                       "avg": teacher["average"]["bleu"]},
+                              "chrf": {"avg": teacher["average"]["chrf"]}}
+        teacher_run = args.runs / "teacher"
+        if (teacher_run / "all_results.json").is_file():
+            summary["teacher"].update(run_facts(teacher_run))
+    for system in systems:
+        seeds, results, facts = [], [], []
+        for seed, run in sorted(runs[system]):
+            result_file = args.results / f"{run.name}.json"
+            if not result_file.is_file():
+                continue  # trained, not yet scored
+            seeds.append(seed)
+            results.append(json.loads(result_file.read_text(encoding="utf-8")))
+            facts.append(run_facts(run))
+            per_seed_stats[(system, seed)] = bleu_statistics(args.hyps / run.name, args.refs, directions)
+        if not seeds:
+            continue
+        entry = {"seeds": seeds,
+                 "bleu": {d: mean_std([r["directions"][d]["bleu"] for r in results]) for d in directions},
+                 "chrf": {d: mean_std([r["directions"][d]["chrf"] for r in results]) for d in directions},
+                 "teacher_bleu": mean_std([r["average"].get("teacher_bleu") for r in results]),
+                 "off_target_rate": mean_std([r["average"].get("off_target_rate") for r in results])}
+        entry["bleu"]["avg"] = mean_std([r["average"]["bleu"] for r in results])
+        entry["chrf"]["avg"] = mean_std([r["average"]["chrf"] for r in results])
+        for key in facts[0]:
+            if key != "stopped_early":
+                entry[key] = mean_std([f[key] for f in facts])
+        entry["stopped_early"] = [f["stopped_early"] for f in facts]
+        entry["_results"] = {seed: r["average"]["bleu"] for seed, r in zip(seeds, results)}
+        summary["systems"][system] = entry
+
+    # significance against the baseline, over the seeds both have
+    avg_by_seed = {system: entry.pop("_results") for system, entry in summary["systems"].items()}
+    if args.baseline in summary["systems"]:
+        for system, entry in summary["systems"].items():
+            shared = [s for s in entry["seeds"] if s in avg_by_seed[args.baseline]]
+            if system == args.baseline or not shared:
+                continue
+            entry["significance"] = bootstrap_p([per_seed_stats[(system, s)] for s in shared],
+                                                [per_seed_stats[(args.baseline, s)] for s in shared], directions)
+            entry["seeds_beating_baseline"] = sum(avg_by_seed[system][s] > avg_by_seed[args.baseline][s] for s in shared)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_atomic(args.out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    write_atomic(args.out / "table.md", make_table(summary).encode())
+    plot_curves({s: [run for _, run in sorted(runs[s])] for s in systems}, args.out / "curves.png", args.regime)
+    print(make_table(summary))
+    print(f"wrote {args.out}/summary.json, table.md, curves.png")
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
