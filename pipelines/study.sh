@@ -39,6 +39,7 @@ set -euo pipefail
 : "${OUT:=}"
 : "${STUDY_EXP:=study}"
 : "${SWEEPS:=1}"                   # 1: the Fig. 2 sweeps in R1
+: "${R1_EXTRA_SYSTEMS:=noevo}"     # R1 only, seed 1 (noevo equals forward at λ = α: shown once)
 : "${LAUNCHER:=python}" "${ACCELERATE_CONFIG:=none}" "${BF16:=0}" "${COMET_MODEL:=none}"
 : "${TEMPLATE:=alma}"              # ALMA's short prompt: 3x fewer tokens than the paper's alpaca one
 : "${KD_RATIO:=0.5}" "${TARGET_MIX:=0.5}" "${BETA:=0.5}" "${GAMMA:=0.4}" "${TOP_K:=0.3}"   # the paper's
@@ -75,7 +76,8 @@ MICRO_BATCH_SIZE="$BATCH_SIZE" EVAL_STEPS="" SAVE_STEPS="" MAX_STEPS=""
 : "${THREADS:=1}"                  # one torch thread per process: LANES processes share the cores
 export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS" TOKENIZERS_PARALLELISM=false
 : "${TRAIN_EXTRA_ARGS:=--logging-steps 10}"
-STUDY_SYSTEMS=(student_sft forward reverse skew selfevo selfevo_topk selfevo_token)
+: "${STUDY_SYSTEMS:=student_sft forward reverse skew selfevo selfevo_topk selfevo_token}"
+read -r -a STUDY_SYSTEMS <<<"$STUDY_SYSTEMS"
 
 # shellcheck source=pipelines/common.sh disable=SC1091
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -187,18 +189,19 @@ for regime in $REGIMES; do
       if [[ "$regime" == R1 ]]; then
         SEEDS_ALL="$SEEDS"
         SEEDS="$(cut -d' ' -f1 <<<"$SEEDS_ALL")"
-        SYSTEMS=(noevo)
+        read -r -a SYSTEMS <<<"$R1_EXTRA_SYSTEMS"
         mapfile -t sweep < <(sweep_systems)
         if [[ "$SWEEPS" == 1 ]]; then SYSTEMS+=("${sweep[@]}"); fi
         say "== R1: noevo and the Fig. 2 sweeps, seed $SEEDS"
         jobs_list=()
         for system in "${SYSTEMS[@]}"; do jobs_list+=("$system $SEEDS"); done
         run_lanes student_job "${jobs_list[@]}"
-        more=()
+        more=() other_seeds=""
+        if [[ "$SEEDS_ALL" == *" "* ]]; then other_seeds="${SEEDS_ALL#* }"; fi
         if [[ "$SWEEPS" == 1 ]]; then
           for system in "${sweep[@]}"; do
             if beats_forward "$system"; then
-              for seed in ${SEEDS_ALL#* }; do more+=("$system $seed"); done
+              for seed in $other_seeds; do more+=("$system $seed"); done
             fi
           done
         fi

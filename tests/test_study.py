@@ -1,0 +1,122 @@
+"""The fidelity study: summarize_study.py's statistics, and pipelines/study.sh in its QUICK mode
+(a few steps, one seed, every regime) so that the study cannot rot between its real runs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import summarize_study
+from kd import metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------------------------
+
+HYPS = ["Der Hund sieht die Katze.", "Ich habe ein Auto.", "Wir kaufen zwei Bücher.", "Sie schläft."]
+REFS = ["Der Hund sieht eine Katze.", "Ich habe ein Auto gekauft.", "Wir kaufen zwei Bücher.", "Sie schläft nicht."]
+
+
+def write_dir(folder, direction, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{direction}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+@pytest.fixture
+def tiny_test_set(tmp_path):
+    refs = tmp_path / "refs"
+    write_dir(refs, "en-de", [{"id": f"t{i}", "source": "x", "reference": r, "tgt_lang": "de"} for i, r in enumerate(REFS)])
+    return refs
+
+
+def hyps_dir(tmp_path, name, hyps):
+    folder = tmp_path / name
+    write_dir(folder, "en-de", [{"id": f"t{i}", "hypothesis": h} for i, h in enumerate(hyps)])
+    return folder
+
+
+def test_sentence_statistics_give_sacrebleu_corpus_bleu(tmp_path, tiny_test_set):
+    stats = summarize_study.bleu_statistics(hyps_dir(tmp_path, "a", HYPS), tiny_test_set, ["en-de"])
+    array, bleu = stats["en-de"]
+    assert array.shape == (4, 10)
+    from_stats = bleu._compute_score_from_stats(list(array.sum(0))).score
+    assert from_stats == pytest.approx(metrics.corpus_bleu(HYPS, REFS, "de")[0], abs=1e-9)
+
+
+def test_bootstrap_identical_systems_give_p_one_and_a_clear_win_gives_small_p(tmp_path, tiny_test_set):
+    same = summarize_study.bleu_statistics(hyps_dir(tmp_path, "a", HYPS), tiny_test_set, ["en-de"])
+    result = summarize_study.bootstrap_p([same, same], [same, same], ["en-de"])
+    assert result["en-de"] == {"delta": 0.0, "p_value": 1.0}
+    refs_as_hyps = summarize_study.bleu_statistics(hyps_dir(tmp_path, "b", REFS * 1), tiny_test_set, ["en-de"])
+    bad = summarize_study.bleu_statistics(hyps_dir(tmp_path, "c", ["Nichts."] * 4), tiny_test_set, ["en-de"])
+    result = summarize_study.bootstrap_p([refs_as_hyps], [bad], ["en-de"])
+    assert result["en-de"]["delta"] == pytest.approx(100.0)
+    assert result["avg"]["delta"] == pytest.approx(100.0)
+    assert result["en-de"]["p_value"] == 0.0  # never on the other side in 1000 samples
+
+
+def test_bootstrap_p_is_two_sided_and_symmetric(tmp_path, tiny_test_set):
+    a = summarize_study.bleu_statistics(hyps_dir(tmp_path, "a", HYPS), tiny_test_set, ["en-de"])
+    b = summarize_study.bleu_statistics(hyps_dir(tmp_path, "b", REFS[:2] + HYPS[2:]), tiny_test_set, ["en-de"])
+    forward, backward = (summarize_study.bootstrap_p([x], [y], ["en-de"]) for x, y in ((a, b), (b, a)))
+    assert forward["en-de"]["delta"] == pytest.approx(-backward["en-de"]["delta"])
+    assert forward["en-de"]["p_value"] == pytest.approx(backward["en-de"]["p_value"])
+    assert 0.0 <= forward["en-de"]["p_value"] <= 1.0
+
+
+def test_mean_std_is_the_sample_std():
+    entry = summarize_study.mean_std([1.0, 2.0, 4.0])
+    assert entry["mean"] == pytest.approx(7 / 3)
+    assert entry["std"] == pytest.approx(np.std([1.0, 2.0, 4.0], ddof=1))
+    assert summarize_study.mean_std([None]) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline, QUICK mode
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_study_quick_mode_runs_every_regime_then_skips(tmp_path):
+    env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1",
+           "STUDY_SYSTEMS": "student_sft forward selfevo", "REGIMES": "R1 R0 R2 R3 R4"}
+    first = subprocess.run(["bash", "pipelines/study.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for regime in ("R0", "R1", "R2", "R3", "R4"):
+        summary = json.loads((tmp_path / "study" / regime / "summary.json").read_text())
+        assert summary["regime"] == regime
+        expected = {"student_sft", "forward", "selfevo"} | ({"noevo", "selfevo_beta0.9"} if regime == "R1" else set())
+        assert set(summary["systems"]) == expected, regime
+        for name, entry in summary["systems"].items():
+            assert entry["seeds"] == [1]
+            assert set(entry["bleu"]) == {"de-en", "cs-en", "en-de", "en-cs", "avg"}
+            if name != "forward":
+                assert "p_value" in entry["significance"]["avg"]
+        assert summary["systems"]["selfevo"]["hard_fraction_start"] is not None
+        assert (tmp_path / "study" / regime / "table.md").read_text().count("\n| ") >= len(expected)
+        assert (tmp_path / "study" / regime / "curves.png").stat().st_size > 0
+        assert json.loads((tmp_path / "study" / regime / "settings.json").read_text())["REGIME"] == regime
+    # R2 trained on the noisy, ambiguous data; R3's small student shares the teacher's tokenizer
+    noisy_stats = json.loads((tmp_path / "data" / "study" / "noisy" / "stats.json").read_text())
+    assert noisy_stats["demo"]["noise"]["probability"] == 0.1
+    models = sorted((tmp_path / "data" / "study").glob("clean_models_*"))
+    assert len(models) == 2
+    vocabularies = [(m / "student" / "tokenizer.json").read_text() for m in models]
+    assert vocabularies[0] == vocabularies[1]
+    r3 = json.loads((tmp_path / "runs" / "study_R3" / "student_sft-s1" / "config.json").read_text())
+    assert "clean_models_1x16x2" in r3["student"] or "study_R3/student_base" in r3["student"]
+    r4 = json.loads((tmp_path / "runs" / "study_R4" / "forward-s1" / "config.json").read_text())
+    assert r4["student"].endswith("clean_models_1x32x2/student")
+
+    second = subprocess.run(["bash", "pipelines/study.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    ran = [line for line in second.stdout.splitlines() if ": running (log" in line and "summarize" not in line]
+    assert ran == [], ran
