@@ -12,6 +12,8 @@
 # figures/fig2/fig2.png. Each step is skipped when its output is complete.
 # Disk: each of the 20 runs (default lists) keeps its latest checkpoint (~100 GB) plus best/ and final/
 # (~13.5 GB each), ~125 GB a run; see pipelines/paper.sh.
+# BETA and GAMMA, the values the other two sweeps hold fixed, are the paper's (pipelines/paper.sh):
+# shellcheck disable=SC2153
 set -euo pipefail
 
 # ---- settings (each overridable from the environment) ----
