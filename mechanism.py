@@ -89,9 +89,8 @@ def check_args(args):
     if unknown or not methods:
         raise SystemExit(f"mechanism.py: --methods {args.methods}: {', '.join(unknown) or 'empty'}; "
                          f"choose among {', '.join(m for m in METHODS if m != 'sft')}")
-    for name in ("steps",):
-        if getattr(args, name) < 0:
-            raise SystemExit(f"mechanism.py: --{name} must be >= 0, got {getattr(args, name)}")
+    if args.steps < 0:
+        raise SystemExit(f"mechanism.py: --steps must be >= 0, got {args.steps}")
     for name in ("batches", "batch_size", "max_length"):
         if getattr(args, name) < 1:
             raise SystemExit(f"mechanism.py: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -139,17 +138,25 @@ def d_bin_edges(gamma):
     return [float(gamma * 10.0 ** (k / D_BINS_PER_DECADE)) for k in ks]
 
 
-def bin_index(values, edges):
-    """Bin of each value among len(edges)+1 bins (−inf, e0], (e0, e1], ..., (e_last, inf)."""
-    return np.searchsorted(np.asarray(edges, dtype=float), np.asarray(values, dtype=float), side="left")
+def d_bin_index(d, edges):
+    """Bin of each d among len(edges)+1 bins [0, e0], (e0, e1], ..., (e_last, inf): closed above, so
+    with Γ an edge the bins above Γ hold exactly the hard tokens (d > Γ)."""
+    return np.searchsorted(np.asarray(edges, dtype=float), np.asarray(d, dtype=float), side="left")
 
 
 def frequency_bucket_edges(counts_of_occurrences, n_buckets=FREQUENCY_BUCKETS):
     """Inner edges of the frequency buckets: quantiles of the training count of every target-token
-    occurrence (so each bucket holds about 1/n of the training target tokens; tied counts can merge
-    buckets). A token with count c is in bucket searchsorted(edges, c, 'left'): (e_{b−1}, e_b]."""
+    occurrence, so each bucket holds about 1/n of the training target tokens (tied counts merge
+    edges, and a bucket can hold more)."""
     fractions = np.arange(1, n_buckets) / n_buckets
     return [float(e) for e in np.unique(np.quantile(np.asarray(counts_of_occurrences, dtype=float), fractions))]
+
+
+def frequency_bucket_index(counts, edges):
+    """Bucket of each training count among len(edges)+1 buckets [0, e0), [e0, e1), ..., [e_last, inf):
+    closed below, so the few very frequent tokens that tie at the top quantile (EOS, the full stop)
+    fill the last bucket instead of leaving it empty."""
+    return np.searchsorted(np.asarray(edges, dtype=float), np.asarray(counts, dtype=float), side="right")
 
 
 # =============================================================================================
@@ -165,7 +172,7 @@ def summarise(tokens, d_edges, freq_edges, gamma):
     d, norm, ratio, freq_bucket = tokens["d"], tokens["grad_norm"], tokens["ratio"], tokens["freq_bucket"]
     hard = d > gamma
     squared = norm.astype(np.float64) ** 2
-    d_bin = bin_index(d, d_edges)
+    d_bin = d_bin_index(d, d_edges)
     lows, highs = [0.0, *d_edges], [*d_edges, math.inf]
     d_bins = []
     for b in range(len(d_edges) + 1):
@@ -204,7 +211,7 @@ def summarise(tokens, d_edges, freq_edges, gamma):
 
 def by_start_bin(d_start, d_end, d_edges):
     """The same tokens after training, grouped by their d at the start: who learned the hard tokens."""
-    start_bin = bin_index(d_start, d_edges)
+    start_bin = d_bin_index(d_start, d_edges)
     rows = []
     for b in range(len(d_edges) + 1):
         inside = start_bin == b
@@ -288,6 +295,9 @@ def plot(summary, path):
     methods = list(summary["methods"])
     gamma = summary["settings"]["gamma"]
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    # Methods with identical gradients (forward = noevo when λ = α) would hide each other: earlier
+    # methods are drawn wider.
+    widths = {m: 1.0 + 0.8 * (len(methods) - 1 - i) for i, m in enumerate(methods)}
     fig, axes = plt.subplots(2, 3, figsize=(16, 9))
 
     def d_centers(bins):
@@ -299,7 +309,8 @@ def plot(summary, path):
     def line(ax, xs, bins, key, method, style, label):
         points = [(x, b[key]) for x, b in zip(xs, bins) if b.get(key) is not None and b["tokens"] > 0]
         if points:
-            ax.plot(*zip(*points), style, color=colors[method], label=label, marker="o", markersize=3)
+            ax.plot(*zip(*points), style, color=colors[method], linewidth=widths[method], label=label,
+                    marker="o", markersize=3)
 
     for ax, key, title in ((axes[0, 0], "grad_norm_mean", "‖∂ℓ_t/∂z_t‖ (mean per bin of d)"),
                            (axes[0, 1], "ratio_to_noevo_mean", "‖g_t‖ / ‖g_t of noevo‖ (damping)")):
@@ -324,7 +335,7 @@ def plot(summary, path):
         for method, runs in summary["methods"].items():
             if "end" in runs:
                 ax.plot(buckets, [b[key] for b in runs["end"]["frequency_buckets"]], "--", color=colors[method],
-                        marker="o", markersize=3, label=f"{method} after training")
+                        linewidth=widths[method], marker="o", markersize=3, label=f"{method} after training")
         ax.set_xticks(list(buckets))
         ax.set_xlabel("frequency bucket of the target token (1 = rarest)")
         ax.set_title(title)
@@ -344,15 +355,18 @@ def plot(summary, path):
     ax.set_title("hard tokens' share of Σ‖g_t‖² (dark: step 0, light: after);\nblack bar: their share of the tokens")
 
     ax = axes[1, 1]
+    seen = []
     for method, runs in summary["methods"].items():
         if "by_start_bin" in runs:
             rows = runs["by_start_bin"]
             points = [(row["mean_d_start"], row["mean_d_end"]) for row in rows if row["tokens"] > 0]
-            ax.plot(*zip(*points), "--", color=colors[method], marker="o", markersize=3, label=method)
+            ax.plot(*zip(*points), "--", color=colors[method], linewidth=widths[method], marker="o", markersize=3,
+                    label=method)
+            seen.extend(value for point in points for value in point if value and value > 0)
     ax.axvline(gamma, color="grey", linestyle=":")
     ax.axhline(gamma, color="grey", linestyle=":")
-    lims = [summary["d_bin_edges"][0] / 10, summary["d_bin_edges"][-1] * 10]
-    ax.plot(lims, lims, color="lightgrey", linewidth=1, label="unchanged")
+    if seen:
+        ax.plot([min(seen), max(seen)], [min(seen), max(seen)], color="lightgrey", linewidth=1, label="unchanged")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("mean d at step 0 (tokens grouped by their starting bin)")
@@ -406,10 +420,8 @@ def main(argv=None):
         raise SystemExit(f"mechanism.py: {error}") from None
 
     # Token frequencies over every target token of the training references (response + EOS).
-    vocab_counts = np.zeros(len(tokenizer) + 1, dtype=np.int64)
-    for example in dataset.examples:
-        targets = [t for t in example["labels"] if t != IGNORE_INDEX]
-        np.add.at(vocab_counts, targets, 1)
+    training_targets = [t for example in dataset.examples for t in example["labels"] if t != IGNORE_INDEX]
+    vocab_counts = np.bincount(training_targets, minlength=len(tokenizer))
     occurrence_counts = np.repeat(vocab_counts, vocab_counts)  # the count of each occurrence's token
     freq_edges = frequency_bucket_edges(occurrence_counts)
     d_edges = d_bin_edges(args.gamma)
@@ -420,9 +432,9 @@ def main(argv=None):
     collate = TrainCollator(tokenizer.pad_token_id)
     batches = [collate([dataset[i] for i in order[start:start + args.batch_size]])
                for start in range(0, n_examples, args.batch_size)]
-    measured_targets = np.concatenate([train_kd.shifted_targets(b["labels"])[train_kd.shifted_targets(b["labels"])
-                                                                             != IGNORE_INDEX].numpy() for b in batches])
-    freq_buckets = bin_index(vocab_counts[measured_targets], freq_edges)
+    shifted = [train_kd.shifted_targets(batch["labels"]) for batch in batches]
+    measured_targets = np.concatenate([targets[targets != IGNORE_INDEX].numpy() for targets in shifted])
+    freq_buckets = frequency_bucket_index(vocab_counts[measured_targets], freq_edges)
 
     # Teacher logits of the measured tokens, once (the teacher is frozen).
     teacher = load_model(args.teacher).to(device).eval()

@@ -93,19 +93,20 @@ def test_frequency_buckets_and_d_bins_partition():
     counts = np.array([1, 1, 2, 3, 3, 3, 8, 8, 8, 8, 50, 50, 50, 50, 50, 50])
     edges = mechanism.frequency_bucket_edges(counts, n_buckets=4)
     assert edges == sorted(edges) and len(set(edges)) == len(edges)
-    bucket = mechanism.bin_index(counts, edges)
+    bucket = mechanism.frequency_bucket_index(counts, edges)
     assert set(bucket.tolist()) <= set(range(len(edges) + 1))
-    for b in range(len(edges) + 1):  # buckets are (e_{b−1}, e_b]: ranges ordered and disjoint
+    for b in range(len(edges) + 1):  # buckets are [e_{b−1}, e_b): ranges ordered and disjoint
         inside = counts[bucket == b]
         if b > 0:
-            assert (inside > edges[b - 1]).all()
+            assert (inside >= edges[b - 1]).all()
         if b < len(edges):
-            assert (inside <= edges[b]).all()
+            assert (inside < edges[b]).all()
+    assert (bucket[counts == 50] == len(edges)).all() and (bucket == len(edges)).sum() == 6  # the tied top
     d_edges = mechanism.d_bin_edges(GAMMA)
     assert GAMMA in d_edges and d_edges == sorted(d_edges)
     assert np.allclose(np.diff(np.log10(d_edges)), 1 / mechanism.D_BINS_PER_DECADE)
     d = np.array([0.0, 1e-9, GAMMA, np.nextafter(GAMMA, 1), 5.0, 1e6])
-    bins = mechanism.bin_index(d, d_edges)
+    bins = mechanism.d_bin_index(d, d_edges)
     gamma_bin = d_edges.index(GAMMA)
     assert bins[2] == gamma_bin and bins[3] == gamma_bin + 1  # d = Γ is easy, just above Γ is hard
     assert bins[0] == bins[1] == 0 and bins[-1] == len(d_edges)
