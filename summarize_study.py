@@ -26,17 +26,15 @@ the bootstrap measures the test-set sampling error only, not the training varian
 import argparse
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: find kd/
 
-from kd.data import read_jsonl
+from kd.io import fail as io_fail, read_appended_jsonl, read_jsonl, read_json, replacing, write_json, write_text
 
 RUN_NAME = re.compile(r"^(?P<system>.+)-s(?P<seed>\d+)$")
 DIRECTION_ORDER = ("de-en", "cs-en", "en-de", "en-cs")
@@ -58,8 +56,8 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def fail(message):
-    raise SystemExit(f"summarize_study.py: {message}")
+def fail(where, what, todo):
+    io_fail(where, what, todo)
 
 
 def mean_std(values):
@@ -75,13 +73,13 @@ def read_metrics(run):
     path = run / "metrics.jsonl"
     if not path.is_file():
         return [], []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows, _ = read_appended_jsonl(path, required=("type", "step"))
     return [r for r in rows if r["type"] == "train"], [r for r in rows if r["type"] == "valid"]
 
 
 def run_facts(run):
     """What one training run says about itself: best validation loss and epoch, epochs, hard fraction."""
-    results = json.loads((run / "all_results.json").read_text(encoding="utf-8"))
+    results = read_json(run / "all_results.json")
     train_rows, valid_rows = read_metrics(run)
     steps_per_epoch = results["steps"] / results["epochs"] if results["epochs"] else None
     facts = {"best_valid_loss": results["best_valid_loss"], "epochs_trained": results["epochs"],
@@ -106,8 +104,8 @@ def bleu_statistics(hyps_dir, refs_dir, directions):
                                                                     required=("id", "hypothesis"))}
         missing = [row["id"] for row in refs if row["id"] not in by_id]
         if missing:
-            fail(f"{hyps_dir / (direction + '.jsonl')}: no hypothesis for {len(missing)} reference ids "
-                 f"(first: {missing[0]}); rerun the study step that generates it")
+            fail(str(hyps_dir / f"{direction}.jsonl"), f"no hypothesis for {len(missing)} reference ids "
+                 f"(first: {missing[0]})", "rerun the study's generate step of this system")
         bleu = metrics.bleu_metric(refs[0]["tgt_lang"])
         stats = bleu._extract_corpus_statistics([by_id[row["id"]] for row in refs], [[row["reference"] for row in refs]])
         out[direction] = (np.asarray(stats, dtype=np.int64), bleu)
@@ -144,18 +142,6 @@ def bootstrap_p(system_stats, baseline_stats, directions):
     return out
 
 
-def write_atomic(path, data):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def fmt(entry, digits=2):
     if entry is None:
         return "–"
@@ -171,6 +157,14 @@ def make_table(summary):
             + ["avg BLEU", "avg chrF", "BLEU vs teacher", f"Δ avg BLEU vs {baseline} (p)", "wins",
                "best valid loss", "best epoch", "epochs", "hard frac. start → end"])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    teacher = summary.get("teacher")
+    if teacher:
+        cells = (["teacher", "1"] + [f"{teacher['bleu'][d]:.2f}" for d in directions]
+                 + [f"{teacher['bleu']['avg']:.2f}", f"{teacher['chrf']['avg']:.2f}", "–", "–", "–",
+                    "–" if teacher.get("best_valid_loss") is None else f"{teacher['best_valid_loss']:.4f}",
+                    "–" if teacher.get("best_epoch") is None else f"{teacher['best_epoch']:.1f}",
+                    "–" if teacher.get("epochs_trained") is None else f"{teacher['epochs_trained']:.1f}", "–"])
+        lines.append("| " + " | ".join(cells) + " |")
     for name, entry in summary["systems"].items():
         test = entry.get("significance")
         delta = "–" if not test else f"{test['avg']['delta']:+.2f} (p={test['avg']['p_value']:.3f})"
@@ -225,14 +219,9 @@ def plot_curves(summary_runs, out_path, regime):
             axis.legend(fontsize=7)
     fig.suptitle(f"Regime {regime}: mean over seeds")
     fig.tight_layout()
-    handle, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".png")
-    os.close(handle)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with replacing(out_path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
     finally:
         plt.close(fig)
 
@@ -241,14 +230,14 @@ def main(argv=None):
     args = parse_args(argv)
     for name in ("runs", "hyps", "results", "refs"):
         if not getattr(args, name).is_dir():
-            fail(f"--{name} {getattr(args, name)}: no such folder; run the study's steps first")
+            fail(f"--{name} {getattr(args, name)}", "no such folder", "run the study's steps first")
     runs = {}
     for run in sorted(args.runs.iterdir()):
         match = RUN_NAME.match(run.name)
         if match and (run / "COMPLETED").is_file():
             runs.setdefault(match["system"], []).append((int(match["seed"]), run))
     if not runs:
-        fail(f"--runs {args.runs}: no completed <system>-s<seed> run")
+        fail(f"--runs {args.runs}", "no completed <system>-s<seed> run", "run the study's training steps first")
     order = {name: i for i, name in enumerate(SYSTEM_ORDER)}
     systems = sorted(runs, key=lambda s: (order.get(s, len(order)), s))
     directions = [d for d in DIRECTION_ORDER if (args.refs / f"{d}.jsonl").is_file()] + sorted(
@@ -257,10 +246,10 @@ def main(argv=None):
     per_seed_stats = {}
     summary = {"regime": args.regime, "baseline": args.baseline, "checkpoint": args.checkpoint,
                "directions": directions, "bootstrap": {"samples": BOOTSTRAP_SAMPLES, "seed": BOOTSTRAP_SEED},
-               "settings": json.loads(args.settings.read_text()) if args.settings else None, "systems": {}}
+               "settings": read_json(args.settings, "--settings") if args.settings else None, "systems": {}}
     teacher_result = args.results / "teacher.json"
     if teacher_result.is_file():
-        teacher = json.loads(teacher_result.read_text(encoding="utf-8"))
+        teacher = read_json(teacher_result)
         summary["teacher"] = {"bleu": {**{d: teacher["directions"][d]["bleu"] for d in directions},
                                        "avg": teacher["average"]["bleu"]},
                               "chrf": {"avg": teacher["average"]["chrf"]}}
@@ -274,7 +263,7 @@ def main(argv=None):
             if not result_file.is_file():
                 continue  # trained, not yet scored
             seeds.append(seed)
-            results.append(json.loads(result_file.read_text(encoding="utf-8")))
+            results.append(read_json(result_file))
             facts.append(run_facts(run))
             per_seed_stats[(system, seed)] = bleu_statistics(args.hyps / run.name, args.refs, directions)
         if not seeds:
@@ -305,8 +294,8 @@ def main(argv=None):
             entry["seeds_beating_baseline"] = sum(avg_by_seed[system][s] > avg_by_seed[args.baseline][s] for s in shared)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-    write_atomic(args.out / "table.md", make_table(summary).encode())
+    write_json(args.out / "summary.json", summary)
+    write_text(args.out / "table.md", make_table(summary))
     plot_curves({s: [run for _, run in sorted(runs[s])] for s in systems}, args.out / "curves.png", args.regime)
     print(make_table(summary))
     print(f"wrote {args.out}/summary.json, table.md, curves.png")

@@ -1,121 +1,145 @@
 #!/usr/bin/env bash
-# Quickstart: the whole Table 1 pipeline at toy scale on a CPU, with nothing downloaded.
+# Quickstart: Table 1 at toy scale on a CPU, in the regime closest to the paper's, with nothing
+# downloaded (about 10 minutes on 2 CPU cores).
 #
 #   bash pipelines/quickstart.sh
 #
-# The embedded demo task (prepare_data.py --demo: synthetic de<->en and cs<->en), a tiny Llama
-# teacher (4 layers x 256) and student (2 x 128) with a tokenizer trained here (make_tiny_models.py),
-# then exactly Table 1's steps (pipelines/common.sh: table_pipeline): SFT of the teacher and of the
-# student, the five KD methods (forward, reverse, noevo, skew, selfevo) from the SFT teacher into the
-# student, greedy generation on the 4 test directions, BLEU/chrF (COMET when COMET_MODEL is set),
-# teacher similarity and significance against forward KD, the table, and the figures (training
-# curves, Fig. 4). It ends by printing the paths of the table and the figures.
+# The study's regime R1 (pipelines/regimes.sh; README: "Does it reproduce?") at quickstart size:
+#   1. the embedded demo task (prepare_data.py --demo: synthetic de<->en and cs<->en) with its
+#      monolingual corpus (--demo-monolingual), a tiny Llama teacher (4 layers x 160) and a student
+#      of about half its parameters (4 x 112), with a tokenizer trained here (make_tiny_models.py);
+#   2. both pretrained on the monolingual corpus: base models that know the languages, not the task
+#      (the paper distils into a pretrained Llama-7B);
+#   3. the SFT teacher, then the student systems (student SFT and the five KD methods forward,
+#      reverse, noevo, skew, selfevo at the paper's λ = α = β = 0.5, Γ = 0.4) from the student's
+#      base model, each trained to convergence (up to EPOCHS epochs, stopped after PATIENCE epochs
+#      without a better validation loss) and kept at its best validation checkpoint; two trainings
+#      at once (LANES, one per core);
+#   4. greedy translation of the 4 test directions, BLEU/chrF (COMET when COMET_MODEL is set),
+#      BLEU against the teacher (Fig. 4), significance against forward KD (summarize_study.py), the
+#      table and the training curves (validation loss, hard-token fraction, mean difficulty).
+# What was cut to fit 15 minutes, against the study's R1: 250 training pairs per language pair
+# instead of 500, 50 test sentences per direction instead of 100, smaller models (4x160 / 4x112
+# instead of 4x192 / 4x128), one seed instead of three, no selfevo top-K / selfevo_token rows.
+# The first quickstart (a random-init student, 150 warm-up + 150 KD steps, final checkpoint)
+# compared systems long before they converged and ranked the paper's method last; it is the
+# study's regime R0.
 #
-# Toy-scale choices (each a setting below): ALMA's short prompt (TEMPLATE=alma; the paper's alpaca
-# prompt triples the tokens); the teacher trains longer (TEACHER_MAX_STEPS) so that it clearly
-# beats the student; a random student is no "base model" (the skewed losses barely move a student
-# that puts no mass on the targets), so every student system starts from the same short SFT
-# warm-up (STUDENT_WARMUP_STEPS); one thread per process (THREADS=1), plain python (LAUNCHER).
-#
-# Outputs (OUT defaults to the repository root): data/quickstart_demo, models/quickstart_tiny,
-# runs/quickstart/<run>, hyps/quickstart/<system>, results/quickstart/{<system>.json,table.md},
-# figures/quickstart/{curves,fig4}.png, logs/quickstart/<step>.log. A re-run skips every finished
-# step; after changing a setting, use another OUT or EXP (or delete the outputs).
-# Disk: about 60 MB in all (each of the 8 runs keeps best/, final/ and its latest checkpoint).
+# Outputs (OUT defaults to the repository root): data/quickstart/clean (data), runs/quickstart_clean
+# (base models, teacher), runs/quickstart_R1/<system>-s1 (students), hyps/..., results/..., the
+# table and curves in results/quickstart/{table.md,summary.json,curves.png}, logs/quickstart_*/.
+# A re-run skips every finished step; after changing a setting, use another OUT (or delete the
+# outputs). Disk: about 60 MB.
 #
 # Variants:
 #   QUICK=1 bash pipelines/quickstart.sh                       # CI: a few steps, a few test rows
-#   DATA_DIR=../shared/data/alma SUBSET=2000 bash pipelines/quickstart.sh   # real ALMA-layout data
 #   COMET_MODEL=Unbabel/wmt22-comet-da bash pipelines/quickstart.sh       # with COMET (downloads it)
-#   OUT=/tmp/qs MAX_STEPS=200 bash pipelines/quickstart.sh
+#   DATA_DIR=path/to/ALMA/human_written_data SUBSET=2000 bash pipelines/quickstart.sh
+#       real ALMA-layout data: no monolingual corpus there, so this variant runs Table 1's own
+#       steps (pipelines/common.sh: table_pipeline) with a short SFT warm-up of a random student
 set -euo pipefail
 
 # ---- settings (each overridable from the environment) ----
 : "${QUICK:=0}"                 # 1: the reduced CI mode
-: "${EXP:=quickstart}"          # experiment name: runs/$EXP, results/$EXP, ...
+: "${EXP:=quickstart}"          # experiment name: runs/$EXP*, results/$EXP, ...
 : "${OUT:=}"                    # output root (empty: the repository root)
-: "${DATA_DIR:=}"               # an ALMA-layout folder instead of the demo task
+: "${DATA_DIR:=}"               # an ALMA-layout folder instead of the demo task (see Variants)
 : "${SUBSET:=}"                 # with DATA_DIR: training pairs per language pair (default 2000)
 : "${TEMPLATE:=alma}"           # prompt: ALMA's short one (3x fewer tokens than the paper's alpaca)
-: "${TEST_LIMIT:=}"             # first N rows of each test direction (empty: all)
+: "${TEST_LIMIT:=}"             # with DATA_DIR: first N rows of each test direction (empty: all)
 : "${COMET_MODEL:=none}"        # none: COMET skipped; a local checkpoint or hub name otherwise
-: "${LAUNCHER:=python}"         # one CPU process: plain python saves accelerate launch's start-up
-                                # (~10 s a step); LAUNCHER=accelerate goes through accelerate launch
+: "${LAUNCHER:=python}"         # one CPU process a run: plain python saves accelerate launch's
+                                # start-up; LAUNCHER=accelerate goes through accelerate launch
 : "${ACCELERATE_CONFIG:=accelerate_configs/cpu.yaml}"   # with LAUNCHER=accelerate
 : "${GEN_ACCELERATE_CONFIG:=$ACCELERATE_CONFIG}"
 : "${NUM_PROCESSES:=1}"
 : "${BF16:=0}"
-: "${SEED:=42}"
-if [[ "$QUICK" == 1 ]]; then
-  : "${DEMO_TRAIN_PAIRS:=300}" "${DEMO_EVAL_PAIRS:=8}"
-  : "${MAX_STEPS:=4}" "${TEACHER_MAX_STEPS:=4}" "${STUDENT_WARMUP_STEPS:=2}"
-  : "${BATCH_SIZE:=8}" "${MICRO_BATCH_SIZE:=8}" "${EVAL_STEPS:=2}"
-  : "${MAX_NEW_TOKENS:=24}" "${VOCAB_SIZE:=600}" "${TRAIN_EXTRA_ARGS:=--logging-steps 1}"
-  : "${TEACHER_SIZE:=2 64 2}" "${STUDENT_SIZE:=1 32 2}"   # layers hidden heads
-  : "${SUBSET:=200}"
-  if [[ -n "$DATA_DIR" ]]; then : "${TEST_LIMIT:=8}"; fi
-else
-  : "${DEMO_TRAIN_PAIRS:=4000}" "${DEMO_EVAL_PAIRS:=100}"
-  # The teacher trains longer than the students, so that distillation has something to pass on;
-  # every student system starts from the same warmed-up student (common.sh: STUDENT_WARMUP_STEPS).
-  : "${MAX_STEPS:=150}" "${TEACHER_MAX_STEPS:=400}" "${STUDENT_WARMUP_STEPS:=150}"
-  : "${BATCH_SIZE:=32}" "${MICRO_BATCH_SIZE:=32}" "${EVAL_STEPS:=50}"
-  : "${MAX_NEW_TOKENS:=64}" "${VOCAB_SIZE:=2000}" "${TRAIN_EXTRA_ARGS:=--logging-steps 5}"
-  : "${TEACHER_SIZE:=4 256 4}" "${STUDENT_SIZE:=2 128 2}"
-  : "${SUBSET:=2000}"
-  if [[ -n "$DATA_DIR" ]]; then : "${TEST_LIMIT:=100}"; fi
-fi
-: "${EPOCHS:=100}"              # MAX_STEPS ends the runs first
-: "${LR:=1e-3}"                 # from-scratch tiny models learn with a large rate
-: "${WARMUP_RATIO:=0.03}"
-: "${MAX_LENGTH:=256}"
-: "${SAVE_STEPS:=0}"             # no step_N checkpoints: best/ and final/ are enough here
-: "${GEN_BATCH_SIZE:=32}"
+: "${SEED:=1}"
+: "${LANES:=2}"                 # trainings at once (one per core)
 : "${THREADS:=1}"               # torch threads per process (OMP_NUM_THREADS): tiny matrices gain
                                 # little from a second thread, and oversubscribed OpenMP threads on a
                                 # busy machine run 10x slower (measured); empty: torch's default
+if [[ "$QUICK" == 1 ]]; then
+  : "${TRAIN_PAIRS:=40}" "${EVAL_PAIRS:=6}" "${MONO_SENTENCES:=60}" "${VOCAB_SIZE:=500}"
+  : "${TEACHER_SIZE:=2 48 2}" "${STUDENT_SIZE:=1 32 2}"
+  : "${BASE_EPOCHS:=1}" "${BASE_MAX_STEPS:=3}" "${EPOCHS:=2}" "${TEACHER_EPOCHS:=2}" "${PATIENCE:=1}"
+  : "${BATCH_SIZE:=16}" "${BASE_BATCH_SIZE:=16}" "${MAX_NEW_TOKENS:=16}" "${TRAIN_EXTRA_ARGS:=--logging-steps 1}"
+  # the DATA_DIR variant
+  : "${DEMO_TRAIN_PAIRS:=300}" "${MAX_STEPS:=4}" "${TEACHER_MAX_STEPS:=4}" "${STUDENT_WARMUP_STEPS:=2}"
+  : "${EVAL_STEPS:=2}" "${SUBSET:=200}"
+  if [[ -n "$DATA_DIR" ]]; then : "${TEST_LIMIT:=8}"; fi
+else
+  # R1 at quickstart size: 1,000 training rows, 50 test sentences a direction, 1,000 monolingual
+  # sentences a language; teacher 4x160, student 4x112 (0.53x its parameters).
+  : "${TRAIN_PAIRS:=250}" "${EVAL_PAIRS:=50}" "${MONO_SENTENCES:=1000}" "${VOCAB_SIZE:=1000}"
+  : "${TEACHER_SIZE:=4 160 4}" "${STUDENT_SIZE:=4 112 4}"
+  : "${BASE_EPOCHS:=2}" "${BASE_MAX_STEPS:=}" "${EPOCHS:=20}" "${TEACHER_EPOCHS:=20}" "${PATIENCE:=4}"
+  : "${BATCH_SIZE:=32}" "${BASE_BATCH_SIZE:=32}" "${MAX_NEW_TOKENS:=64}" "${TRAIN_EXTRA_ARGS:=--logging-steps 5}"
+  # the DATA_DIR variant: the first quickstart's steps (a step cut, a warmed-up random student)
+  : "${MAX_STEPS:=150}" "${TEACHER_MAX_STEPS:=400}" "${STUDENT_WARMUP_STEPS:=150}" "${EVAL_STEPS:=50}"
+  : "${SUBSET:=2000}"
+  if [[ -n "$DATA_DIR" ]]; then : "${TEST_LIMIT:=100}"; fi
+fi
+: "${LR:=1e-3}"                 # small models from a base model learn with a large rate
+: "${BASE_LR:=1e-3}"
+: "${WARMUP_RATIO:=0.03}"
+: "${MAX_LENGTH:=256}"
+: "${SAVE_STEPS:=0}"
+: "${GEN_BATCH_SIZE:=32}"
+: "${DATA_SEED:=$SEED}" "${MODEL_SEED:=0}"
 if [[ -n "$THREADS" ]]; then export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"; fi
 export TOKENIZERS_PARALLELISM=false
 
 # shellcheck source=pipelines/paper.sh disable=SC1091
 source "$(dirname "${BASH_SOURCE[0]}")/paper.sh"   # the paper's settings where none is set above
-use_experiment "$EXP"
 QUICKSTART_START=$SECONDS
 
-# ---- data and tiny models ----
 if [[ -n "$DATA_DIR" ]]; then
+  # ---- real ALMA-layout data: Table 1's own steps (no monolingual corpus for base models) ----
+  : "${EPOCHS:=100}"
+  # shellcheck disable=SC2034  # read by common.sh
+  MICRO_BATCH_SIZE="$BATCH_SIZE" KD_CHECKPOINT=final
+  use_experiment "$EXP"
   DATA="$OUT/data/${EXP}_alma"
   prepare_alma "$DATA"
-else
-  DATA="$OUT/data/${EXP}_demo"
-  step "prepare demo data" "$LOGS/prepare_data.log" all_exist "$DATA/train.jsonl" "$DATA/valid.jsonl" "$DATA/stats.json" -- \
-    "$PYTHON" prepare_data.py --demo --out "$DATA" --demo-train-pairs "$DEMO_TRAIN_PAIRS" \
-    --demo-eval-pairs "$DEMO_EVAL_PAIRS" --template "$TEMPLATE" --seed "$SEED"
+  TEST_DIR="$DATA/test"
+  if [[ -n "$TEST_LIMIT" ]]; then
+    limit_test "$DATA/test" "$TEST_LIMIT" "$DATA/test_first$TEST_LIMIT"
+    TEST_DIR="$DATA/test_first$TEST_LIMIT"
+  fi
+  MODELS="$OUT/models/${EXP}_tiny"
+  read -r T_LAYERS T_HIDDEN T_HEADS <<<"$TEACHER_SIZE"
+  read -r S_LAYERS S_HIDDEN S_HEADS <<<"$STUDENT_SIZE"
+  step "tiny models" "$LOGS/tiny_models.log" all_exist "$MODELS/teacher/config.json" "$MODELS/student/config.json" -- \
+    "$PYTHON" make_tiny_models.py --data "$DATA" --out "$MODELS" --vocab-size "$VOCAB_SIZE" --seed "$SEED" \
+    --teacher-layers "$T_LAYERS" --teacher-hidden "$T_HIDDEN" --teacher-heads "$T_HEADS" \
+    --student-layers "$S_LAYERS" --student-hidden "$S_HIDDEN" --student-heads "$S_HEADS"
+  table_pipeline "$DATA" "$TEST_DIR" "$MODELS/teacher" "$MODELS/student"
+  plot figures "curves,fig4" "$FIGURES/curves.png $FIGURES/fig4.png" --runs "$RUNS" --results "$RESULTS"
+  say "quickstart finished in $((SECONDS - QUICKSTART_START))s"
+  echo
+  cat "$TABLE"
+  echo
+  echo "table:   $TABLE"
+  echo "figures: $FIGURES/curves.png $FIGURES/fig4.png"
+  exit 0
 fi
-TEST_DIR="$DATA/test"
-if [[ -n "$TEST_LIMIT" ]]; then
-  limit_test "$DATA/test" "$TEST_LIMIT" "$DATA/test_first$TEST_LIMIT"
-  TEST_DIR="$DATA/test_first$TEST_LIMIT"
-fi
 
-MODELS="$OUT/models/${EXP}_tiny"
-read -r T_LAYERS T_HIDDEN T_HEADS <<<"$TEACHER_SIZE"
-read -r S_LAYERS S_HIDDEN S_HEADS <<<"$STUDENT_SIZE"
-step "tiny models" "$LOGS/tiny_models.log" all_exist "$MODELS/teacher/config.json" "$MODELS/student/config.json" -- \
-  "$PYTHON" make_tiny_models.py --data "$DATA" --out "$MODELS" --vocab-size "$VOCAB_SIZE" --seed "$SEED" \
-  --teacher-layers "$T_LAYERS" --teacher-hidden "$T_HIDDEN" --teacher-heads "$T_HEADS" \
-  --student-layers "$S_LAYERS" --student-hidden "$S_HIDDEN" --student-heads "$S_HEADS"
-
-# ---- Table 1 at toy scale ----
-table_pipeline "$DATA" "$TEST_DIR" "$MODELS/teacher" "$MODELS/student"
-
-# ---- figures: training curves of every run, teacher similarity ----
-plot figures "curves,fig4" "$FIGURES/curves.png $FIGURES/fig4.png" --runs "$RUNS" --results "$RESULTS"
-
+# ---- the demo task in the study's regime R1 ----
+# shellcheck source=pipelines/regimes.sh disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/regimes.sh"
+# shellcheck disable=SC2034  # read by regimes.sh and common.sh
+{
+  MICRO_BATCH_SIZE="$BATCH_SIZE" EVAL_STEPS="" MAX_STEPS="" SEEDS="$SEED"
+  STUDY_EXP="$EXP" STUDY_DATA="$OUT/data/$EXP" STUDY_RESULTS="$OUT/results"
+  SYSTEMS=(student_sft forward reverse noevo skew selfevo)
+  CHECKPOINT=best
+}
+run_regime R1
+summarize "$STUDY_EXP"
 say "quickstart finished in $((SECONDS - QUICKSTART_START))s"
 echo
-cat "$TABLE"
+cat "$STUDY_RESULTS/$STUDY_EXP/table.md"
 echo
-echo "table:   $TABLE"
-echo "figures: $FIGURES/curves.png"
-echo "         $FIGURES/fig4.png"
+echo "table:   $STUDY_RESULTS/$STUDY_EXP/table.md"
+echo "figure:  $STUDY_RESULTS/$STUDY_EXP/curves.png"

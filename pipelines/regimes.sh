@@ -170,9 +170,11 @@ run_regime() {
   TEACHER_MODEL_DIR="$shared_runs/teacher/best"
 
   use_experiment "${STUDY_EXP}_$REGIME"
-  ln -sfn "$shared_runs/teacher" "$RUNS/teacher"
-  ln -sfn "$shared_hyps/teacher" "$HYPS/teacher"
-  cp "$shared_results/teacher.json" "$RESULTS/teacher.json"
+  # the teacher's run and translations by link, its scores by copy (evaluate.py and the summary read
+  # them here); kept as they are on a re-run, so that nothing looks newer than it is
+  [[ -e "$RUNS/teacher" ]] || ln -s "$shared_runs/teacher" "$RUNS/teacher"
+  [[ -e "$HYPS/teacher" ]] || ln -s "$shared_hyps/teacher" "$HYPS/teacher"
+  [[ "$RESULTS/teacher.json" -nt "$shared_results/teacher.json" ]] || cp -p "$shared_results/teacher.json" "$RESULTS/"
   if [[ "$REGIME_STUDENT_INIT" == random ]]; then
     STUDENT_INIT_MODEL="$MODELS/student"
   elif [[ "$REGIME_STUDENT" == "$STUDENT_SIZE" ]]; then
@@ -189,3 +191,36 @@ run_regime() {
   done
   run_lanes student_job "${job_list[@]}"
 }
+
+# summarize REGIME: $STUDY_RESULTS/<regime>/{summary.json,table.md,curves.png} and the settings it
+# ran with (settings_json). Uses RUNS HYPS RESULTS TEST_DIR of the regime that just ran.
+summarize() {
+  local regime="$1" dest="$STUDY_RESULTS/$1"
+  step "summarize $regime" "$LOGS/summarize.log" up_to_date "$dest/table.md" "$RESULTS"/*.json -- \
+    write_summary "$regime" "$dest"
+}
+
+write_summary() {
+  local regime="$1" dest="$2"
+  mkdir -p "$dest"
+  settings_json >"$dest/settings.json.partial" && mv "$dest/settings.json.partial" "$dest/settings.json"
+  "$PYTHON" summarize_study.py --regime "$regime" --runs "$RUNS" --hyps "$HYPS" --results "$RESULTS" \
+    --refs "$TEST_DIR" --out "$dest" --settings "$dest/settings.json" --checkpoint "$CHECKPOINT"
+}
+
+# settings_json: the settings of the regime that just ran, for its summary (the variables named below).
+settings_json() {
+  local name first=1
+  printf '{'
+  for name in REGIME SEEDS TRAIN_PAIRS EVAL_PAIRS MONO_SENTENCES VOCAB_SIZE TEACHER_SIZE STUDENT_SIZE \
+    SMALL_STUDENT_SIZE BASE_EPOCHS EPOCHS TEACHER_EPOCHS PATIENCE BATCH_SIZE BASE_BATCH_SIZE LR BASE_LR \
+    WARMUP_RATIO KD_RATIO TARGET_MIX BETA GAMMA TOP_K AMBIGUITY NOISE TEMPLATE DATA_SEED MODEL_SEED \
+    MAX_NEW_TOKENS R0_TRAIN_PAIRS R0_TEACHER_STEPS R0_WARMUP_STEPS R0_KD_STEPS R0_TEACHER_SIZE \
+    R0_STUDENT_SIZE R0_BATCH_SIZE QUICK; do
+    [[ $first -eq 1 ]] || printf ', '
+    first=0
+    printf '"%s": "%s"' "$name" "${!name:-}"
+  done
+  printf ', "wall_seconds_so_far": %s}\n' "$((SECONDS - ${STUDY_START:-0}))"
+}
+

@@ -71,6 +71,7 @@ else
 fi
 : "${LR:=5e-4}" "${BASE_LR:=1e-3}" "${WARMUP_RATIO:=0.03}" "${MAX_LENGTH:=256}"
 : "${DATA_SEED:=11}" "${MODEL_SEED:=0}"
+# shellcheck disable=SC2034  # read by common.sh
 MICRO_BATCH_SIZE="$BATCH_SIZE" EVAL_STEPS="" SAVE_STEPS="" MAX_STEPS=""
 : "${GEN_BATCH_SIZE:=32}" "${NUM_BEAMS:=1}"
 : "${THREADS:=1}"                  # one torch thread per process: LANES processes share the cores
@@ -79,42 +80,17 @@ export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS" TOKENIZERS_PARALLEL
 : "${STUDY_SYSTEMS:=student_sft forward reverse skew selfevo selfevo_topk selfevo_token}"
 read -r -a STUDY_SYSTEMS <<<"$STUDY_SYSTEMS"
 
-# shellcheck source=pipelines/common.sh disable=SC1091
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+# shellcheck source=pipelines/paper.sh disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/paper.sh"   # the rest of the settings (generation, ...)
 # shellcheck source=pipelines/regimes.sh disable=SC1091
 source "$(dirname "${BASH_SOURCE[0]}")/regimes.sh"
 STUDY_DATA="$OUT/data/$STUDY_EXP"
 : "${STUDY_RESULTS:=$OUT/study}"
 STUDY_START=$SECONDS
 
-# summarize REGIME: study/<regime>/{summary.json,table.md,curves.png} and the settings it ran with.
-summarize() {
-  local regime="$1" dest="$STUDY_RESULTS/$1"
-  mkdir -p "$dest"
-  settings_json >"$dest/settings.json.partial" && mv "$dest/settings.json.partial" "$dest/settings.json"
-  step "summarize $regime" "$LOGS/summarize.log" -- \
-    "$PYTHON" summarize_study.py --regime "$regime" --runs "$RUNS" --hyps "$HYPS" --results "$RESULTS" \
-    --refs "$TEST_DIR" --out "$dest" --settings "$dest/settings.json" --checkpoint "$CHECKPOINT"
-}
-
-# settings_json: the settings of the regime that just ran, for its summary.
-settings_json() {
-  local name first=1
-  printf '{'
-  for name in REGIME SEEDS TRAIN_PAIRS EVAL_PAIRS MONO_SENTENCES VOCAB_SIZE TEACHER_SIZE STUDENT_SIZE \
-    SMALL_STUDENT_SIZE BASE_EPOCHS EPOCHS TEACHER_EPOCHS PATIENCE BATCH_SIZE BASE_BATCH_SIZE LR BASE_LR \
-    WARMUP_RATIO KD_RATIO TARGET_MIX BETA GAMMA TOP_K AMBIGUITY NOISE TEMPLATE DATA_SEED MODEL_SEED \
-    MAX_NEW_TOKENS R0_TRAIN_PAIRS R0_TEACHER_STEPS R0_WARMUP_STEPS R0_KD_STEPS R0_TEACHER_SIZE \
-    R0_STUDENT_SIZE R0_BATCH_SIZE QUICK; do
-    [[ $first -eq 1 ]] || printf ', '
-    first=0
-    printf '"%s": "%s"' "$name" "${!name:-}"
-  done
-  printf ', "wall_seconds_so_far": %s}\n' "$((SECONDS - STUDY_START))"
-}
-
 # ---- R0: the first quickstart's regime, through common.sh's Table 1 machinery, SEEDS times ----
 run_r0() {
+  # shellcheck disable=SC2034  # read by settings_json (regimes.sh)
   REGIME=R0
   local seed data="$STUDY_DATA/r0_demo" models="$STUDY_DATA/r0_models"
   use_experiment "${STUDY_EXP}_R0"
@@ -211,6 +187,7 @@ for regime in $REGIMES; do
         fi
         SEEDS="$SEEDS_ALL"
       fi
+      # shellcheck disable=SC2034  # read by summarize (regimes.sh)
       CHECKPOINT=best
       summarize "$regime"
       ;;

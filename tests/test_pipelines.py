@@ -203,14 +203,19 @@ def test_quickstart_reduced_then_rerun_skips(tmp_path):
     first = run_bash("bash pipelines/quickstart.sh", env, timeout=420)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     ran = [m.group(1) for m in STEP_LINE.finditer(first.stdout) if m.group(2) == "running"]
-    assert "train selfevo" in ran and "generate teacher" in ran and "evaluate forward" in ran, first.stdout
+    assert "train selfevo-s1" in ran and "generate teacher" in ran and "evaluate forward-s1" in ran, first.stdout
+    assert "train teacher_base" in ran and "train student_base" in ran, first.stdout  # R1: base models first
 
     table = tmp_path / "results" / "quickstart" / "table.md"
     text = table.read_text()
     for system in SYSTEMS:
-        assert re.search(rf"^\|\s*[^|]*{re.escape(system)}", text, re.M), f"no row for {system} in\n{text}"
-        assert (tmp_path / "runs" / "quickstart" / ("teacher_sft" if system == "teacher" else system)).is_dir()
-    figures = [tmp_path / "figures" / "quickstart" / name for name in ("curves.png", "fig4.png")]
+        name = "student_sft" if system == "student" else system
+        assert re.search(rf"^\|\s*{re.escape(name)}\s*\|", text, re.M), f"no row for {name} in\n{text}"
+        run = "quickstart_clean/teacher" if system == "teacher" else f"quickstart_R1/{name}-s1"
+        assert (tmp_path / "runs" / run / "COMPLETED").is_file(), run
+    summary = json.loads((tmp_path / "results" / "quickstart" / "summary.json").read_text())
+    assert summary["systems"]["selfevo"]["significance"]["avg"]["p_value"] is not None
+    figures = [tmp_path / "results" / "quickstart" / "curves.png"]
     for figure in figures:
         assert_png(figure)
     assert str(table) in first.stdout and all(str(f) in first.stdout for f in figures)
