@@ -318,6 +318,10 @@ def main(argv=None):
         accelerator.print(f"{path.name}: {len(rows)} rows, {len(done)} already done, {len(pending)} to translate")
 
         # ---- translate: length-sorted batches dealt to the processes, gathered, appended ----
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=len(pending), desc=path.name, unit="sent", dynamic_ncols=True,
+                        disable=not is_main)  # sentences/s and the ETA of this file
         start = time.time()
         id_lists = [encode_prompt(tokenizer, row["prompt"]) for row in pending]
         batches = length_sorted_batches(id_lists, args.batch_size)
@@ -341,9 +345,8 @@ def main(argv=None):
                         new_tokens += count
                     handle.flush()
                     os.fsync(handle.fileno())
-            rounds_done, rounds = first // world + 1, -(-len(batches) // world)
-            if rounds_done % 50 == 0 and rounds_done < rounds:
-                accelerator.print(f"  {path.name}: {rounds_done}/{rounds} batch rounds done")
+                progress.update(len(gathered))
+        progress.close()
         seconds = time.time() - start
 
         # ---- finish: the complete file in input order, atomically; the partial file goes ----

@@ -24,7 +24,7 @@
 #
 # Variants:
 #   QUICK=1 bash pipelines/quickstart.sh                       # CI: a few steps, a few test rows
-#   DATA_DIR=../shared/data/alma SUBSET=2000 bash pipelines/quickstart.sh   # real ALMA-layout data
+#   DATA_DIR=path/to/ALMA/human_written_data SUBSET=2000 bash pipelines/quickstart.sh   # real ALMA-layout data
 #   COMET_MODEL=Unbabel/wmt22-comet-da bash pipelines/quickstart.sh       # with COMET (downloads it)
 #   OUT=/tmp/qs MAX_STEPS=200 bash pipelines/quickstart.sh
 set -euo pipefail

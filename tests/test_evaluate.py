@@ -5,7 +5,9 @@ off-target rate, the table, and every bad input.
 """
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import evaluate
 from kd import metrics
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # tiny_comet.py
 
 ENGLISH = [
     "The house is big and has a red roof.",
@@ -171,40 +174,35 @@ def test_off_target_rate_on_german_and_english():
 # COMET: the real unbabel-comet code path on a tiny checkpoint built here
 # ---------------------------------------------------------------------------------------------
 
-def build_tiny_comet(folder):
-    """A 2-layer XLM-R COMET regression model with a locally trained tokenizer, saved as COMET saves one."""
-    import pytorch_lightning
-    import torch
-    import yaml
-    from comet.models import RegressionMetric
-    from tokenizers import SentencePieceUnigramTokenizer
-    from transformers import XLMRobertaConfig, XLMRobertaTokenizerFast
+def comet_python_or_skip():
+    """A Python with unbabel-comet: this one, or KD_COMET_PYTHON (.ci/run sets it to the pinned
+    stack's Python when it tests the newest stack, which cannot install unbabel-comet)."""
+    try:
+        import comet  # noqa: F401
+        return sys.executable
+    except ImportError:
+        other = os.environ.get("KD_COMET_PYTHON")
+        if not other:
+            pytest.skip("unbabel-comet is not installed here (the newest stack cannot install it) "
+                        "and KD_COMET_PYTHON names no Python that has it")
+        return other
 
-    encoder = folder / "encoder"
-    unigram = SentencePieceUnigramTokenizer()
-    unigram.train_from_iterator(ENGLISH + GERMAN, vocab_size=200, unk_token="<unk>", show_progress=False,
-                                special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    tokenizer = XLMRobertaTokenizerFast(tokenizer_object=unigram._tokenizer, bos_token="<s>", eos_token="</s>",
-                                        sep_token="</s>", cls_token="<s>", unk_token="<unk>", pad_token="<pad>",
-                                        mask_token="<mask>")
-    tokenizer.save_pretrained(encoder)
-    XLMRobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=258, pad_token_id=tokenizer.pad_token_id,
-                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id).save_pretrained(encoder)
-    torch.manual_seed(0)
-    model = RegressionMetric(pretrained_model=str(encoder), load_pretrained_weights=False, hidden_sizes=[16],
-                             local_files_only=True)
-    (folder / "checkpoints").mkdir(parents=True)
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-                "pytorch-lightning_version": pytorch_lightning.__version__}, folder / "checkpoints" / "model.ckpt")
-    (folder / "hparams.yaml").write_text(yaml.safe_dump({**dict(model.hparams), "class_identifier": "regression_metric"}))
-    return folder
+
+def tiny_comet(python, *argv):
+    """tests/tiny_comet.py run by `python` (a Python with unbabel-comet); its stdout as JSON."""
+    done = subprocess.run([python, str(REPO / "tests" / "tiny_comet.py"), *map(str, argv)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])  # its answer is the last line
 
 
 def test_comet_with_a_tiny_checkpoint(files):
+    pytest.importorskip("comet", reason="in-process COMET needs unbabel-comet (requirements.txt); the newest "
+                                        "stack scores it through --comet-python (test_comet_through_another_python)")
     from comet import load_from_checkpoint
+    from tiny_comet import build_tiny_comet
 
-    comet_dir = build_tiny_comet(files["root"] / "tiny-comet")
+    comet_dir = build_tiny_comet(files["root"] / "tiny-comet", ENGLISH + GERMAN)
     out = files["root"] / "results" / "comet.json"
     refs = files["refs"] / "de-en.jsonl"
     result = evaluate.main(["--hyps", str(files["good"] / "de-en.jsonl"), "--refs", str(refs),
@@ -223,7 +221,38 @@ def test_comet_with_a_tiny_checkpoint(files):
     assert metrics.comet_scores(model, GERMAN, files["hyps"]["de-en"], ENGLISH, 4)[0] == pytest.approx(expected.scores, abs=1e-5)
 
 
+def test_comet_through_another_python(files):
+    """--comet-python: the same COMET x 100, baseline COMET and significance as unbabel-comet gives there."""
+    python = comet_python_or_skip()
+    comet_dir = files["root"] / "tiny-comet"
+    tiny_comet(python, "build", comet_dir, json.dumps(ENGLISH + GERMAN))
+    out = files["root"] / "results" / "comet-python.json"
+    argv = ["--hyps", str(files["good"] / "de-en.jsonl"), "--refs", str(files["refs"] / "de-en.jsonl"),
+            "--baseline", str(files["bad"] / "de-en.jsonl"), "--comet-model", str(comet_dir),
+            "--comet-batch-size", "4", "--out", str(out)]
+    result = evaluate.main(argv + ["--comet-python", python])
+    scores = result["directions"]["de-en"]
+    bad = [degrade(e.replace("the", "a", 1), 3) for e in ENGLISH]
+    expected = tiny_comet(python, "predict", comet_dir, json.dumps({"src": GERMAN, "mt": files["hyps"]["de-en"], "ref": ENGLISH}))
+    baseline = tiny_comet(python, "predict", comet_dir, json.dumps({"src": GERMAN, "mt": bad, "ref": ENGLISH}))
+    assert scores["comet"] == pytest.approx(100 * expected["system_score"], abs=1e-4)
+    assert scores["baseline_comet"] == pytest.approx(100 * baseline["system_score"], abs=1e-4)
+    p_value = metrics.mean_paired_bootstrap(baseline["scores"], expected["scores"])
+    assert scores["comet_p_value"] == pytest.approx(p_value) and scores["comet_significant"] == (p_value < 0.05)
+    assert result["comet_python"] == python and json.loads(out.read_text())["directions"]["de-en"] == scores
+    if python == sys.executable:  # in-process COMET gives the very same results
+        in_process = evaluate.main(argv)
+        assert in_process["directions"] == result["directions"]
+    with pytest.raises(SystemExit, match=r"--comet-python .*nowhere/python: cannot run it"):
+        evaluate.main(argv + ["--comet-python", str(files["root"] / "nowhere" / "python")])
+    (files["root"] / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"COMET failed there: --comet-model .*empty: no checkpoints/model\.ckpt"):
+        evaluate.main(argv[:7] + [str(files["root"] / "empty")] + argv[8:] + ["--comet-python", python])
+
+
 def test_comet_model_that_cannot_be_loaded_offline(files, monkeypatch):
+    pytest.importorskip("comet", reason="in-process COMET needs unbabel-comet (requirements.txt); the newest "
+                                        "stack scores it through --comet-python (test_comet_through_another_python)")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = files["root"] / "results" / "x.json"
     with pytest.raises(SystemExit, match=r"Unbabel/wmt22-comet-da: cannot load this COMET model.*HF_HUB_OFFLINE.*--comet-model none"):
@@ -428,8 +457,6 @@ def test_japanese_korean_chinese_targets_use_their_tokenizers(tmp_path):
 def test_a_missing_tokenizer_stops_before_any_direction_is_scored(tmp_path):
     """Without MeCab (as before sacrebleu[ja] is installed): one error naming the direction and the
     extra, before the first direction is scored, and no results file."""
-    import sys
-
     refs, hyps = asian_files(tmp_path)
     out = tmp_path / "asian.json"
     code = ("import sys; sys.modules['MeCab'] = None; sys.path.insert(0, sys.argv[1]); import evaluate; "
