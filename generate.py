@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: f
 
 import torch
 
+from kd.compat import quiet_cpu_runs
 from kd.data import encode_prompt, left_pad, read_jsonl
 from kd.models import check_model_path, load_model, load_tokenizer
 
@@ -236,6 +237,7 @@ def length_sorted_batches(id_lists, batch_size):
 
 def main(argv=None):
     args = parse_args(argv)
+    quiet_cpu_runs()  # before accelerate imports DeepSpeed
 
     # ---- inputs: read and check every file before loading the model ----
     files = input_files(args.input)

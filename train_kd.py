@@ -86,6 +86,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kd.compat import quiet_cpu_runs
 from kd.data import IGNORE_INDEX, TrainCollator, TranslationDataset, length_grouped_order, read_jsonl
 from kd.losses import KD_METHODS, METHODS, TARGET_MIX_METHODS, compute_loss, compute_loss_from_hidden, shared_vocab_size
 from kd.models import DTYPES, check_model_path, load_model, load_tokenizer, tokenizer_mismatch
@@ -283,6 +284,7 @@ def model_vocab_size(name_or_path):
 
 def main(argv=None):
     args = parse_args(argv)
+    quiet_cpu_runs()  # before accelerate imports DeepSpeed
     from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import DistributedType, GradientAccumulationPlugin, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm

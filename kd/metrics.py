@@ -22,7 +22,9 @@ significance, off-target rate, and similarity to the teacher.
   restricted to CANDIDATE_LANGUAGES plus the languages of the scored directions: among all its 97
   languages it takes 5.6 % of the WMT22 Russian references for Bulgarian, Ukrainian or Macedonian
   and 3 % of the Czech ones for Slovak. Japanese is written with kana: a text without any is not
-  taken for Japanese (kanji-only Chinese would be, 1.3 % of the WMT22 Chinese references).
+  taken for Japanese (kanji-only Chinese would be, 1.3 % of the WMT22 Chinese references). With
+  it, ALMA's WMT22 references are off-target at most 0.55 % (cs 0.34, de 0.55, is 0.10, ru 0.02,
+  zh 0.03, en 0.39 %).
 """
 
 import json
