@@ -20,6 +20,10 @@ language pair (de-en and cs-en: 2 x (14,211 + 12,076) = 52,574 examples), valida
     # the embedded synthetic task (kd/demo.py) that needs no download: the quickstart's data
     python prepare_data.py --demo --out data/demo --demo-train-pairs 4000 --seed 42
 
+    # the demo with what real data has: monolingual text for a base model, several correct
+    # translations for half the training pairs, 10 % noisy training references
+    python prepare_data.py --demo --out data/demo_real --demo-monolingual 3000 --demo-ambiguity --demo-noise 0.1
+
 Input layout (ALMA's), per language pair xx-en, in DIR/<xx>en/ or directly in DIR/:
     train.xx-en.json  valid.xx-en.json  test.xx-en.json  test.en-xx.json
 each either JSON Lines or one JSON array of {"translation": {"xx": "...", "en": "..."}}; or plain
@@ -101,6 +105,16 @@ def parse_args(argv):
                         help="--demo: training pairs per language pair (x2 directions)")
     parser.add_argument("--demo-eval-pairs", type=int, default=200,
                         help="--demo: pairs per validation direction and per test file")
+    parser.add_argument("--demo-monolingual", type=int, default=0, metavar="N",
+                        help="--demo: also write mono.jsonl (N sentences per language, empty prompt: "
+                             "train a base model with --method sft) and mono_valid.jsonl "
+                             "(max(50, N/50) per language)")
+    parser.add_argument("--demo-ambiguity", type=float, nargs="?", const=0.5, default=0.0, metavar="SHARE",
+                        help="--demo: SHARE (default 0.5) of the training pairs drawn from several correct "
+                             "renderings (synonyms, word orders, optional words); valid/test stay canonical")
+    parser.add_argument("--demo-noise", type=float, default=0.0, metavar="P",
+                        help="--demo: corrupt each training reference with probability P (a word dropped "
+                             "or replaced, a span of another sentence appended or substituted)")
     return parser.parse_args(argv)
 
 
@@ -383,6 +397,28 @@ def format_table(table):
     return "\n".join(lines)
 
 
+def ambiguity_stats(share, report, langs):
+    """stats.json's view of kd.demo's ambiguity report, per training direction (target side)."""
+    directions = {}
+    for lang in langs:
+        counts = report[f"{lang}-en"]
+        for src, tgt in ((lang, "en"), ("en", lang)):
+            histogram = counts["alternatives"][tgt]
+            ambiguous = sum(pairs for n, pairs in histogram.items() if n > 1)
+            directions[f"{src}-{tgt}"] = {
+                "alternatives_histogram": {str(n): pairs for n, pairs in histogram.items()},
+                "sources_with_alternatives": ambiguous / counts["pairs"],
+                "references_drawn": counts["drawn"] / counts["pairs"],
+                "references_not_canonical": counts["not_canonical"][tgt] / counts["pairs"],
+            }
+    return {"share": share,
+            "note": "per training direction, over the generated pairs (before --subset): how many "
+                    "correct renderings each reference had (histogram of pairs by count), the share "
+                    "with more than one, the share drawn from them (about SHARE), and the share whose "
+                    "drawn reference differs from the canonical one; valid and test are canonical",
+            "directions": directions}
+
+
 def main(argv=None):
     args = parse_args(argv)
 
@@ -391,6 +427,14 @@ def main(argv=None):
         fail("--subset", f"{args.subset} is not a positive number of pairs", "pass N >= 1 or leave it out")
     if args.demo and (args.demo_train_pairs < 1 or args.demo_eval_pairs < 1):
         fail("--demo-train-pairs/--demo-eval-pairs", "must be positive", "pass N >= 1")
+    if args.demo_monolingual < 0:
+        fail("--demo-monolingual", f"{args.demo_monolingual} is negative", "pass N >= 0 sentences per language")
+    for flag, value in (("--demo-ambiguity", args.demo_ambiguity), ("--demo-noise", args.demo_noise)):
+        if not 0 <= value <= 1:  # also refuses nan
+            fail(flag, f"{value} is not a share between 0 and 1", "pass a value in [0, 1]")
+    if not args.demo and (args.demo_monolingual or args.demo_ambiguity or args.demo_noise):
+        fail("--demo-monolingual/--demo-ambiguity/--demo-noise", "only the demo task has them",
+             "add --demo or leave them out")
     if args.data_dir is not None and not args.data_dir.is_dir():
         fail(args.data_dir, "no such folder", "pass the folder that holds <xx>en/train.<xx>-en.json")
     if args.pairs is not None:
@@ -421,13 +465,29 @@ def main(argv=None):
     needs_valid = {lang: any(lang in direction for direction in valid_directions) for lang in langs}
     preferred_json = []  # splits there both as JSON and as aligned text files: the JSON is read
     if args.demo:
-        from kd.demo import generate_demo_corpus
+        from kd.demo import add_reference_noise, generate_demo_corpus, generate_monolingual
 
-        demo = generate_demo_corpus(train_pairs=args.demo_train_pairs,
-                                    eval_pairs=args.demo_eval_pairs, seed=args.seed)
+        ambiguity_report = {}
+        demo = generate_demo_corpus(train_pairs=args.demo_train_pairs, eval_pairs=args.demo_eval_pairs,
+                                    seed=args.seed, ambiguity=args.demo_ambiguity,
+                                    ambiguity_report=ambiguity_report)
         corpus = {lang: {part: (f"kd/demo.py:{lang}-en:{part}", pairs)
                          for part, pairs in demo[lang].items()} for lang in langs}
         data_source = f"demo (kd/demo.py, seed {args.seed})"
+        mono_rows, mono_valid_rows = [], []
+        if args.demo_monolingual:
+            # rows with an empty prompt: kd.data trains on BOS + sentence + EOS, the loss on the sentence
+            held_out = {text for parts in demo.values() for part, pairs in parts.items() if part != "train"
+                        for pair in pairs for text in pair}
+            mono_valid_count = max(50, args.demo_monolingual // 50)
+            mono = generate_monolingual(args.demo_monolingual, mono_valid_count, held_out, seed=args.seed,
+                                        langs=["en", *langs], ambiguity=args.demo_ambiguity)
+            for split, rows in (("mono", mono_rows), ("mono_valid", mono_valid_rows)):
+                for lang, texts in mono[split].items():
+                    rows += [{"id": f"{split}-{lang}-{index:06d}", "direction": f"mono-{lang}",
+                              "src_lang": lang, "tgt_lang": lang, "source": "", "reference": text,
+                              "prompt": ""} for index, text in enumerate(texts)]
+            random.Random(f"mono-{args.seed}").shuffle(mono_rows)
     elif args.hub:
         corpus = {lang: read_hub(lang, needs_valid[lang]) for lang in langs}
         data_source = f"hub ({HUB_PARALLEL}, {HUB_TEST})"
@@ -468,6 +528,9 @@ def main(argv=None):
             test_files[f"{src}-{tgt}"] = rows_for("test", lang, src, kept, args.template)
             note("test", src, tgt, label, counts, 0, len(kept))
 
+    noise_report = None
+    if args.demo and args.demo_noise > 0:  # before the shuffle: the corrupted rows depend on the seed only
+        noise_report = add_reference_noise(train_rows, args.demo_noise, args.seed)
     random.Random(args.seed).shuffle(train_rows)
 
     # ---- write (atomically, stats.json last) and report ----
@@ -488,10 +551,24 @@ def main(argv=None):
     }
     if args.demo:
         stats["demo"] = {"train_pairs": args.demo_train_pairs, "eval_pairs": args.demo_eval_pairs}
+        if args.demo_ambiguity:
+            stats["demo"]["ambiguity"] = ambiguity_stats(args.demo_ambiguity, ambiguity_report, langs)
+        if noise_report is not None:
+            stats["demo"]["noise"] = noise_report
+        if args.demo_monolingual:
+            stats["demo"]["monolingual"] = {
+                "per_language": args.demo_monolingual, "valid_per_language": mono_valid_count,
+                "languages": ["en", *langs], "files": ["mono.jsonl", "mono_valid.jsonl"],
+                "note": "direction mono-<lang>, src_lang = tgt_lang = <lang>, empty source and prompt, "
+                        "the sentence as reference; no sentence is a rendering of a valid or test sentence"}
+            stats["counts"].update({"mono": len(mono_rows), "mono_valid": len(mono_valid_rows)})
     write_atomically(args.out / "train.jsonl", jsonl(train_rows))
     write_atomically(args.out / "valid.jsonl", jsonl(valid_rows))
     for direction, rows in test_files.items():
         write_atomically(args.out / "test" / f"{direction}.jsonl", jsonl(rows))
+    if args.demo and args.demo_monolingual:
+        write_atomically(args.out / "mono.jsonl", jsonl(mono_rows))
+        write_atomically(args.out / "mono_valid.jsonl", jsonl(mono_valid_rows))
     write_atomically(args.out / "stats.json", json.dumps(stats, ensure_ascii=False, indent=2) + "\n")
     stale = sorted(path.name for path in (args.out / "test").glob("*.jsonl")
                    if path.stem not in test_files)

@@ -16,6 +16,10 @@ smaller one:
           dropped 1st/2nd person pronouns, past tense by gender with the auxiliary jsem/jsi/jsme
           in second position, future with budu, negation as the prefix ne-.
 
+Options of prepare_data.py --demo: `alternatives` (--demo-ambiguity: synonyms, free word orders,
+optional words), `generate_monolingual` (--demo-monolingual) and `add_reference_noise`
+(--demo-noise), at the end of this module.
+
 Simplifications, consistent throughout: numbers run from 2 to 20 ("one" would make "a dog" and
 "one dog" the same German); "you" is always singular (du, ty); "I", "you" and "we" are masculine
 in Czech; "they" is masculine (oni, -li); "the teacher" is male; Czech future is budu + the
@@ -37,6 +41,7 @@ after 300 steps, every output the same sentence whatever the source.
     {'en': 'I saw a big cat.', 'de': 'Ich habe eine große Katze gesehen.', 'cs': 'Viděl jsem velkou kočku.'}
 """
 
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -189,6 +194,44 @@ on the street  | auf der Straße  | na ulici
 in the village | im Dorf         | ve vesnici
 by the river   | am Fluss        | u řeky
 """
+
+# ---- alternatives (--demo-ambiguity): synonyms, free word orders, an optional word ----
+
+CANONICAL = frozenset()  # no variant: the one rendering the task had before alternatives existed
+
+# adjective synonyms, by language: canonical form -> the synonym (its name as a variant);
+# Czech keys and values are (stem, masculine animate nominative plural)
+ADJECTIVE_SYNONYMS = {
+    "en": {"big": "large", "small": "little"},
+    "de": {"glücklich": "froh"},
+    "cs": {("velk", "velcí"): ("velik", "velicí")},
+}
+# noun synonyms, by the English singular: (variant name, gender, forms as the noun tables have them)
+GERMAN_NOUN_SYNONYMS = {"car": ("Wagen", "m", ("Wagen", "Wagen"))}
+CZECH_NOUN_SYNONYMS = {
+    "car": ("automobil", "mi", {("sg", "nom"): "automobil", ("sg", "acc"): "automobil",
+                                ("pl", "nom"): "automobily", ("pl", "acc"): "automobily",
+                                ("pl", "gen"): "automobilů"}),
+    "girl": ("holka", "f", {("sg", "nom"): "holka", ("sg", "acc"): "holku", ("pl", "nom"): "holky",
+                            ("pl", "acc"): "holky", ("pl", "gen"): "holek"}),
+}
+# every variant of each language: adjective and noun synonyms (named by the synonym), word orders
+# (see english_clause, german_clause, czech_clause) and optional words ("that", "dass")
+VARIANTS = {
+    "en": ("large", "little", "adverb-last", "no-that"),
+    "de": ("froh", "Wagen", "adverb-inside", "place-first", "place-before-object", "no-dass"),
+    "cs": ("veliký", "automobil", "holka", "adverb-inside", "place-first"),
+}
+
+
+def synonym(lang, form, variants):
+    """The synonym of an adjective form when `variants` names it, else the form itself."""
+    replacement = ADJECTIVE_SYNONYMS[lang].get(form)
+    if replacement is None:
+        return form
+    name = replacement if lang != "cs" else replacement[0] + "ý"
+    return replacement if name in variants else form
+
 
 ENGLISH_NUMBERS = ("two three four five six seven eight nine ten eleven twelve thirteen fourteen "
                    "fifteen sixteen seventeen eighteen nineteen twenty").split()
@@ -396,8 +439,8 @@ def english_person(subject):
 
 # ---- English ----
 
-def english_noun_phrase(phrase):
-    words = [adjective.english for adjective in phrase.adjectives]
+def english_noun_phrase(phrase, variants=CANONICAL):
+    words = [synonym("en", adjective.english, variants) for adjective in phrase.adjectives]
     words.append(phrase.noun.english[1 if phrase.plural else 0])
     if phrase.determiner == "num":
         return [ENGLISH_NUMBERS[phrase.number - 2]] + words
@@ -418,27 +461,31 @@ def english_verb_group(verb, tense, person, negated):
     return [third_singular if person == "3sg" else base]
 
 
-def english_clause(clause):
+def english_clause(clause, variants=CANONICAL):
     subject = ([PRONOUNS[clause.subject].english] if isinstance(clause.subject, str)
-               else english_noun_phrase(clause.subject))
-    words = [clause.adverb.english] if clause.adverb else []
+               else english_noun_phrase(clause.subject, variants))
+    adverb_last = clause.adverb is not None and "adverb-last" in variants
+    words = [clause.adverb.english] if clause.adverb and not adverb_last else []
     words += subject + english_verb_group(clause.verb, clause.tense, english_person(clause.subject),
                                           clause.negated)
     if clause.obj:
-        words += english_noun_phrase(clause.obj)
+        words += english_noun_phrase(clause.obj, variants)
     if clause.place:
         words.append(clause.place.english)
+    if adverb_last:
+        words.append(clause.adverb.english)
     return words
 
 
-def english_sentence(sentence):
-    words = english_clause(sentence.clause)
+def english_sentence(sentence, variants=CANONICAL):
+    words = english_clause(sentence.clause, variants)
     if sentence.sayer is not None:
         base, third_singular = SAYING_VERBS[sentence.saying_verb][0]
         person = english_person(sentence.sayer)
         sayer = ([PRONOUNS[sentence.sayer].english] if isinstance(sentence.sayer, str)
-                 else english_noun_phrase(sentence.sayer))
-        words = sayer + [third_singular if person == "3sg" else base, "that"] + words
+                 else english_noun_phrase(sentence.sayer, variants))
+        that = [] if "no-that" in variants else ["that"]
+        words = sayer + [third_singular if person == "3sg" else base] + that + words
     return finish(words)
 
 
@@ -449,10 +496,18 @@ def finish(words):
 
 # ---- German ----
 
-def german_noun_phrase(phrase, case, negated=False):
+def german_noun(noun, variants=CANONICAL):
+    """(gender, (singular, plural)) of a noun, or of its synonym when `variants` asks for it."""
+    entry = GERMAN_NOUN_SYNONYMS.get(noun.english[0])
+    if entry and entry[0] in variants:
+        return entry[1], entry[2]
+    return noun.german_gender, noun.german
+
+
+def german_noun_phrase(phrase, case, negated=False, variants=CANONICAL):
     """der große Hund / den großen Hund / einen großen Hund / keinen großen Hund / drei große Hunde."""
-    noun = phrase.noun
-    gender = "pl" if phrase.plural else noun.german_gender
+    noun_gender, noun_forms = german_noun(phrase.noun, variants)
+    gender = "pl" if phrase.plural else noun_gender
     if phrase.determiner == "num":
         article, kind = GERMAN_NUMBERS[phrase.number - 2], "none"
     elif phrase.determiner == "indef":
@@ -464,8 +519,9 @@ def german_noun_phrase(phrase, case, negated=False):
         kind = "def"
         article = GERMAN_ARTICLES[kind, case][gender]
     ending = GERMAN_ADJECTIVE_ENDINGS[kind, case][gender]
-    words = [article] + [adjective.german_stem + ending for adjective in phrase.adjectives]
-    return words + [noun.german[1 if phrase.plural else 0]]
+    words = [article] + [synonym("de", adjective.german_stem, variants) + ending
+                         for adjective in phrase.adjectives]
+    return words + [noun_forms[1 if phrase.plural else 0]]
 
 
 def german_verb_forms(verb, tense, person):
@@ -478,54 +534,82 @@ def german_verb_forms(verb, tense, person):
     return GERMAN_AUXILIARIES["werden"][index], verb.german[3]  # the wir form is the infinitive
 
 
-def german_clause(clause, subordinate=False):
-    """Main clause: subject, finite verb, ... (V2 after a fronted adverb); after dass: verb last."""
+def german_clause(clause, subordinate=False, variants=CANONICAL):
+    """Main clause: subject, finite verb, ... (V2 after a fronted adverb); after dass: verb last.
+
+    Variants (free word orders): "adverb-inside" (Er sieht heute den Hund), "place-first" (Im Garten
+    sieht er heute den Hund: the place takes the front, the time adverb goes inside),
+    "place-before-object" (Er hat im Garten den Hund gesehen).
+    """
     subject = ([PRONOUNS[clause.subject].german] if isinstance(clause.subject, str)
-               else german_noun_phrase(clause.subject, "nom"))
+               else german_noun_phrase(clause.subject, "nom", variants=variants))
     finite, nonfinite = german_verb_forms(clause.verb, clause.tense, english_person(clause.subject))
     negate_article = clause.negated and clause.obj is not None and clause.obj.determiner == "indef"
-    middle = german_noun_phrase(clause.obj, "acc", negate_article) if clause.obj else []
+    obj = german_noun_phrase(clause.obj, "acc", negate_article, variants) if clause.obj else []
+    place_first = clause.place is not None and "place-first" in variants and not subordinate
+    adverb_inside = clause.adverb is not None and ("adverb-inside" in variants or place_first)
+    place = [clause.place.german] if clause.place and not place_first else []
+    middle = [clause.adverb.german] if adverb_inside else []
+    if "place-before-object" in variants:
+        middle += place + obj
+        place = []
+    else:
+        middle += obj
     if clause.negated and not negate_article:
         middle.append("nicht")
-    if clause.place:
-        middle.append(clause.place.german)
+    middle += place
     if nonfinite:
         middle.append(nonfinite)
     if subordinate:
         return ["dass"] + subject + middle + [finite]
-    if clause.adverb:
+    if place_first:
+        return [clause.place.german, finite] + subject + middle
+    if clause.adverb and not adverb_inside:
         return [clause.adverb.german, finite] + subject + middle
     return subject + [finite] + middle
 
 
-def german_sentence(sentence):
+def german_sentence(sentence, variants=CANONICAL):
     if sentence.sayer is None:
-        return finish(german_clause(sentence.clause))
+        return finish(german_clause(sentence.clause, variants=variants))
     forms = SAYING_VERBS[sentence.saying_verb][1]
     sayer = ([PRONOUNS[sentence.sayer].german] if isinstance(sentence.sayer, str)
-             else german_noun_phrase(sentence.sayer, "nom"))
+             else german_noun_phrase(sentence.sayer, "nom", variants=variants))
     verb = forms[PERSONS.index(english_person(sentence.sayer))]
-    return finish(sayer + [verb + ","] + german_clause(sentence.clause, subordinate=True))
+    # "Er sagt, der Hund schläft": after sagen and denken (not wissen) dass may go, with main order
+    no_dass = "no-dass" in variants and sentence.saying_verb in ("say", "think")
+    return finish(sayer + [verb + ","] + german_clause(sentence.clause, subordinate=not no_dass,
+                                                       variants=variants))
 
 
 # ---- Czech ----
 
-def czech_adjective(adjective, number, case, gender):
+def czech_adjective(adjective, number, case, gender, variants=CANONICAL):
+    stem, masculine_animate_plural = synonym(
+        "cs", (adjective.czech_stem, adjective.czech_masculine_animate_plural), variants)
     if number == "gen":
-        return adjective.czech_stem + "ých"
+        return stem + "ých"
     ending = CZECH_ADJECTIVE_ENDINGS[number, case][gender]
-    return adjective.czech_masculine_animate_plural if ending is None else adjective.czech_stem + ending
+    return masculine_animate_plural if ending is None else stem + ending
 
 
-def czech_noun_phrase(phrase, case):
+def czech_noun(noun, variants=CANONICAL):
+    """(gender, {(number, case): form}) of a noun, or of its synonym when `variants` asks for it."""
+    entry = CZECH_NOUN_SYNONYMS.get(noun.english[0])
+    if entry and entry[0] in variants:
+        return entry[1], entry[2]
+    return noun.czech_gender, noun.czech
+
+
+def czech_noun_phrase(phrase, case, variants=CANONICAL):
     """ten velký pes / toho velkého psa / velkou kočku / tři velké kočky / pět velkých psů."""
-    noun, gender = phrase.noun, phrase.noun.czech_gender
+    gender, forms = czech_noun(phrase.noun, variants)
     if phrase.determiner == "num" and phrase.number >= 5:  # 5-20 take the genitive plural
-        adjectives = [czech_adjective(a, "gen", case, gender) for a in phrase.adjectives]
-        return [CZECH_NUMBERS[phrase.number - 2]] + adjectives + [noun.czech["pl", "gen"]]
+        adjectives = [czech_adjective(a, "gen", case, gender, variants) for a in phrase.adjectives]
+        return [CZECH_NUMBERS[phrase.number - 2]] + adjectives + [forms["pl", "gen"]]
     number = "pl" if phrase.plural else "sg"
-    words = [czech_adjective(a, number, case, gender) for a in phrase.adjectives]
-    words.append(noun.czech[number, case])
+    words = [czech_adjective(a, number, case, gender, variants) for a in phrase.adjectives]
+    words.append(forms[number, case])
     if phrase.determiner == "num":
         numeral = CZECH_NUMBERS[phrase.number - 2]
         if phrase.number == 2 and gender in ("f", "n"):
@@ -536,7 +620,7 @@ def czech_noun_phrase(phrase, case):
     return words
 
 
-def czech_agreement(subject):
+def czech_agreement(subject, variants=CANONICAL):
     """(index of the present form, past participle ending) for a subject."""
     if isinstance(subject, str):
         pronoun = PRONOUNS[subject]
@@ -545,17 +629,21 @@ def czech_agreement(subject):
     if subject.determiner == "num" and subject.number >= 5:  # "pět psů spí / spalo": 3sg neuter
         return PERSONS.index("3sg"), CZECH_PAST_ENDINGS["sg"]["n"]
     number = "pl" if subject.plural else "sg"
-    return PERSONS.index("3" + number), CZECH_PAST_ENDINGS[number][subject.noun.czech_gender]
+    return PERSONS.index("3" + number), CZECH_PAST_ENDINGS[number][czech_noun(subject.noun, variants)[0]]
 
 
-def czech_clause(clause, subordinate=False):
-    """[adverb | že] [subject] verb [object] [place]; jsem/jsi/jsme takes the second position."""
+def czech_clause(clause, subordinate=False, variants=CANONICAL):
+    """[adverb | že] [subject] verb [object] [place]; jsem/jsi/jsme takes the second position.
+
+    Variants (free word orders): "adverb-inside" (Pes dnes spí, Viděl jsem včera psa), "place-first"
+    (Na zahradě pes dnes spí: the place takes the front, the time adverb goes inside).
+    """
     negation = "ne" if clause.negated else ""
-    index, past_ending = czech_agreement(clause.subject)
+    index, past_ending = czech_agreement(clause.subject, variants)
     if isinstance(clause.subject, str):
         subject = [PRONOUNS[clause.subject].czech] if PRONOUNS[clause.subject].czech else []
     else:
-        subject = czech_noun_phrase(clause.subject, "nom")
+        subject = czech_noun_phrase(clause.subject, "nom", variants)
     auxiliary = None
     if clause.tense == "present":
         verb = [negation + clause.verb.czech[index]]
@@ -564,33 +652,70 @@ def czech_clause(clause, subordinate=False):
     else:
         verb = [negation + clause.verb.czech_past + past_ending]
         auxiliary = CZECH_PAST_AUXILIARY[index]
-    first = ["že"] if subordinate else ([clause.adverb.czech] if clause.adverb else [])
-    if auxiliary:  # the clitic follows the first element: "Včera jsem viděl", "Viděl jsem"
-        words = first + [auxiliary] + subject + verb if first else verb + [auxiliary]
+    place_first = clause.place is not None and "place-first" in variants and not subordinate
+    adverb_inside = clause.adverb is not None and ("adverb-inside" in variants or place_first)
+    inside = [clause.adverb.czech] if adverb_inside else []
+    if subordinate:
+        first = ["že"]
+    elif place_first:
+        first = [clause.place.czech]
     else:
-        words = first + subject + verb
+        first = [clause.adverb.czech] if clause.adverb and not adverb_inside else []
+    if auxiliary:  # the clitic follows the first element: "Včera jsem viděl", "Viděl jsem"
+        words = first + [auxiliary] + subject + inside + verb if first else verb + [auxiliary] + inside
+    elif first or subject:
+        words = first + subject + inside + verb
+    else:  # "Vidím dnes psa", "Budu zítra spát"
+        words = verb[:1] + inside + verb[1:]
     if clause.obj:
-        words += czech_noun_phrase(clause.obj, "acc")
-    if clause.place:
+        words += czech_noun_phrase(clause.obj, "acc", variants)
+    if clause.place and not place_first:
         words.append(clause.place.czech)
     return words
 
 
-def czech_sentence(sentence):
+def czech_sentence(sentence, variants=CANONICAL):
     if sentence.sayer is None:
-        return finish(czech_clause(sentence.clause))
+        return finish(czech_clause(sentence.clause, variants=variants))
     forms = SAYING_VERBS[sentence.saying_verb][2]
-    index, _ = czech_agreement(sentence.sayer)
+    index, _ = czech_agreement(sentence.sayer, variants)
     if isinstance(sentence.sayer, str):
         sayer = [PRONOUNS[sentence.sayer].czech] if PRONOUNS[sentence.sayer].czech else []
     else:
-        sayer = czech_noun_phrase(sentence.sayer, "nom")
-    return finish(sayer + [forms[index] + ","] + czech_clause(sentence.clause, subordinate=True))
+        sayer = czech_noun_phrase(sentence.sayer, "nom", variants)
+    return finish(sayer + [forms[index] + ","] + czech_clause(sentence.clause, subordinate=True,
+                                                               variants=variants))
 
 
-def render(sentence):
-    return {"en": english_sentence(sentence), "de": german_sentence(sentence),
-            "cs": czech_sentence(sentence)}
+RENDERERS = {"en": english_sentence, "de": german_sentence, "cs": czech_sentence}
+
+
+def render(sentence, variants=CANONICAL):
+    """The sentence in every language; `variants` (names of VARIANTS) picks non-canonical renderings."""
+    return {lang: renderer(sentence, variants) for lang, renderer in RENDERERS.items()}
+
+
+def alternatives(sentence, lang):
+    """Every distinct correct rendering of the sentence in `lang`, the canonical one first.
+
+    Each combination of the language's VARIANTS that changes the text gives one alternative
+    (synonyms, free word orders, an optional word); a sentence without any of their contexts has
+    one rendering.
+
+        >>> alternatives(Sentence(Clause("I", VERBS["see"], "present", NounPhrase(NOUNS["car"], "def"),
+        ...     adverb=ADVERBS["today"])), "de")
+        ['Heute sehe ich das Auto.', 'Heute sehe ich den Wagen.', 'Ich sehe heute das Auto.', 'Ich sehe heute den Wagen.']
+    """
+    renderer = RENDERERS[lang]
+    canonical = renderer(sentence)
+    applicable = [name for name in VARIANTS[lang] if renderer(sentence, frozenset({name})) != canonical]
+    texts = [canonical]
+    for size in range(1, len(applicable) + 1):
+        for names in itertools.combinations(applicable, size):
+            text = renderer(sentence, frozenset(names))
+            if text not in texts:
+                texts.append(text)
+    return texts
 
 
 # ---- random sentences ----
@@ -634,12 +759,13 @@ def random_sentence(rng, lexicon=LEXICONS["compact"]):
     return Sentence(random_clause(rng, True, lexicon))
 
 
-def sample_pairs(rng, lang, count, taken, translations, lexicon=LEXICONS["compact"]):
+def sample_pairs(rng, lang, count, taken, translations, lexicon=LEXICONS["compact"], sentences=None):
     """`count` new (lang text, English text) pairs: not in `taken`, of the lexicon's lengths.
 
     `translations` maps every text seen so far to its translation, so that one sentence never
     gets two different translations in the corpus (kept for safety; the lexicon avoids such
     ambiguities, e.g. it has no "read", whose present and past look alike for "I").
+    `sentences`, a list, receives the structure of every pair (for its alternatives).
     """
     pairs = []
     attempts = 0
@@ -648,7 +774,8 @@ def sample_pairs(rng, lang, count, taken, translations, lexicon=LEXICONS["compac
         if attempts > 100 * count + 1000:
             raise RuntimeError(f"kd/demo.py: cannot find {count} new {lang}-en sentences; "
                                "ask for fewer pairs")
-        texts = render(random_sentence(rng, lexicon))
+        sentence = random_sentence(rng, lexicon)
+        texts = render(sentence)
         english, other = texts["en"], texts[lang]
         if not lexicon.min_words <= len(english.split()) <= lexicon.max_words:
             continue
@@ -659,10 +786,13 @@ def sample_pairs(rng, lang, count, taken, translations, lexicon=LEXICONS["compac
         translations[english], translations[other] = other, english
         taken.update((english, other))
         pairs.append((other, english))
+        if sentences is not None:
+            sentences.append(sentence)
     return pairs
 
 
-def generate_demo_corpus(train_pairs=4000, eval_pairs=200, seed=42, langs=("de", "cs"), lexicon="compact"):
+def generate_demo_corpus(train_pairs=4000, eval_pairs=200, seed=42, langs=("de", "cs"), lexicon="compact",
+                         ambiguity=0.0, ambiguity_report=None):
     """{lang: {"train", "valid", "test.<lang>-en", "test.en-<lang>": [(lang text, English text)]}}.
 
     `lexicon`: "compact" (the default, learnable by tiny models in minutes of CPU) or "full".
@@ -670,6 +800,14 @@ def generate_demo_corpus(train_pairs=4000, eval_pairs=200, seed=42, langs=("de",
     Training pairs are distinct; every valid and test sentence is absent from all training data
     (of both language pairs: a model trained on de-en and cs-en together must not have seen a
     held-out English sentence either) and from the other held-out sets.
+
+    `ambiguity` (0 to 1): the share of training pairs whose two sides are each drawn at random
+    (uniformly, from a seeded generator of their own) from the sentence's `alternatives`; the other
+    pairs, and every valid and test pair, keep the canonical rendering. The sentences themselves
+    are the same as without it (same seed, same structures, byte-identical valid and test sets).
+    `ambiguity_report`, a dict, receives per pair "<lang>-en": the number of pairs, how many were
+    drawn, and per side a histogram {number of alternatives: pairs} and how many differ from the
+    canonical text.
     """
     if lexicon not in LEXICONS:
         raise ValueError(f"kd/demo.py: unknown lexicon {lexicon!r}; choose one of {', '.join(LEXICONS)}")
@@ -677,9 +815,144 @@ def generate_demo_corpus(train_pairs=4000, eval_pairs=200, seed=42, langs=("de",
     rngs = {lang: random.Random(f"kd-demo-{seed}-{lang}") for lang in langs}
     translations = {lang: {} for lang in langs}  # per pair: one translation per sentence
     taken = set()  # every text used so far, in any language
-    corpus = {lang: {"train": sample_pairs(rngs[lang], lang, train_pairs, taken, translations[lang], words)}
+    structures = {lang: [] for lang in langs}
+    corpus = {lang: {"train": sample_pairs(rngs[lang], lang, train_pairs, taken, translations[lang], words,
+                                           structures[lang])}
               for lang in langs}
+    if ambiguity > 0:
+        for lang in langs:
+            report = draw_alternatives(corpus[lang]["train"], structures[lang], lang, ambiguity,
+                                       random.Random(f"kd-demo-{seed}-{lang}-ambiguity"))
+            taken.update(text for pair in corpus[lang]["train"] for text in pair)
+            if ambiguity_report is not None:
+                ambiguity_report[f"{lang}-en"] = report
     for lang in langs:
         for part in ("valid", f"test.{lang}-en", f"test.en-{lang}"):
             corpus[lang][part] = sample_pairs(rngs[lang], lang, eval_pairs, taken, translations[lang], words)
     return corpus
+
+
+def draw_alternatives(pairs, sentences, lang, share, rng):
+    """Replace, in place, a `share` of the (lang text, English text) pairs by alternatives of both
+    sides drawn uniformly and independently; return the counts for stats.json."""
+    report = {"pairs": len(pairs), "drawn": 0,
+              "alternatives": {lang: {}, "en": {}}, "not_canonical": {lang: 0, "en": 0}}
+    for index, sentence in enumerate(sentences):
+        options = {side: alternatives(sentence, side) for side in (lang, "en")}
+        for side, texts in options.items():
+            histogram = report["alternatives"][side]
+            histogram[len(texts)] = histogram.get(len(texts), 0) + 1
+        if rng.random() >= share:
+            continue
+        report["drawn"] += 1
+        chosen = {side: rng.choice(texts) for side, texts in options.items()}
+        for side, texts in options.items():
+            report["not_canonical"][side] += chosen[side] != texts[0]
+        pairs[index] = (chosen[lang], chosen["en"])
+    for side in (lang, "en"):
+        report["alternatives"][side] = dict(sorted(report["alternatives"][side].items()))
+    return report
+
+
+# ---- monolingual sentences (--demo-monolingual): a "base model" learns the languages ----
+
+def generate_monolingual(count, valid_count, held_out, seed=42, langs=("en", "de", "cs"),
+                         lexicon="compact", ambiguity=0.0):
+    """{"mono": {lang: [text]}, "mono_valid": {lang: [text]}}: `count` and `valid_count` distinct
+    sentences per language, each from its own sentence (no sentence is rendered in two languages:
+    monolingual corpora are not parallel).
+
+    No sentence is a rendering of a held-out sentence: a sentence is skipped when any of its
+    canonical texts (in any language) or the drawn text is in `held_out` (every valid and test
+    text). They may repeat training sentences, as real pretraining data would. mono and
+    mono_valid are disjoint. With `ambiguity`, that share of the sentences is drawn from the
+    sentence's alternatives, so the base model knows the synonyms and word orders too.
+    """
+    words = LEXICONS[lexicon]
+    result = {"mono": {}, "mono_valid": {}}
+    for lang in langs:
+        rng = random.Random(f"kd-demo-mono-{seed}-{lang}")
+        seen, texts = set(), []
+        attempts = 0
+        while len(texts) < count + valid_count:
+            attempts += 1
+            if attempts > 100 * (count + valid_count) + 1000:
+                raise RuntimeError(f"kd/demo.py: cannot find {count + valid_count} distinct {lang} "
+                                   "sentences; ask for fewer monolingual sentences")
+            sentence = random_sentence(rng, words)
+            canonical = render(sentence)
+            if not words.min_words <= len(canonical["en"].split()) <= words.max_words:
+                continue
+            if any(text in held_out for text in canonical.values()):
+                continue
+            text = canonical[lang]
+            if ambiguity > 0 and rng.random() < ambiguity:
+                text = rng.choice(alternatives(sentence, lang))
+            if text in seen or text in held_out:
+                continue
+            seen.add(text)
+            texts.append(text)
+        result["mono"][lang], result["mono_valid"][lang] = texts[:count], texts[count:]
+    return result
+
+
+# ---- noisy references (--demo-noise): what human-written and crawled parallel data has ----
+
+NOISE_KINDS = ("drop", "replace", "append", "substitute")
+
+
+def add_reference_noise(rows, probability, seed):
+    """Corrupt, in place, the reference of each row with `probability` (a seeded draw per row).
+
+    Kinds, one drawn uniformly per corrupted row: "drop" a word; "replace" a word by a word of
+    another reference of the same language; "append" a span of 1-4 words of another reference;
+    "substitute" a span of 1-3 words by a span of another reference. Sources stay clean. The
+    corrupted text always differs from the clean one. Returns the counts for stats.json.
+    """
+    rng = random.Random(f"kd-demo-noise-{seed}")
+    by_lang = {}
+    for row in rows:
+        by_lang.setdefault(row["tgt_lang"], []).append(row["reference"])
+    vocabulary = {lang: sorted({word.rstrip(",") for text in texts for word in text[:-1].split()[1:]})
+                  for lang, texts in by_lang.items()}
+    report = {"probability": probability, "rows": len(rows), "corrupted": 0,
+              "by_kind": dict.fromkeys(NOISE_KINDS, 0), "by_direction": {}}
+    for row in rows:
+        direction = report["by_direction"].setdefault(row["direction"], {"rows": 0, "corrupted": 0})
+        direction["rows"] += 1
+        if rng.random() >= probability:
+            continue
+        kind = rng.choice(NOISE_KINDS)
+        row["reference"] = corrupt(rng, kind, row["reference"], by_lang[row["tgt_lang"]],
+                                   vocabulary[row["tgt_lang"]])
+        report["corrupted"] += 1
+        report["by_kind"][kind] += 1
+        direction["corrupted"] += 1
+    report["fraction"] = report["corrupted"] / len(rows) if rows else 0.0
+    for direction in report["by_direction"].values():
+        direction["fraction"] = direction["corrupted"] / direction["rows"]
+    return report
+
+
+def corrupt(rng, kind, text, others, vocabulary):
+    """One corruption of a sentence ("Words of it." form) that differs from it."""
+    words = text[:-1].split()
+    while True:
+        if kind == "drop" and len(words) > 1:
+            i = rng.randrange(len(words))
+            new = words[:i] + words[i + 1:]
+        elif kind == "replace":
+            i = rng.randrange(len(words))
+            new = words[:i] + [rng.choice(vocabulary)] + words[i + 1:]
+        else:
+            donor = rng.choice(others)[:-1].split()
+            start = rng.randrange(1, len(donor)) if len(donor) > 1 else 0
+            span = donor[start:start + rng.randint(1, 4)]
+            if kind == "append":
+                new = words + span
+            else:  # "substitute" (and "drop" of a one-word sentence)
+                i = rng.randrange(len(words))
+                new = words[:i] + span + words[i + rng.randint(1, 3):]
+        corrupted = finish(new) if new else text
+        if corrupted != text:
+            return corrupted

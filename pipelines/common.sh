@@ -19,7 +19,7 @@
 #
 # Settings read here (each overridable from the environment; the pipelines set their own defaults
 # before sourcing this file):
-#   OUT, PYTHON, ACCELERATE_CONFIG (an accelerate YAML, or none for accelerate's default),
+#   DRY_RUN (1: print each step and its estimate, run nothing: kd/estimate.py), OUT, PYTHON, ACCELERATE_CONFIG (an accelerate YAML, or none for accelerate's default),
 #   GEN_ACCELERATE_CONFIG (the same for generate.py), NUM_PROCESSES (empty: the config's),
 #   LAUNCHER (accelerate, or python to run train_kd.py/generate.py in one plain process);
 #   training: EPOCHS BATCH_SIZE MICRO_BATCH_SIZE LR WARMUP_RATIO MAX_LENGTH MAX_STEPS EVAL_STEPS
@@ -117,6 +117,10 @@ step() {
     say "step $name: skipped (output complete)"
     return 0
   fi
+  if [[ "$DRY_RUN" == 1 ]]; then
+    dry_run_step "$name" "$@"
+    return 0
+  fi
   mkdir -p "$(dirname "$log")"
   say "step $name: running (log: $log)"
   local start=$SECONDS status=0
@@ -140,6 +144,28 @@ step() {
   fi
   say "step $name: done in $((SECONDS - start))s"
 }
+
+# DRY_RUN=1: every step prints the command it would run; at the end kd/estimate.py prints the memory
+# per GPU and GPU-hours of each training step, and their total. Nothing runs, nothing is written.
+: "${DRY_RUN:=0}"
+dry_run_step() {
+  local name="$1"
+  shift
+  if [[ "$1" == launch ]]; then launch_command "${@:2}"; else LAUNCH_COMMAND=("$@"); fi
+  say "step $name: would run"
+  printf '   '
+  printf ' %q' "${LAUNCH_COMMAND[@]}"
+  printf '\n'
+  { printf '%s\t' "$name"; printf ' %q' "${LAUNCH_COMMAND[@]}"; printf '\n'; } >>"$DRY_RUN_PLAN"
+}
+if [[ "$DRY_RUN" == 1 ]]; then
+  DRY_RUN_PLAN="$(mktemp)"
+  trap '"$PYTHON" "$REPO_ROOT/kd/estimate.py" "$DRY_RUN_PLAN"; rm -f "$DRY_RUN_PLAN"' EXIT
+  # The pipelines end by printing their table, which a dry run never makes.
+  cat() {
+    if [[ $# -eq 1 && ! -e "$1" ]]; then say "(dry run) would print $1"; else command cat "$@"; fi
+  }
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Completeness checks (used as the CHECK of a step)
@@ -192,7 +218,7 @@ use_experiment() {
   RESULTS="$OUT/results/$EXP"
   FIGURES="$OUT/figures/$EXP"
   LOGS="$OUT/logs/$EXP"
-  mkdir -p "$RUNS" "$HYPS" "$RESULTS" "$FIGURES" "$LOGS"
+  [[ "$DRY_RUN" == 1 ]] || mkdir -p "$RUNS" "$HYPS" "$RESULTS" "$FIGURES" "$LOGS"
   cd "$REPO_ROOT" || die "cannot enter $REPO_ROOT"
 }
 
@@ -200,16 +226,22 @@ use_experiment() {
 # NUM_PROCESSES processes (the config's number when empty); with LAUNCHER=python, `python SCRIPT
 # ARGS` (one process: saves the launcher's start-up on a small CPU run).
 launch() {
+  launch_command "$@"
+  "${LAUNCH_COMMAND[@]}"
+}
+
+# launch_command CONFIG SCRIPT ARGS...: sets LAUNCH_COMMAND, the command `launch` runs.
+launch_command() {
   local config="$1" args=()
   shift
   case "$LAUNCHER" in
-    python) "$PYTHON" "$@"; return ;;
+    python) LAUNCH_COMMAND=("$PYTHON" "$@"); return ;;
     accelerate) ;;
     *) die "LAUNCHER=$LAUNCHER: choose accelerate or python" ;;
   esac
   if [[ -n "$config" && "$config" != none ]]; then args+=(--config_file "$config"); fi
   if [[ -n "$NUM_PROCESSES" ]]; then args+=(--num_processes "$NUM_PROCESSES"); fi
-  "$PYTHON" -m accelerate.commands.launch "${args[@]}" "$@"
+  LAUNCH_COMMAND=("$PYTHON" -m accelerate.commands.launch "${args[@]}" "$@")
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -478,7 +510,7 @@ table_pipeline() {
     train "$method" "$method" "$kd_student" "$teacher_model" "$train_file" "$valid_file" "${flags[@]}"
   done
 
-  say "== $EXP: generation on $(basename "$test_dir") ($(find "$test_dir" -name '*.jsonl' | wc -l) directions)"
+  say "== $EXP: generation on $(basename "$test_dir") ($(find "$test_dir" -name '*.jsonl' 2>/dev/null | wc -l) directions)"
   generate teacher "$teacher_model" "$test_dir"
   generate student_sft "$student_sft_run/$SFT_CHECKPOINT" "$test_dir"
   for method in "${KD_METHODS[@]}"; do

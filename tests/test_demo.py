@@ -1,6 +1,7 @@
 """The embedded demo task: files and schema, held-out sentences, agreement rules of kd/demo.py."""
 
 import json
+import random
 import re
 import sys
 from pathlib import Path
@@ -254,3 +255,227 @@ def test_generated_negation_and_czech_numerals_are_consistent(demo_out):
                     assert words[after] in genitive_plurals, other
         negated += english_negated
     assert negated > 1000
+
+
+# ---- the options that give the demo what real data has: ambiguity, noise, monolingual text ----
+
+def jsonl_digest(folder):
+    """sha256 over every *.jsonl file of a prepared folder (names and bytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.jsonl")):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+SMALL = ["--demo-train-pairs", "300", "--demo-eval-pairs", "20", "--seed", "1"]
+
+
+def prepare(out, *extra):
+    stats = prepare_data.main(["--demo", "--out", str(out), *SMALL, *extra])
+    return stats, read_jsonl(out / "train.jsonl")
+
+
+def held_out_files(out):
+    return {str(p.relative_to(out)): p.read_bytes() for p in [out / "valid.jsonl", *sorted((out / "test").iterdir())]}
+
+
+def test_new_options_leave_the_default_corpus_unchanged(tmp_path):
+    # the digest of this corpus as prepare_data.py wrote it before the options existed
+    prepare_data.main(["--demo", "--out", str(tmp_path / "a"), "--demo-train-pairs", "100",
+                       "--demo-eval-pairs", "20", "--seed", "1"])
+    assert jsonl_digest(tmp_path / "a") == "f230967796e759ce65fe0087d40e74d5e09bacd000626935d265f1e5a2a38078"
+    stats = prepare_data.main(["--demo", "--out", str(tmp_path / "b"), "--demo-train-pairs", "100",
+                               "--demo-eval-pairs", "20", "--seed", "1", "--demo-ambiguity", "0",
+                               "--demo-noise", "0", "--demo-monolingual", "0"])
+    assert output_files(tmp_path / "a") == output_files(tmp_path / "b")
+    assert set(stats["demo"]) == {"train_pairs", "eval_pairs"}
+
+
+def test_alternatives_are_correct_renderings_of_one_sentence():
+    big_car = NounPhrase(NOUNS["car"], "def", adjectives=(ADJECTIVES["big"],))
+    sentence = Sentence(Clause("I", VERBS["see"], "past", big_car, adverb=ADVERBS["yesterday"],
+                               place=PLACES["in the garden"]))
+    assert demo.alternatives(sentence, "en") == [
+        "Yesterday I saw the big car in the garden.", "Yesterday I saw the large car in the garden.",
+        "I saw the big car in the garden yesterday.", "I saw the large car in the garden yesterday."]
+    assert demo.alternatives(sentence, "de") == [
+        "Gestern habe ich das große Auto im Garten gesehen.",
+        "Gestern habe ich den großen Wagen im Garten gesehen.",  # Wagen is masculine: den großen
+        "Ich habe gestern das große Auto im Garten gesehen.",
+        "Im Garten habe ich gestern das große Auto gesehen.",
+        "Gestern habe ich im Garten das große Auto gesehen.",
+        "Ich habe gestern den großen Wagen im Garten gesehen.",
+        "Im Garten habe ich gestern den großen Wagen gesehen.",
+        "Gestern habe ich im Garten den großen Wagen gesehen.",
+        "Ich habe gestern im Garten das große Auto gesehen.",
+        "Ich habe gestern im Garten den großen Wagen gesehen."]
+    assert demo.alternatives(sentence, "cs") == [
+        "Včera jsem viděl to velké auto na zahradě.", "Včera jsem viděl to veliké auto na zahradě.",
+        "Včera jsem viděl ten velký automobil na zahradě.",  # automobil is masculine inanimate
+        "Viděl jsem včera to velké auto na zahradě.", "Na zahradě jsem včera viděl to velké auto.",
+        "Včera jsem viděl ten veliký automobil na zahradě.",
+        "Viděl jsem včera to veliké auto na zahradě.", "Na zahradě jsem včera viděl to veliké auto.",
+        "Viděl jsem včera ten velký automobil na zahradě.", "Na zahradě jsem včera viděl ten velký automobil.",
+        "Viděl jsem včera ten veliký automobil na zahradě.", "Na zahradě jsem včera viděl ten veliký automobil."]
+    # an optional word, and a clause with no variant context has one rendering
+    saying = Sentence(Clause(NounPhrase(NOUNS["dog"], "def"), VERBS["sleep"], "present"), "she", "say")
+    assert demo.alternatives(saying, "en") == ["She says that the dog sleeps.", "She says the dog sleeps."]
+    assert demo.alternatives(saying, "de") == ["Sie sagt, dass der Hund schläft.", "Sie sagt, der Hund schläft."]
+    assert demo.alternatives(saying, "cs") == ["Ona říká, že ten pes spí."]
+    # the feminine girl: holka takes dívka's endings; a subject agrees with the synonym's gender
+    girls = Sentence(Clause(NounPhrase(NOUNS["girl"], "num", 2), VERBS["sleep"], "past"))
+    assert demo.alternatives(girls, "cs") == ["Dvě dívky spaly.", "Dvě holky spaly."]
+    assert demo.alternatives(Sentence(Clause(NounPhrase(NOUNS["car"], "num", 2), VERBS["sleep"], "past")),
+                             "cs") == ["Dvě auta spala.", "Dva automobily spaly."]
+
+
+def test_demo_ambiguity_draws_references_from_the_alternatives(tmp_path):
+    stats_plain, plain = prepare(tmp_path / "plain")
+    stats, train = prepare(tmp_path / "ambiguous", "--demo-ambiguity", "1")
+    # the same sentences: the same ids in the same order, byte-identical canonical valid and test sets
+    assert [r["id"] for r in train] == [r["id"] for r in plain]
+    assert held_out_files(tmp_path / "plain") == held_out_files(tmp_path / "ambiguous")
+    # every training pair renders the same sentence structure as the plain corpus's pair
+    structures = []
+    clean_pairs = demo.sample_pairs(random.Random("kd-demo-1-de"), "de", 300, set(), {},
+                                    demo.LEXICONS["compact"], structures)
+    plain_pairs = {r["id"]: (r["source"], r["reference"]) for r in plain if r["direction"] == "de-en"}
+    assert [plain_pairs[f"train-de-en-{i:06d}"] for i in range(300)] == clean_pairs
+    drawn = {r["id"]: (r["source"], r["reference"]) for r in train if r["direction"] == "de-en"}
+    changed = 0
+    for i, sentence in enumerate(structures):
+        german, english = drawn[f"train-de-en-{i:06d}"]
+        assert german in demo.alternatives(sentence, "de") and english in demo.alternatives(sentence, "en")
+        changed += (german, english) != clean_pairs[i]
+    assert 0.2 * 300 < changed < 0.8 * 300
+    # the teacher sees one German word with two English translations: a genuinely soft target
+    big = [r["reference"] for r in train if r["direction"] == "de-en" and "große" in r["source"]]
+    assert any(" big " in f" {t} " for t in big) and any(" large " in f" {t} " for t in big)
+    # stats: a histogram of the number of alternatives per direction; all drawn at share 1
+    report = stats["demo"]["ambiguity"]
+    assert report["share"] == 1.0 and set(report["directions"]) == set(DIRECTIONS)
+    for direction, entry in report["directions"].items():
+        histogram = {int(n): pairs for n, pairs in entry["alternatives_histogram"].items()}
+        assert sum(histogram.values()) == 300 and max(histogram) >= 4
+        assert entry["sources_with_alternatives"] == sum(p for n, p in histogram.items() if n > 1) / 300
+        assert entry["references_drawn"] == 1.0
+        assert 0.1 < entry["references_not_canonical"] < entry["sources_with_alternatives"]
+    # the default share is 0.5
+    stats_half, _ = prepare(tmp_path / "half", "--demo-ambiguity")
+    assert stats_half["demo"]["ambiguity"]["share"] == 0.5
+    assert 0.35 < stats_half["demo"]["ambiguity"]["directions"]["de-en"]["references_drawn"] < 0.65
+
+
+def test_demo_noise_fraction_matches_p_within_sampling_error(tmp_path):
+    p = 0.3
+    _, clean = prepare(tmp_path / "clean")
+    stats, noisy = prepare(tmp_path / "noisy", "--demo-noise", str(p))
+    assert held_out_files(tmp_path / "clean") == held_out_files(tmp_path / "noisy")
+    assert [(r["id"], r["source"], r["prompt"]) for r in noisy] == [(r["id"], r["source"], r["prompt"]) for r in clean]
+    corrupted = [(c, n) for c, n in zip(clean, noisy) if c["reference"] != n["reference"]]
+    n = len(noisy)
+    measured = len(corrupted) / n
+    assert abs(measured - p) < 4 * (p * (1 - p) / n) ** 0.5  # 4 binomial standard deviations
+    report = stats["demo"]["noise"]
+    assert report["corrupted"] == len(corrupted) and report["fraction"] == measured and report["rows"] == n
+    assert sum(report["by_kind"].values()) == len(corrupted) and min(report["by_kind"].values()) > 0.15 * len(corrupted)
+    for direction in DIRECTIONS:
+        entry = report["by_direction"][direction]
+        assert entry["corrupted"] == sum(c["direction"] == direction for c, _ in corrupted)
+    # corrupted references are made of words of their own language (crawled noise, not gibberish)
+    def words(text):
+        return {w.strip(",.").lower() for w in text.split()}
+
+    vocabulary = {}
+    for row in clean:
+        vocabulary.setdefault(row["tgt_lang"], set()).update(words(row["reference"]))
+    for c, n_row in corrupted:
+        assert n_row["reference"].endswith(".") and n_row["reference"][0].isupper()
+        assert words(n_row["reference"]) <= vocabulary[c["tgt_lang"]]
+    # seeded: the same seed corrupts the same rows the same way
+    _, again = prepare(tmp_path / "again", "--demo-noise", str(p))
+    assert again == noisy
+
+
+def test_demo_monolingual_sentences_are_not_held_out(tmp_path):
+    stats, train = prepare(tmp_path / "mono", "--demo-monolingual", "400", "--demo-ambiguity")
+    out = tmp_path / "mono"
+    mono, mono_valid = read_jsonl(out / "mono.jsonl"), read_jsonl(out / "mono_valid.jsonl")
+    assert len(mono) == 3 * 400 and len(mono_valid) == 3 * 50
+    assert stats["counts"]["mono"] == 1200 and stats["counts"]["mono_valid"] == 150
+    for lang in ("en", "de", "cs"):
+        assert sum(r["direction"] == f"mono-{lang}" for r in mono) == 400
+    held_out = {text for path in [out / "valid.jsonl", *(out / "test").iterdir()]
+                for row in read_jsonl(path) for text in (row["source"], row["reference"])}
+    for row in mono + mono_valid:
+        assert list(row) == ROW_KEYS and row["prompt"] == "" and row["source"] == ""
+        assert row["src_lang"] == row["tgt_lang"] == row["direction"][len("mono-"):]
+        assert row["reference"] not in held_out
+    assert not {r["reference"] for r in mono} & {r["reference"] for r in mono_valid}
+    assert len({r["id"] for r in mono + mono_valid}) == len(mono) + len(mono_valid)
+    # it knows the languages: the monolingual German holds the canonical words and the synonyms
+    german = " ".join(r["reference"] for r in mono if r["tgt_lang"] == "de")
+    assert "Auto" in german and "Wagen" in german
+    # adding monolingual text changes nothing else
+    prepare(tmp_path / "plain", "--demo-ambiguity")
+    assert jsonl_digest(tmp_path / "plain") == jsonl_digest_without(out, ("mono.jsonl", "mono_valid.jsonl"))
+
+
+def jsonl_digest_without(folder, names):
+    import shutil
+
+    copy = folder.parent / (folder.name + "-without")
+    shutil.copytree(folder, copy)
+    for name in names:
+        (copy / name).unlink()
+    return jsonl_digest(copy)
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--demo-noise", "1.5"], "--demo-noise"),
+    (["--demo-noise", "-0.1"], "--demo-noise"),
+    (["--demo-noise", "nan"], "--demo-noise"),
+    (["--demo-ambiguity", "2"], "--demo-ambiguity"),
+    (["--demo-monolingual", "-1"], "--demo-monolingual"),
+])
+def test_demo_option_bad_values_are_refused(tmp_path, extra, flag):
+    with pytest.raises(SystemExit) as stop:
+        prepare_data.main(["--demo", "--out", str(tmp_path / "out"), *extra])
+    message = str(stop.value.code)
+    assert message.startswith(f"prepare_data.py: {flag}") and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_options_need_demo(tmp_path, shared_alma):
+    with pytest.raises(SystemExit) as stop:
+        prepare_data.main(["--data-dir", str(shared_alma), "--out", str(tmp_path / "out"), "--demo-noise", "0.1"])
+    assert "add --demo" in str(stop.value.code)
+
+
+def test_sft_on_monolingual_rows_trains_a_base_model(tmp_path, tiny_models):
+    import train_kd
+    from transformers import AutoTokenizer
+
+    from kd.data import IGNORE_INDEX, encode_example
+
+    prepare(tmp_path / "data", "--demo-monolingual", "60")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["student"])
+    row = read_jsonl(tmp_path / "data" / "mono.jsonl")[0]
+    example = encode_example(tokenizer, row["prompt"], row["reference"], 512)
+    sentence = tokenizer(row["reference"], add_special_tokens=False)["input_ids"]
+    # an empty prompt: BOS + sentence + EOS, the loss on the sentence and EOS
+    assert example["input_ids"] == [tokenizer.bos_token_id] + sentence + [tokenizer.eos_token_id]
+    assert example["labels"] == [IGNORE_INDEX] + sentence + [tokenizer.eos_token_id]
+    out = tmp_path / "base"
+    train_kd.main(["--method", "sft", "--student", tiny_models["student"],
+                   "--train-file", str(tmp_path / "data" / "mono.jsonl"),
+                   "--valid-file", str(tmp_path / "data" / "mono_valid.jsonl"), "--output-dir", str(out),
+                   "--batch-size", "8", "--micro-batch-size", "8", "--max-steps", "3", "--lr", "3e-3",
+                   "--eval-steps", "3", "--logging-steps", "1"])
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    valid = [m for m in metrics if m["type"] == "valid"]
+    assert valid and all(f"valid_loss/mono-{lang}" in valid[-1] for lang in ("en", "de", "cs"))
+    assert (out / "final" / "model.safetensors").is_file()

@@ -1,0 +1,492 @@
+"""Where the gradient goes: per-token logit gradients against difficulty, and hard tokens by frequency.
+
+The paper argues that hard tokens (d = KL(ỹ‖q) > Γ) need the teacher's prior knowledge and that
+rare tokens are the hard ones (Zipf). This script measures what each loss actually does with them,
+on a fixed set of training batches, with the student as it starts and after a short training run
+of each method (train_kd.py itself, in-process, into a temporary folder):
+
+    python mechanism.py --teacher runs/sft-teacher/best --student runs/sft-student/best \\
+        --train-file data/demo/train.jsonl --steps 50 --batches 4 --batch-size 32 --lr 1e-3 \\
+        --out results/mechanism
+
+For every measured target token t (a response token of the training references) and every method:
+  d_t      = KL(ỹ_t‖q_t), the paper's difficulty (Eq. 5), the same for every method at a given student;
+  |g_t|    = ‖∂ℓ_t/∂z_t‖, the norm of the gradient of the token's own loss w.r.t. its own student
+             logits: one backward of kd.losses.compute_loss(chunk_size=0, reduction="sum") on
+             logits that require grad gives every row at once (row t depends on ℓ_t only);
+  ratio_t  = |g_t| / |g_t of noevo|, how much the method damps the token against plain KL(ỹ‖q)
+             (noevo's gradient is q − ỹ; forward KD's is the same when λ = α).
+Reported per bin of d (log-spaced, Γ is a bin edge, bins are (lo, hi] so the bins above Γ hold
+exactly the hard tokens), per frequency bucket of the target token (quantiles over the target
+tokens of the whole training file: bucket 1 = rarest), and for the batch as a whole: hard fraction,
+share of the squared logit-gradient that comes from hard tokens. After training, also the mean d
+of the same tokens grouped by their starting bin: how far each method moved the hard tokens.
+
+Outputs in --out (each written completely or not at all):
+  mechanism.json   every number, settings included
+  mechanism.png    panels: |g| vs d; |g|/|g_noevo| vs d; hard fraction by frequency bucket at the
+                   start and after training; hard tokens' share of the gradient; d after training
+                   by starting d; mean d by frequency bucket
+
+One process, one device (CUDA when available): the training runs are single-process train_kd.py
+runs with --batch-size examples per step; teacher logits of the measured batches are cached once.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import train_kd
+from kd.data import IGNORE_INDEX, TrainCollator, TranslationDataset
+from kd.losses import METHODS, LossConfig, compute_loss
+from kd.models import check_model_path, load_model, load_tokenizer, tokenizer_mismatch
+
+# The methods measured by default: the three of the paper's argument, forward KD as the usual
+# reference, and the token-level self-evolution reading where kd/losses.py has it.
+DEFAULT_METHODS = tuple(m for m in ("noevo", "skew", "selfevo", "forward", "selfevo_token") if m in METHODS)
+REFERENCE_METHOD = "noevo"  # its gradient q − ỹ is the undamped pull every ratio is taken against
+LOSS_DEFAULTS = LossConfig("noevo")  # one source of truth for λ, α, β, Γ
+D_BINS_PER_DECADE = 2
+D_DECADES_BELOW_GAMMA, D_DECADES_ABOVE_GAMMA = 3, 2
+FREQUENCY_BUCKETS = 5
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", required=True, help="teacher model (save_pretrained folder)")
+    parser.add_argument("--student", required=True, help="student model at the start (save_pretrained folder)")
+    parser.add_argument("--train-file", required=True, help="train.jsonl made by prepare_data.py")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated methods of kd/losses.py (default: {','.join(DEFAULT_METHODS)}); "
+                             f"{REFERENCE_METHOD} is always measured as the reference of the damping ratio")
+    parser.add_argument("--steps", type=int, default=50, help="optimizer steps of train_kd.py per method (0: start only)")
+    parser.add_argument("--batches", type=int, default=4, help="training batches measured (the same for every method)")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per measured batch and per training step")
+    parser.add_argument("--micro-batch-size", type=int, help="train_kd.py --micro-batch-size (default: --batch-size)")
+    parser.add_argument("--lr", type=float, default=2e-5, help="train_kd.py --lr (its default is the paper's 2e-5; "
+                                                               "the tiny models need about 1e-3)")
+    parser.add_argument("--max-length", type=int, default=512, help="train_kd.py --max-length")
+    parser.add_argument("--kd-ratio", type=float, default=LOSS_DEFAULTS.kd_ratio, help="λ of Eq. 3 (forward)")
+    parser.add_argument("--target-mix", type=float, default=LOSS_DEFAULTS.target_mix, help="α of Eq. 4")
+    parser.add_argument("--beta", type=float, default=LOSS_DEFAULTS.beta, help="β of Eq. 6")
+    parser.add_argument("--gamma", type=float, default=LOSS_DEFAULTS.gamma, help="Γ of Eq. 8: hard when d > Γ")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the measured batches and of the training runs")
+    parser.add_argument("--out", required=True, help="folder for mechanism.json and mechanism.png")
+    return parser.parse_args(argv)
+
+
+def check_args(args):
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS or m == "sft"]
+    if unknown or not methods:
+        raise SystemExit(f"mechanism.py: --methods {args.methods}: {', '.join(unknown) or 'empty'}; "
+                         f"choose among {', '.join(m for m in METHODS if m != 'sft')}")
+    if args.steps < 0:
+        raise SystemExit(f"mechanism.py: --steps must be >= 0, got {args.steps}")
+    for name in ("batches", "batch_size", "max_length"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"mechanism.py: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.gamma > 0:
+        raise SystemExit(f"mechanism.py: --gamma must be > 0 (the d bins are log-spaced around it), got {args.gamma}")
+    try:
+        LossConfig("selfevo", args.kd_ratio, args.target_mix, args.beta, args.gamma)
+    except ValueError as error:
+        raise SystemExit(f"mechanism.py: {error}") from None
+    try:
+        check_model_path(args.teacher, "--teacher")
+        check_model_path(args.student, "--student")
+    except FileNotFoundError as error:
+        raise SystemExit(f"mechanism.py: {error}") from None
+    return list(dict.fromkeys([REFERENCE_METHOD, *methods]))  # the reference first, no repeats
+
+
+# =============================================================================================
+# Per-token quantities (the tests check these against the closed-form gradients)
+# =============================================================================================
+
+def token_gradients(method, student_logits, teacher_logits, targets, *, kd_ratio, target_mix, beta, gamma):
+    """‖∂ℓ_t/∂z_t‖ for every row t of student_logits [N, V] (all rows counted), in their dtype.
+
+    ℓ_t depends on row t only, so one backward of the summed loss gives each row's own gradient.
+    """
+    logits = student_logits.detach().clone().requires_grad_(True)
+    loss, _ = compute_loss(method, logits, teacher_logits, targets, kd_ratio=kd_ratio, target_mix=target_mix,
+                           beta=beta, gamma=gamma, chunk_size=0, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, logits)
+    return grad.norm(dim=-1)
+
+
+def token_difficulty(student_logits, teacher_logits, targets, *, target_mix):
+    """d = KL(ỹ‖q) per row (Eq. 5), as kd/losses.py computes it for selfevo's selection."""
+    with torch.no_grad():
+        _, stats = compute_loss("noevo", student_logits, teacher_logits, targets, target_mix=target_mix,
+                                chunk_size=0, reduction="sum", token_stats=True)
+    return stats["token_difficulty"]
+
+
+def d_bin_edges(gamma):
+    """Inner edges Γ·10^(k/2), k = −6..4: log-spaced, Γ itself an edge; bins are (lo, hi]."""
+    ks = np.arange(-D_DECADES_BELOW_GAMMA * D_BINS_PER_DECADE, D_DECADES_ABOVE_GAMMA * D_BINS_PER_DECADE + 1)
+    return [float(gamma * 10.0 ** (k / D_BINS_PER_DECADE)) for k in ks]
+
+
+def d_bin_index(d, edges):
+    """Bin of each d among len(edges)+1 bins [0, e0], (e0, e1], ..., (e_last, inf): closed above, so
+    with Γ an edge the bins above Γ hold exactly the hard tokens (d > Γ)."""
+    return np.searchsorted(np.asarray(edges, dtype=float), np.asarray(d, dtype=float), side="left")
+
+
+def frequency_bucket_edges(counts_of_occurrences, n_buckets=FREQUENCY_BUCKETS):
+    """Inner edges of the frequency buckets: quantiles of the training count of every target-token
+    occurrence, so each bucket holds about 1/n of the training target tokens (tied counts merge
+    edges, and a bucket can hold more)."""
+    fractions = np.arange(1, n_buckets) / n_buckets
+    return [float(e) for e in np.unique(np.quantile(np.asarray(counts_of_occurrences, dtype=float), fractions))]
+
+
+def frequency_bucket_index(counts, edges):
+    """Bucket of each training count among len(edges)+1 buckets [0, e0), [e0, e1), ..., [e_last, inf):
+    closed below, so the few very frequent tokens that tie at the top quantile (EOS, the full stop)
+    fill the last bucket instead of leaving it empty."""
+    return np.searchsorted(np.asarray(edges, dtype=float), np.asarray(counts, dtype=float), side="right")
+
+
+# =============================================================================================
+# Summaries
+# =============================================================================================
+
+def mean_or_none(values):
+    return float(np.mean(values)) if len(values) else None
+
+
+def summarise(tokens, d_edges, freq_edges, gamma):
+    """Aggregates of one measurement (arrays over the measured tokens) for mechanism.json."""
+    d, norm, ratio, freq_bucket = tokens["d"], tokens["grad_norm"], tokens["ratio"], tokens["freq_bucket"]
+    hard = d > gamma
+    squared = norm.astype(np.float64) ** 2
+    d_bin = d_bin_index(d, d_edges)
+    lows, highs = [0.0, *d_edges], [*d_edges, math.inf]
+    d_bins = []
+    for b in range(len(d_edges) + 1):
+        inside = d_bin == b
+        d_bins.append({
+            "d_low": lows[b], "d_high": highs[b] if math.isfinite(highs[b]) else None,
+            "tokens": int(inside.sum()),
+            "mean_d": mean_or_none(d[inside]),
+            "grad_norm_mean": mean_or_none(norm[inside]),
+            "grad_norm_median": float(np.median(norm[inside])) if inside.any() else None,
+            "ratio_to_noevo_mean": mean_or_none(ratio[inside]),
+            "grad_sq_share": float(squared[inside].sum() / squared.sum()) if squared.sum() > 0 else None,
+        })
+    buckets = []
+    for b in range(len(freq_edges) + 1):
+        inside = freq_bucket == b
+        buckets.append({
+            "tokens": int(inside.sum()),
+            "hard_fraction": mean_or_none(hard[inside]),
+            "mean_d": mean_or_none(d[inside]),
+            "grad_norm_mean": mean_or_none(norm[inside]),
+        })
+    return {
+        "tokens": int(d.size),
+        "hard_fraction": float(hard.mean()),
+        "mean_d": float(d.mean()),
+        "grad_norm_mean_hard": mean_or_none(norm[hard]),
+        "grad_norm_mean_easy": mean_or_none(norm[~hard]),
+        "ratio_to_noevo_mean_hard": mean_or_none(ratio[hard]),
+        "ratio_to_noevo_mean_easy": mean_or_none(ratio[~hard]),
+        "hard_grad_sq_share": float(squared[hard].sum() / squared.sum()) if squared.sum() > 0 else None,
+        "d_bins": d_bins,
+        "frequency_buckets": buckets,
+    }
+
+
+def by_start_bin(d_start, d_end, d_edges):
+    """The same tokens after training, grouped by their d at the start: who learned the hard tokens."""
+    start_bin = d_bin_index(d_start, d_edges)
+    rows = []
+    for b in range(len(d_edges) + 1):
+        inside = start_bin == b
+        rows.append({"tokens": int(inside.sum()), "mean_d_start": mean_or_none(d_start[inside]),
+                     "mean_d_end": mean_or_none(d_end[inside])})
+    return rows
+
+
+# =============================================================================================
+# Measuring a student on the fixed batches
+# =============================================================================================
+
+def student_logits_of(model, batch, counted, device):
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                    use_cache=False)
+    return out.logits[counted.to(device)].float()
+
+
+def measure(model, batches, teacher_rows, methods, args, device, freq_buckets):
+    """Per-token arrays {method: {d, grad_norm, ratio, freq_bucket}} of one student on the measured batches."""
+    losses = dict(kd_ratio=args.kd_ratio, target_mix=args.target_mix, beta=args.beta, gamma=args.gamma)
+    parts = {m: {"d": [], "grad_norm": []} for m in methods}
+    model.eval()
+    for batch, teacher_logits in zip(batches, teacher_rows):
+        targets = train_kd.shifted_targets(batch["labels"])
+        counted = targets != IGNORE_INDEX
+        logits = student_logits_of(model, batch, counted, device)
+        teacher = teacher_logits.to(device)
+        rows_targets = targets[counted].to(device)
+        d = token_difficulty(logits, teacher, rows_targets, target_mix=args.target_mix).cpu().numpy()
+        for method in methods:
+            parts[method]["d"].append(d)
+            parts[method]["grad_norm"].append(
+                token_gradients(method, logits, teacher, rows_targets, **losses).cpu().numpy())
+    result = {}
+    reference = np.concatenate(parts[REFERENCE_METHOD]["grad_norm"])
+    for method in methods:
+        norm = np.concatenate(parts[method]["grad_norm"])
+        result[method] = {"d": np.concatenate(parts[method]["d"]), "grad_norm": norm,
+                          "ratio": norm / np.maximum(reference, np.finfo(np.float32).tiny),
+                          "freq_bucket": freq_buckets}
+    return result
+
+
+def reset_accelerate():
+    """train_kd.main builds an Accelerator per call; accelerate keeps process-wide singletons."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def train_briefly(method, args, folder):
+    """args.steps optimizer steps of train_kd.py from --student; returns the final model folder."""
+    argv = ["--method", method, "--student", args.student, "--teacher", args.teacher,
+            "--train-file", args.train_file, "--output-dir", str(folder),
+            "--batch-size", str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size or args.batch_size),
+            "--lr", str(args.lr), "--max-steps", str(args.steps), "--epochs", str(10**6),
+            "--max-length", str(args.max_length), "--seed", str(args.seed), "--logging-steps", str(args.steps),
+            "--save-total-limit", "1",
+            "--kd-ratio", str(args.kd_ratio), "--target-mix", str(args.target_mix), "--beta", str(args.beta),
+            "--gamma", str(args.gamma)]
+    try:
+        results = train_kd.main(argv)
+    finally:
+        reset_accelerate()
+    return Path(results["final_dir"]), results
+
+
+# =============================================================================================
+# Figure and writing
+# =============================================================================================
+
+def plot(summary, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(summary["methods"])
+    gamma = summary["settings"]["gamma"]
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    # Methods with identical gradients (forward = noevo when λ = α) would hide each other: earlier
+    # methods are drawn wider.
+    widths = {m: 1.0 + 0.8 * (len(methods) - 1 - i) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+
+    def d_centers(bins):
+        edges = summary["d_bin_edges"]
+        first, last = edges[0] / 10 ** (1 / D_BINS_PER_DECADE), edges[-1] * 10 ** (1 / D_BINS_PER_DECADE)
+        lows, highs = [first, *edges], [*edges, last]
+        return [math.sqrt(lo * hi) for lo, hi in zip(lows, highs)]
+
+    def line(ax, xs, bins, key, method, style, label):
+        points = [(x, b[key]) for x, b in zip(xs, bins) if b.get(key) is not None and b["tokens"] > 0]
+        if points:
+            ax.plot(*zip(*points), style, color=colors[method], linewidth=widths[method], label=label,
+                    marker="o", markersize=3)
+
+    for ax, key, title in ((axes[0, 0], "grad_norm_mean", "‖∂ℓ_t/∂z_t‖ (mean per bin of d)"),
+                           (axes[0, 1], "ratio_to_noevo_mean", "‖g_t‖ / ‖g_t of noevo‖ (damping)")):
+        for method, runs in summary["methods"].items():
+            for when, style in (("start", "-"), ("end", "--")):
+                if when in runs:
+                    line(ax, d_centers(runs[when]["d_bins"]), runs[when]["d_bins"], key, method, style,
+                         f"{method} {'step 0' if when == 'start' else 'after training'}")
+        ax.axvline(gamma, color="grey", linestyle=":", label=f"Γ = {gamma:g}")
+        ax.set_xscale("log")
+        ax.set_xlabel("difficulty d = KL(ỹ‖q)")
+        ax.set_title(title)
+    axes[0, 0].set_yscale("log")
+    axes[0, 0].legend(fontsize=7)
+
+    buckets = range(1, len(summary["frequency_buckets"]) + 1)
+    first = summary["methods"][methods[0]]["start"]
+    for ax, key, title in ((axes[0, 2], "hard_fraction", "hard fraction (d > Γ) by frequency bucket"),
+                           (axes[1, 2], "mean_d", "mean d by frequency bucket")):
+        ax.plot(buckets, [b[key] for b in first["frequency_buckets"]], "-", color="black", marker="o",
+                label="step 0 (all methods)")
+        for method, runs in summary["methods"].items():
+            if "end" in runs:
+                ax.plot(buckets, [b[key] for b in runs["end"]["frequency_buckets"]], "--", color=colors[method],
+                        linewidth=widths[method], marker="o", markersize=3, label=f"{method} after training")
+        ax.set_xticks(list(buckets))
+        ax.set_xlabel("frequency bucket of the target token (1 = rarest)")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+
+    ax = axes[1, 0]
+    width = 0.4
+    for i, (method, runs) in enumerate(summary["methods"].items()):
+        for j, when in enumerate(("start", "end")):
+            if when in runs and runs[when]["hard_grad_sq_share"] is not None:
+                ax.bar(i + (j - 0.5) * width, runs[when]["hard_grad_sq_share"], width, color=colors[method],
+                       alpha=1.0 if when == "start" else 0.5)
+        if "start" in runs:
+            ax.plot([i - width, i + width], [runs["start"]["hard_fraction"]] * 2, color="black", linewidth=1)
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels(methods)
+    ax.set_title("hard tokens' share of Σ‖g_t‖² (dark: step 0, light: after);\nblack bar: their share of the tokens")
+
+    ax = axes[1, 1]
+    seen = []
+    for method, runs in summary["methods"].items():
+        if "by_start_bin" in runs:
+            rows = runs["by_start_bin"]
+            points = [(row["mean_d_start"], row["mean_d_end"]) for row in rows if row["tokens"] > 0]
+            ax.plot(*zip(*points), "--", color=colors[method], linewidth=widths[method], marker="o", markersize=3,
+                    label=method)
+            seen.extend(value for point in points for value in point if value and value > 0)
+    ax.axvline(gamma, color="grey", linestyle=":")
+    ax.axhline(gamma, color="grey", linestyle=":")
+    if seen:
+        ax.plot([min(seen), max(seen)], [min(seen), max(seen)], color="lightgrey", linewidth=1, label="unchanged")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("mean d at step 0 (tokens grouped by their starting bin)")
+    ax.set_ylabel("mean d of the same tokens after training")
+    ax.set_title("who learned the hard tokens")
+    ax.legend(fontsize=7)
+
+    settings = summary["settings"]
+    fig.suptitle(f"Where the gradient goes: {settings['tokens_measured']} target tokens, "
+                 f"{settings['steps']} steps of train_kd.py per method "
+                 f"(α={settings['target_mix']}, β={settings['beta']}, Γ={gamma})")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(summary, out_dir):
+    """mechanism.png then mechanism.json, each through a temporary file and a rename."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png, js = out_dir / "mechanism.png", out_dir / "mechanism.json"
+    tmp_png, tmp_json = (path.with_name(f".{path.name}.{os.getpid()}.partial") for path in (png, js))
+    try:
+        plot(summary, tmp_png)
+        tmp_json.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        os.replace(tmp_png, png)
+        os.replace(tmp_json, js)
+    finally:
+        for tmp in (tmp_png, tmp_json):
+            tmp.unlink(missing_ok=True)
+    return js, png
+
+
+# =============================================================================================
+# Main
+# =============================================================================================
+
+def main(argv=None):
+    args = parse_args(argv)
+    methods = check_args(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out_dir = Path(args.out)
+
+    tokenizer = load_tokenizer(args.student)
+    reason = tokenizer_mismatch(tokenizer, load_tokenizer(args.teacher))
+    if reason:
+        raise SystemExit(f"mechanism.py: --teacher {args.teacher}: its tokenizer does not match the student's: {reason}")
+    try:
+        rows = train_kd.read_rows(args.train_file, "--train-file")
+        dataset = TranslationDataset(rows, tokenizer, args.max_length, source_name=f"--train-file {args.train_file}")
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"mechanism.py: {error}") from None
+
+    # Token frequencies over every target token of the training references (response + EOS).
+    training_targets = [t for example in dataset.examples for t in example["labels"] if t != IGNORE_INDEX]
+    vocab_counts = np.bincount(training_targets, minlength=len(tokenizer))
+    occurrence_counts = np.repeat(vocab_counts, vocab_counts)  # the count of each occurrence's token
+    freq_edges = frequency_bucket_edges(occurrence_counts)
+    d_edges = d_bin_edges(args.gamma)
+
+    # The measured batches: a seeded draw of --batches x --batch-size training examples, fixed for all.
+    n_examples = min(len(dataset), args.batches * args.batch_size)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:n_examples].tolist()
+    collate = TrainCollator(tokenizer.pad_token_id)
+    batches = [collate([dataset[i] for i in order[start:start + args.batch_size]])
+               for start in range(0, n_examples, args.batch_size)]
+    shifted = [train_kd.shifted_targets(batch["labels"]) for batch in batches]
+    measured_targets = np.concatenate([targets[targets != IGNORE_INDEX].numpy() for targets in shifted])
+    freq_buckets = frequency_bucket_index(vocab_counts[measured_targets], freq_edges)
+
+    # Teacher logits of the measured tokens, once (the teacher is frozen).
+    teacher = load_model(args.teacher).to(device).eval()
+    teacher_rows = []
+    for batch in batches:
+        counted = train_kd.shifted_targets(batch["labels"]) != IGNORE_INDEX
+        teacher_rows.append(student_logits_of(teacher, batch, counted, device).cpu())
+    del teacher
+
+    student = load_model(args.student).to(device)
+    start = measure(student, batches, teacher_rows, methods, args, device, freq_buckets)
+    del student
+    summary_methods = {m: {"start": summarise(start[m], d_edges, freq_edges, args.gamma)} for m in methods}
+    print(f"step 0: {start[REFERENCE_METHOD]['d'].size} tokens, hard fraction "
+          f"{summary_methods[REFERENCE_METHOD]['start']['hard_fraction']:.3f}")
+
+    if args.steps > 0:
+        with tempfile.TemporaryDirectory(prefix="mechanism_", dir=out_dir.parent if out_dir.parent.exists() else None) as tmp:
+            for method in methods:
+                final_dir, results = train_briefly(method, args, Path(tmp) / method)
+                model = load_model(str(final_dir)).to(device)
+                end = measure(model, batches, teacher_rows, list(dict.fromkeys([REFERENCE_METHOD, method])),
+                              args, device, freq_buckets)
+                del model
+                summary_methods[method]["end"] = summarise(end[method], d_edges, freq_edges, args.gamma)
+                summary_methods[method]["by_start_bin"] = by_start_bin(start[method]["d"], end[method]["d"], d_edges)
+                summary_methods[method]["train_seconds"] = results["train_seconds"]
+                print(f"{method}: hard fraction {summary_methods[method]['start']['hard_fraction']:.3f} -> "
+                      f"{summary_methods[method]['end']['hard_fraction']:.3f} after {args.steps} steps")
+
+    bucket_counts = [vocab_counts[measured_targets][freq_buckets == b] for b in range(len(freq_edges) + 1)]
+    summary = {
+        "settings": {
+            "teacher": args.teacher, "student": args.student, "train_file": args.train_file,
+            "methods": methods, "steps": args.steps, "batches": len(batches), "batch_size": args.batch_size,
+            "micro_batch_size": args.micro_batch_size or args.batch_size, "lr": args.lr,
+            "max_length": args.max_length, "kd_ratio": args.kd_ratio, "target_mix": args.target_mix,
+            "beta": args.beta, "gamma": args.gamma, "seed": args.seed, "device": str(device),
+            "tokens_measured": int(measured_targets.size),
+            "training_target_tokens": int(vocab_counts.sum()),
+        },
+        "d_bin_edges": d_edges,
+        "frequency_bucket_edges": freq_edges,
+        "frequency_buckets": [{"bucket": b + 1, "tokens": int(c.size),
+                               "min_count": int(c.min()) if c.size else None,
+                               "max_count": int(c.max()) if c.size else None} for b, c in enumerate(bucket_counts)],
+        "methods": summary_methods,
+    }
+    js, png = write_outputs(summary, out_dir)
+    print(f"wrote {js}\nwrote {png}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
