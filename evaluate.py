@@ -54,15 +54,13 @@ another) minus the baseline.
 
 import argparse
 import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: find kd/
 
-from kd.data import read_jsonl
+from kd.io import fail, read_json, read_jsonl, write_text
 
 PAPER_LANGUAGES = ("de", "cs")  # Table 1's order within xx->en and en->xx; other languages follow by code
 PAPER_SYSTEMS = ("teacher", "student_sft", "forward", "reverse", "noevo", "skew", "selfevo")
@@ -74,20 +72,6 @@ SIGNIFICANCE_LEVEL = 0.05
 
 class InputError(Exception):
     """A bad input file; the message names it."""
-
-
-def fail(where, what, todo):
-    """Stop with a message naming the place, the problem and the fix; exit code 1."""
-    raise SystemExit(f"evaluate.py: {where}: {what}; {todo}")
-
-
-def write_atomic(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        out.write(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,22 +97,20 @@ def direction_files(path, argument):
     return found
 
 
-def read_rows(path, required):
-    try:
-        rows = read_jsonl(path, required=required, unique_ids=True)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"evaluate.py: {error}") from None
-    if not rows:
-        fail(str(path), "empty file", "regenerate it")
-    return rows
+def read_rows(path, required, text_fields):
+    """Rows of a hypotheses or references file: every row has `required`, `text_fields` are strings."""
+    return read_jsonl(path, required=required, text_fields=text_fields, unique_ids=True, allow_empty=False)
 
 
 def matched_hypotheses(path, references):
     """The `hypothesis` of each reference row, matched by id, in reference order."""
-    rows = read_rows(path, required=("id", "hypothesis"))
-    if len(rows) != len(references):
+    rows = read_rows(path, required=("id", "hypothesis"), text_fields=("hypothesis",))
+    if len(rows) < len(references):
         fail(str(path), f"{len(rows)} hypotheses for {len(references)} references",
              "generate the missing rows (run generate.py again to resume), or pass --limit to score a prefix")
+    if len(rows) > len(references):
+        fail(str(path), f"{len(rows)} hypotheses for {len(references)} references (more hypotheses than references)",
+             "pass the test folder these hypotheses were generated from, or the --limit used with generate.py")
     by_id = {row["id"]: row["hypothesis"] for row in rows}
     missing = [row["id"] for row in references if row["id"] not in by_id]
     if missing:
@@ -213,7 +195,8 @@ def evaluate(argv):
                    for role, path in extra_systems.items() if path is not None}
     data = {}
     for direction in directions:
-        references = read_rows(ref_files[direction], required=("id", "source", "reference"))[:args.limit]
+        references = read_rows(ref_files[direction], required=("id", "source", "reference"),
+                               text_fields=("source", "reference"))[:args.limit]
         entry = {
             "tgt": target_language(direction, references, ref_files[direction]),
             "sources": [row["source"] for row in references],
@@ -306,7 +289,7 @@ def evaluate(argv):
         "directions": results,
         "average": {key: mean(key) for key in ("bleu", "comet", "chrf", "teacher_bleu", "off_target_rate")},
     }
-    write_atomic(args.out, json.dumps(output, indent=2, ensure_ascii=False) + "\n")
+    write_text(args.out, json.dumps(output, indent=2, ensure_ascii=False) + "\n")
     print(f"{args.out}: {name}, average BLEU {output['average']['bleu']:.2f}")
     return output
 
@@ -414,12 +397,7 @@ def table(argv):
     args = parser.parse_args(argv)
     results = []
     for path in args.results:
-        try:
-            result = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            fail(str(path), "no such file", "run evaluate.py first")
-        except json.JSONDecodeError as error:
-            fail(str(path), f"not JSON ({error.msg})", "pass results files written by evaluate.py")
+        result = read_json(path, todo="run evaluate.py first")
         if not isinstance(result, dict) or not {"system", "directions", "average"} <= set(result):
             fail(str(path), "not a results file of evaluate.py (no system/directions/average)", "pass results files written by evaluate.py")
         results.append(result)
@@ -433,7 +411,7 @@ def table(argv):
         raise SystemExit(f"evaluate.py table: {error}") from None
     sys.stdout.write(text)
     if args.out:
-        write_atomic(args.out, text)
+        write_text(args.out, text)
     return text
 
 

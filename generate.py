@@ -61,15 +61,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: f
 import torch
 
 from kd.compat import quiet_cpu_runs
-from kd.data import encode_prompt, left_pad, read_jsonl
+from kd.data import encode_prompt, left_pad
+from kd.io import fail, read_appended_jsonl, read_jsonl, write_error, write_jsonl
 from kd.models import check_model_path, load_model, load_tokenizer
 
 INPUT_FIELDS = ("id", "direction", "prompt")
-
-
-def fail(where, what, todo):
-    """Stop with a message naming the place, the problem and the fix; exit code 1."""
-    raise SystemExit(f"generate.py: {where}: {what}; {todo}")
 
 
 def parse_args(argv):
@@ -116,53 +112,14 @@ def input_files(path):
 
 
 def read_inputs(path, limit):
-    """Rows of one input file (first `limit`), checked: not empty, unique ids."""
-    try:
-        rows = read_jsonl(path, required=INPUT_FIELDS, unique_ids=True)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"generate.py: {error}") from None
-    if not rows:
-        fail(str(path), "no rows", "regenerate it with prepare_data.py")
+    """Rows of one input file (first `limit`), checked: not empty, unique ids, a prompt that is text."""
+    rows = read_jsonl(path, required=INPUT_FIELDS, text_fields=("prompt",), unique_ids=True, allow_empty=False)
     return rows if limit is None else rows[:limit]
 
 
-def read_done_rows(path, tolerate_cut_last_line):
-    """Rows of an earlier output (final or partial); a partial file's last line may be cut mid-write.
-
-    Returns (rows, cut) where `cut` says the last line was incomplete and has to be dropped.
-    """
-    if not path.exists():
-        return [], False
-    lines = path.read_text(encoding="utf-8").split("\n")
-    rows, cut = [], False
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or "id" not in row or "hypothesis" not in row:
-                raise ValueError
-        except ValueError:
-            # Only the very last line can be cut short by a kill; anything else is damage.
-            is_last = all(not rest.strip() for rest in lines[number:])
-            if tolerate_cut_last_line and is_last and not line.endswith("}"):
-                cut = True
-                continue
-            fail(f"{path}:{number}", "not an output row of generate.py",
-                 "delete the file (and its .partial) and run again")
-        rows.append(row)
-    return rows, cut
-
-
-def write_atomic(path, rows):
-    """Write JSONL rows to `path` via a temp file in the same folder and os.replace."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def read_done_rows(path):
+    """Rows of an earlier output (final or partial); a last line cut mid-write is dropped (and `cut` says so)."""
+    return read_appended_jsonl(path, required=("id", "hypothesis"))
 
 
 def output_row(row, raw):
@@ -296,14 +253,13 @@ def main(argv=None):
 
         # ---- resume: rows already in the output ----
         if is_main:
-            partial_rows, cut = read_done_rows(partial_path, tolerate_cut_last_line=True)
+            partial_rows, cut = read_done_rows(partial_path)
             if cut:
-                print(f"{partial_path}: dropping a last line cut mid-write")
-                write_atomic(partial_path, partial_rows)
+                write_jsonl(partial_path, partial_rows)
         accelerator.wait_for_everyone()
         done = {}
         for earlier in (final_path, partial_path):
-            for row in read_done_rows(earlier, tolerate_cut_last_line=False)[0]:
+            for row in read_done_rows(earlier)[0]:
                 done.setdefault(row["id"], row)
         by_id = {row["id"]: row for row in rows}
         for row_id, row in done.items():
@@ -313,7 +269,7 @@ def main(argv=None):
                      "use another --output, or delete the file (and its .partial) to start over")
         pending = [row for row in rows if row["id"] not in done]
         if (not pending and not partial_path.exists() and final_path.exists()
-                and [row["id"] for row in read_done_rows(final_path, False)[0]] == list(by_id)):
+                and [row["id"] for row in read_done_rows(final_path)[0]] == list(by_id)):
             accelerator.print(f"{final_path}: complete ({len(rows)} rows), skipped")
             stats[path.name] = {"rows": len(rows), "generated": 0, "new_tokens": 0, "seconds": 0.0}
             continue
@@ -341,12 +297,16 @@ def main(argv=None):
                 generator([id_lists[batches[0][0]]])  # keep the sharded forward passes in step; result dropped
             gathered = gather_object(results) if world > 1 else results
             if is_main:
-                with partial_path.open("a", encoding="utf-8") as handle:
-                    for row_id, raw, count in gathered:
-                        handle.write(json.dumps(output_row(by_id[row_id], raw), ensure_ascii=False) + "\n")
-                        new_tokens += count
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                try:  # appended and flushed per batch: a kill loses at most this batch (a cut line is dropped)
+                    with partial_path.open("a", encoding="utf-8") as handle:
+                        for row_id, raw, count in gathered:
+                            handle.write(json.dumps(output_row(by_id[row_id], raw), ensure_ascii=False) + "\n")
+                            new_tokens += count
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                except OSError as error:
+                    raise write_error(partial_path, error, "free some space and run the same command again: "
+                                      "it resumes after the rows already written") from None
                 progress.update(len(gathered))
         progress.close()
         seconds = time.time() - start
@@ -355,13 +315,13 @@ def main(argv=None):
         accelerator.wait_for_everyone()
         if is_main:
             finished = dict(done)
-            for row in read_done_rows(partial_path, tolerate_cut_last_line=False)[0]:
+            for row in read_done_rows(partial_path)[0]:
                 finished.setdefault(row["id"], row)
             missing = [row["id"] for row in rows if row["id"] not in finished]
             if missing:
                 fail(str(partial_path), f"{len(missing)} rows missing after generation (first {missing[0]!r})",
                      "run the same command again to resume")
-            write_atomic(final_path, [finished[row["id"]] for row in rows])
+            write_jsonl(final_path, [finished[row["id"]] for row in rows])
             if partial_path.exists():
                 partial_path.unlink()
             print(f"{final_path}: {len(rows)} rows ({len(pending)} new, {new_tokens} tokens, {seconds:.1f}s)")

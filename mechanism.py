@@ -35,7 +35,6 @@ runs with --batch-size examples per step; teacher logits of the measured batches
 import argparse
 import json
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch
 
 import train_kd
 from kd.data import IGNORE_INDEX, TrainCollator, TranslationDataset
+from kd.io import replacing, write_text
 from kd.losses import METHODS, LossConfig, compute_loss
 from kd.models import check_model_path, load_model, load_tokenizer, tokenizer_mismatch
 
@@ -384,18 +384,11 @@ def plot(summary, path):
 
 
 def write_outputs(summary, out_dir):
-    """mechanism.png then mechanism.json, each through a temporary file and a rename."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """mechanism.json and mechanism.png, each complete or absent (kd/io.py; the png is renamed last)."""
     png, js = out_dir / "mechanism.png", out_dir / "mechanism.json"
-    tmp_png, tmp_json = (path.with_name(f".{path.name}.{os.getpid()}.partial") for path in (png, js))
-    try:
+    with replacing(png) as tmp_png:
         plot(summary, tmp_png)
-        tmp_json.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        os.replace(tmp_png, png)
-        os.replace(tmp_json, js)
-    finally:
-        for tmp in (tmp_png, tmp_json):
-            tmp.unlink(missing_ok=True)
+        write_text(js, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return js, png
 
 

@@ -26,15 +26,18 @@ BLEU when the results have it. Every PNG is written atomically (temporary file, 
 import argparse
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: find kd/
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+from kd.io import replacing  # noqa: E402
 
 FIGURES = ("curves", "fig2", "fig3", "fig4", "fig5")
 SWEEPS = {  # fig2 panel: (system-name pattern, x-axis label)
@@ -153,16 +156,12 @@ def paper_sort_key(name):
 # ---------------------------------------------------------------------------------------------
 
 def save(fig, path, dpi):
-    """Write the figure as PNG atomically: a temporary file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    """Write the figure as PNG all-or-nothing (kd.io.replacing: a temporary file, then a rename)."""
     try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
     print(f"wrote {path}")
     return path
 

@@ -47,32 +47,28 @@ unless --drop-duplicates: the paper's 52,574 training examples include the 9 dup
 the ALMA training files, and the test sets must keep every row so that the hypotheses line up
 with the official WMT22 references (--drop-duplicates therefore only touches the training split).
 A table of read / kept / dropped per split and direction is printed and saved in stats.json.
-Same input and seed give byte-identical files; every file is written atomically, and nothing is
-written when the input has an error.
+Same input and seed give byte-identical files. The output is all or nothing: every input error
+(including text that UTF-8 cannot hold) stops the run before anything is written, every file is
+written under a temporary name first and renamed into place only when all of them are written, and
+stats.json, renamed last, marks a complete folder.
 """
 
 import argparse
 import json
-import os
 import random
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: find kd/
 
+from kd.io import OutputGroup, fail, json_text, jsonl_text, read_text
 from kd.prompts import LANGUAGE_NAMES, TEMPLATES, build_prompt
 
 PAPER_VALID_DIRECTIONS = {"de": "en-de", "cs": "cs-en"}  # WMT21 En->De and Cs->En, as the paper
 HUB_PARALLEL = "haoranxu/ALMA-Human-Parallel"
 HUB_TEST = "haoranxu/WMT22-Test"
 JSON_SUFFIXES = (".json", ".jsonl")
-
-
-def fail(where, what, todo):
-    """Stop with a message naming the place, the problem and the fix; exit code 1."""
-    raise SystemExit(f"prepare_data.py: {where}: {what}; {todo}")
 
 
 def parse_args(argv):
@@ -137,23 +133,6 @@ def parse_direction(text, flag):
     return src, tgt
 
 
-def write_atomically(path, text):
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
-            stream.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
 # ---- reading: JSON Lines, JSON arrays, aligned text files ----
 
 def pair_from_record(record, lang, where):
@@ -169,15 +148,18 @@ def pair_from_record(record, lang, where):
         if not isinstance(translation[key], str):
             fail(where, f"the {key!r} value is {type(translation[key]).__name__}, not a string",
                  "write every sentence as a JSON string")
+        try:  # checked here, not when writing: a lone surrogate ("\ud800") is valid JSON but not UTF-8
+            translation[key].encode("utf-8")
+        except UnicodeEncodeError as error:
+            bad = translation[key][error.start:error.end]
+            fail(where, f"the {key!r} value holds {bad!r}, which UTF-8 cannot encode (a lone surrogate)",
+                 "fix or remove the record")
     return translation[lang], translation["en"]
 
 
 def read_json_file(path, lang):
     """Pairs of a JSON Lines file or of one JSON array, detected by the first character."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        fail(path, f"not UTF-8 ({error})", "convert the file to UTF-8")
+    text = read_text(path)  # UTF-8, a leading byte-order mark dropped
     stripped = text.lstrip()
     if not stripped:
         fail(path, "the file is empty", "remove it or fill it with records")
@@ -228,10 +210,7 @@ def read_json_array(path, text, lang):
 
 
 def read_text_lines(path):
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        fail(path, f"not UTF-8 ({error})", "convert the file to UTF-8")
+    text = read_text(path)  # UTF-8, a leading byte-order mark dropped
     if text.endswith("\n"):
         text = text[:-1]
     # split on "\n" only: str.splitlines would also split inside a sentence at U+2028 and friends
@@ -384,10 +363,6 @@ def rows_for(split, lang, src, kept, template):
     return rows
 
 
-def jsonl(rows):
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
 def format_table(table):
     columns = ["split", "direction", "read", "dropped_empty", "dropped_duplicate",
                "duplicates_kept", "dropped_by_subset", "kept"]
@@ -533,7 +508,7 @@ def main(argv=None):
         noise_report = add_reference_noise(train_rows, args.demo_noise, args.seed)
     random.Random(args.seed).shuffle(train_rows)
 
-    # ---- write (atomically, stats.json last) and report ----
+    # ---- write all or nothing (every file written first, then renamed; stats.json last) and report ----
     stats = {
         "data_source": data_source,
         "pairs": [f"{lang}-en" for lang in langs],
@@ -562,14 +537,18 @@ def main(argv=None):
                 "note": "direction mono-<lang>, src_lang = tgt_lang = <lang>, empty source and prompt, "
                         "the sentence as reference; no sentence is a rendering of a valid or test sentence"}
             stats["counts"].update({"mono": len(mono_rows), "mono_valid": len(mono_valid_rows)})
-    write_atomically(args.out / "train.jsonl", jsonl(train_rows))
-    write_atomically(args.out / "valid.jsonl", jsonl(valid_rows))
-    for direction, rows in test_files.items():
-        write_atomically(args.out / "test" / f"{direction}.jsonl", jsonl(rows))
-    if args.demo and args.demo_monolingual:
-        write_atomically(args.out / "mono.jsonl", jsonl(mono_rows))
-        write_atomically(args.out / "mono_valid.jsonl", jsonl(mono_valid_rows))
-    write_atomically(args.out / "stats.json", json.dumps(stats, ensure_ascii=False, indent=2) + "\n")
+    with OutputGroup() as output:
+        output.write_text(args.out / "train.jsonl", jsonl_text(train_rows))
+        output.write_text(args.out / "valid.jsonl", jsonl_text(valid_rows))
+        for direction, rows in test_files.items():
+            output.write_text(args.out / "test" / f"{direction}.jsonl", jsonl_text(rows))
+        if args.demo and args.demo_monolingual:
+            output.write_text(args.out / "mono.jsonl", jsonl_text(mono_rows))
+            output.write_text(args.out / "mono_valid.jsonl", jsonl_text(mono_valid_rows))
+        output.write_text(args.out / "stats.json", json_text(stats))
+        # Everything is written; the renames follow. stats.json marks a complete folder: it goes first
+        # and comes back last, so a kill between the renames leaves a folder without it.
+        (args.out / "stats.json").unlink(missing_ok=True)
     stale = sorted(path.name for path in (args.out / "test").glob("*.jsonl")
                    if path.stem not in test_files)
     for entry in preferred_json:

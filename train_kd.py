@@ -57,22 +57,33 @@ What one optimizer step does
     checkpoint as it was. (Under DeepSpeed the engine steps inside backward, so there the bad
     steps are counted and stop the run, and skipping is DeepSpeed's own fp16 overflow check.)
 
-Outputs in --output-dir
-  config.json        the fully resolved configuration
-  metrics.jsonl      {"type": "train", step, epoch, loss, lr, grad_norm, tokens, tokens_per_s, beta,
-                     hard_fraction, mean_difficulty, hard_fraction/<dir>, mean_difficulty/<dir>} per
+Outputs in --output-dir (every file and folder appears complete or not at all: kd/io.py)
+  config.json        the fully resolved configuration; "changed_args" lists the arguments a resume
+                     with --allow-changed-args changed, and the step from which they apply
+  metrics.jsonl      {"type": "train", step, epoch, loss, lr, grad_norm, tokens, tokens_per_s, steps_in_window,
+                     beta, hard_fraction, mean_difficulty, hard_fraction/<dir>, mean_difficulty/<dir>} per
                      --logging-steps window (loss, tokens, tokens/s and the stats over the window's
-                     steps; mean_difficulty only for the methods with ỹ: noevo, skew, selfevo);
-                     {"type": "valid", step, epoch, valid_loss, valid_loss/<dir>}
-  step_{n}/ epoch_{n}/  accelerator.save_state (student, optimizer, scheduler, RNG); the teacher is
-                     never saved; the last --save-total-limit are kept
+                     steps_in_window good steps; mean_difficulty only for the methods with ỹ: noevo, skew,
+                     selfevo); {"type": "valid", step, epoch, valid_loss, valid_loss/<dir>}
+  step_{n}/ epoch_{n}/  accelerator.save_state (student, optimizer, scheduler, RNG; the teacher is never
+                     saved) and trainer_state.json, written last: only the newest --save-total-limit
+                     complete ones are kept (default 1, all a resume needs; 0 keeps all). At the paper's
+                     scale one checkpoint of a 7B student (weights + AdamW state) is about 100 GB.
   best/  final/      save_pretrained model + tokenizer (best validation loss / end of training)
   all_results.json   method, hyperparameters, final/best valid loss, steps, tokens, train_seconds (time
                      in optimizer steps, without validation and saving), tokens/s
   COMPLETED          written last
+
+Resuming (--resume-from-checkpoint latest) continues the run the checkpoint belongs to: an argument
+that changes the training (the method and its hyperparameters, lr and schedule, epochs/max steps,
+seed, data files, models; every argument but those in NOT_TRAINING_ARGS) that differs from the
+checkpoint's is an error naming it (old -> new), unless --allow-changed-args is given: then the new
+values apply from the checkpoint's step on, and config.json records them. metrics.jsonl after a
+kill and a resume holds the rows of the uninterrupted run (timing fields aside).
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -83,16 +94,30 @@ import time
 import warnings
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: find kd/
+
 import torch
 import torch.nn.functional as F
 
 from kd.compat import quiet_cpu_runs
-from kd.data import IGNORE_INDEX, TrainCollator, TranslationDataset, length_grouped_order, read_jsonl
-from kd.losses import KD_METHODS, METHODS, TARGET_MIX_METHODS, compute_loss, compute_loss_from_hidden, shared_vocab_size
+from kd.data import IGNORE_INDEX, REQUIRED_FIELDS, TrainCollator, TranslationDataset, length_grouped_order
+from kd.io import (WriteError, describe_os_error, fail, fail_with, jsonl_text, read_appended_jsonl, read_json,
+                   read_jsonl, replacing_folder, write_json, write_jsonl, write_text)
+from kd.losses import (KD_METHODS, METHODS, TARGET_MIX_METHODS, LossConfig, compute_loss, compute_loss_from_hidden,
+                       shared_vocab_size)
 from kd.models import DTYPES, check_model_path, load_model, load_tokenizer, tokenizer_mismatch
 
 CHECKPOINT_NAME = re.compile(r"^(step|epoch)_(\d+)$")
 TRAINER_STATE = "trainer_state.json"
+CONFIG_ERROR = 2  # exit status of a wrong command line, as argparse's
+# Arguments that do not change what is trained (where it is written, how often it is logged, how the
+# effective batch is split: the gradient is the same, see "Exact token weighting"). Every other
+# argument is compared with the checkpoint's on resume.
+NOT_TRAINING_ARGS = ("output_dir", "resume_from_checkpoint", "allow_changed_args", "micro_batch_size",
+                     "gradient_checkpointing", "num_workers", "eval_steps", "save_steps", "save_total_limit",
+                     "logging_steps", "max_bad_steps", "report_to")
+# The checkpoint's position in its epoch is counted in batches of this many examples: these cannot change.
+FIXED_ON_RESUME = ("batch_size", "train_examples")
 
 
 # =============================================================================================
@@ -155,8 +180,13 @@ def parse_args(argv=None):
     group = parser.add_argument_group("evaluation, checkpoints, logging")
     group.add_argument("--eval-steps", type=int, default=0, help="validate every N optimizer steps (and at each epoch end)")
     group.add_argument("--save-steps", type=int, default=0, help="save_state into step_N every N optimizer steps")
-    group.add_argument("--save-total-limit", type=int, default=0, help="keep only the last N step_/epoch_ checkpoints (0: all)")
+    group.add_argument("--save-total-limit", type=int, default=1,
+                       help="keep the newest N complete step_/epoch_ checkpoints (default 1: all a resume needs; "
+                            "0: keep all). One checkpoint of a 7B student is about 100 GB")
     group.add_argument("--resume-from-checkpoint", help="'latest' (the newest step_N/epoch_N of --output-dir) or a folder")
+    group.add_argument("--allow-changed-args", action="store_true",
+                       help="resume even though training arguments differ from the checkpoint's: the new values "
+                            "apply from its step on and config.json records them (default: an error)")
     group.add_argument("--logging-steps", type=int, default=10, help="one metrics.jsonl row per N optimizer steps")
     group.add_argument("--max-bad-steps", type=int, default=10, help="stop after N non-finite steps in a row")
     group.add_argument("--report-to", default="none", choices=("none", "tensorboard", "wandb"),
@@ -180,21 +210,14 @@ def accumulation_steps(batch_size, micro_batch_size, num_processes):
     """Gradient accumulation steps; the effective batch must split evenly."""
     per_step = micro_batch_size * num_processes
     if batch_size % per_step:
-        raise ValueError(
-            f"--batch-size {batch_size} is not divisible by --micro-batch-size {micro_batch_size} x "
-            f"{num_processes} process(es) = {per_step}; choose sizes so that batch = micro x processes x accumulation")
+        fail(f"--batch-size {batch_size}", f"not divisible by --micro-batch-size {micro_batch_size} x "
+             f"{num_processes} process(es) = {per_step}",
+             "choose sizes so that batch = micro x processes x accumulation", code=CONFIG_ERROR)
     return batch_size // per_step
 
 
 def is_finite(value):
     return value is not None and math.isfinite(float(value))
-
-
-def write_json_atomic(path, obj):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def finite_or_none(value):
@@ -207,7 +230,7 @@ def list_checkpoints(output_dir):
     for path in Path(output_dir).glob("*_*"):
         match = CHECKPOINT_NAME.match(path.name)
         if match and (path / TRAINER_STATE).is_file():
-            state = json.loads((path / TRAINER_STATE).read_text())
+            state = read_json(path / TRAINER_STATE)
             found.append((state["global_step"], match.group(1) == "epoch", path))
     return [(step, path) for step, _, path in sorted(found, key=lambda item: (item[0], item[1]))]
 
@@ -221,9 +244,132 @@ def resolve_checkpoint(resume, output_dir):
         return checkpoints[-1][1] if checkpoints else None
     path = Path(resume)
     if not CHECKPOINT_NAME.match(path.name) or not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(
-            f"--resume-from-checkpoint {resume}: not a complete step_N or epoch_N folder written by train_kd.py")
+        fail(f"--resume-from-checkpoint {resume}", "not a complete step_N or epoch_N folder written by train_kd.py",
+             "pass latest or such a folder", code=CONFIG_ERROR)
     return path
+
+
+def build_loss_config(args):
+    """kd.losses.LossConfig of the arguments: the one place where the loss hyperparameters are checked."""
+    fields = {field.name for field in dataclasses.fields(LossConfig)}
+    values = {name: value for name, value in vars(args).items() if name in fields}
+    try:
+        return LossConfig(**values, reduction="sum")
+    except ValueError as error:  # name the flag, not the dataclass field
+        text = re.sub(r"\b(" + "|".join(sorted(fields - {"method"})) + r")\b",
+                      lambda match: "--" + match.group(1).replace("_", "-"), str(error))
+        fail("arguments", text, "see train_kd.py --help", code=CONFIG_ERROR)
+
+
+def check_args(args):
+    """Every check of the command line that needs no model and no data: one message, exit status 2.
+    Returns the LossConfig."""
+    if args.method in KD_METHODS and not args.teacher:
+        fail(f"--method {args.method}", "distils from a teacher", "pass --teacher PATH (only sft runs without one)",
+             code=CONFIG_ERROR)
+    if args.method not in KD_METHODS and args.teacher:
+        warnings.warn("--teacher is ignored by --method sft")
+        args.teacher = None
+    loss_config = build_loss_config(args)
+    if args.beta_end is not None and not 0.0 <= args.beta_end <= 1.0:
+        fail(f"--beta-end {args.beta_end}", "must lie in [0, 1]", "pass a value in [0, 1]", code=CONFIG_ERROR)
+    for name in ("batch_size", "micro_batch_size", "max_length", "epochs", "logging_steps", "max_bad_steps"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)}", "must be at least 1", "pass a positive number",
+                 code=CONFIG_ERROR)
+    for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)}", "must not be negative", "pass 0 or more",
+                 code=CONFIG_ERROR)
+    for argument, path in (("--student", args.student), ("--teacher", args.teacher)):
+        if path:
+            try:
+                check_model_path(path, argument)
+            except FileNotFoundError as error:
+                fail_with(error, code=CONFIG_ERROR)
+    return loss_config
+
+
+def training_args(args, train_examples):
+    """The arguments that change what is trained (compared on resume), and the number of usable examples."""
+    return {**{k: v for k, v in vars(args).items() if k not in NOT_TRAINING_ARGS}, "train_examples": train_examples}
+
+
+def changed_args(saved, current):
+    """{name: (checkpoint's value, this run's)} of every training argument that differs."""
+    return {name: (saved.get(name), value) for name, value in current.items()
+            if name in saved and saved[name] != value}
+
+
+def check_resume(state, current, resume_path, allow_changed):
+    """The changes of a resume against its checkpoint: an error unless allowed (never for FIXED_ON_RESUME)."""
+    # Checkpoints of an older train_kd.py hold only these three.
+    saved = state.get("args") or {key: state.get(key) for key in ("batch_size", "seed", "train_examples")}
+    changes = changed_args(saved, current)
+    listed = "; ".join(f"--{name.replace('_', '-')} {old} -> {new}" for name, (old, new) in changes.items())
+    fixed = [name for name in changes if name in FIXED_ON_RESUME]
+    if fixed:
+        fail(f"--resume-from-checkpoint {resume_path}", f"saved with other arguments: {listed}",
+             f"{', '.join(fixed)} cannot change within a run (the checkpoint's place in its epoch depends on them); "
+             "resume with the original --batch-size and training data", code=CONFIG_ERROR)
+    if changes and not allow_changed:
+        fail(f"--resume-from-checkpoint {resume_path}", f"saved with other arguments: {listed}",
+             "resume with the checkpoint's values, or pass --allow-changed-args to apply the new ones from its "
+             f"step {state['global_step']} on (config.json records them)", code=CONFIG_ERROR)
+    return changes
+
+
+def reapply_optimizer_args(optimizer, lr_scheduler, args):
+    """After loading a checkpoint saved with another --lr, --weight-decay or --adam-epsilon
+    (--allow-changed-args): the new values from this step on. The schedule's shape (--lr-scheduler,
+    --warmup-ratio, total steps) is already the new one: the checkpoint restores only its base rates."""
+    decays = (args.weight_decay, 0.0)  # the parameter groups of main(): with and without weight decay
+    lr_scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
+    for group, decay, factor in zip(optimizer.param_groups, decays, lr_scheduler.lr_lambdas):
+        group.update(initial_lr=args.lr, weight_decay=decay, eps=args.adam_epsilon,
+                     lr=args.lr * factor(lr_scheduler.last_epoch))
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def read_rows(path, argument):
+    """Rows of a prepared JSONL file; any problem stops the run naming the argument (and file:line)."""
+    return read_jsonl(path, required=REQUIRED_FIELDS, text_fields=("prompt", "reference"), allow_empty=False,
+                      argument=argument)
+
+
+def model_vocab_size(name_or_path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name_or_path).vocab_size
+
+
+def deepspeed_plugins(args):
+    """accelerate DeepSpeed plugins under `accelerate launch` with a DeepSpeed config, else None: the
+    student's from the accelerate YAML, and for a teacher a ZeRO-3 inference config (partitioned
+    weights, no optimizer)."""
+    from accelerate import DeepSpeedPlugin
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    student_plugin = DeepSpeedPlugin()  # the config file of the accelerate YAML
+    if student_plugin.is_auto("gradient_clipping"):
+        student_plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
+    plugins = {"student": student_plugin}
+    if args.teacher:
+        plugins["teacher"] = DeepSpeedPlugin(hf_ds_config={
+            "train_micro_batch_size_per_gpu": args.micro_batch_size,
+            "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto",
+            "bf16": {"enabled": "auto"},
+            "fp16": {"enabled": "auto"},
+            "zero_optimization": {
+                "stage": 3,
+                "stage3_param_persistence_threshold": "auto",
+                "stage3_prefetch_bucket_size": "auto",
+                "offload_param": {"device": "none"},
+            },
+        })
+    return plugins
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -261,21 +407,125 @@ def shifted_targets(labels):
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def read_rows(path, argument):
-    """Rows of a prepared JSONL file; any problem is an error naming the argument (and file:line)."""
-    try:
-        rows = read_jsonl(path)
-    except (FileNotFoundError, ValueError) as error:
-        raise type(error)(f"{argument}: {error}") from None
-    if not rows:
-        raise ValueError(f"{argument} {path}: no examples in the file (empty training/validation set)")
-    return rows
+# =============================================================================================
+# Forward passes, validation, log rows (called by main's loop; module level so tests can call them)
+# =============================================================================================
+
+def student_rows(model, batch, counted, keep, weight=None):
+    """Student at the response positions: (hidden [N, H], weight) on the lean path (weight = its lm_head
+    weight), else (logits [N, V], None)."""
+    if weight is not None:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    logits_to_keep=1, output_hidden_states=True, use_cache=False)
+        return out.hidden_states[-1][counted].to(weight.dtype), weight
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                logits_to_keep=keep, use_cache=False)
+    return out.logits[counted[:, keep]], None
 
 
-def model_vocab_size(name_or_path):
-    from transformers import AutoConfig
+def teacher_inputs(teacher, batch, counted, keep, weight=None):
+    """Teacher at the response positions: hidden + its lm_head weight (lean path: weight given) or
+    logits [N, V'] (rows as counted)."""
+    with torch.no_grad():
+        if weight is not None:
+            out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          logits_to_keep=1, output_hidden_states=True, use_cache=False)
+            return {"teacher_hidden": out.hidden_states[-1][counted], "teacher_weight": weight}
+        out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      logits_to_keep=keep, use_cache=False)
+        return {"teacher_logits": out.logits[counted[:, keep]]}
 
-    return AutoConfig.from_pretrained(name_or_path).vocab_size
+
+def validation_loss(accelerator, model, weight, valid_set, micro_batch_size, pad_token_id, vocab_size):
+    """Mean token cross-entropy of the student on the references, overall and per direction."""
+    model.eval()
+    num_processes = accelerator.num_processes
+    sums = torch.zeros(len(valid_set.directions), 2, device=accelerator.device, dtype=torch.float64)
+    examples = [valid_set[i] for i in range(accelerator.process_index, len(valid_set), num_processes)]
+    # Every process runs the same number of forward passes (ZeRO-3 gathers weights collectively).
+    n_batches = math.ceil(math.ceil(len(valid_set) / num_processes) / micro_batch_size)
+    collate = TrainCollator(pad_token_id)
+    with torch.no_grad():
+        for index in range(n_batches):
+            chunk = examples[index * micro_batch_size:(index + 1) * micro_batch_size]
+            batch = collate(chunk or [valid_set[0]])
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            if not chunk:  # a padding batch: runs the forward pass, counts nothing
+                batch["labels"].fill_(IGNORE_INDEX)
+            targets = shifted_targets(batch["labels"])
+            counted = targets != IGNORE_INDEX
+            keep = counted.any(0).nonzero().squeeze(1) if counted.any() else torch.tensor([0], device=counted.device)
+            with accelerator.autocast():
+                rows, weight = student_rows(model, batch, counted, keep, weight)
+            token_directions = batch["direction"][:, None].expand_as(targets)[counted]
+            for start in range(0, rows.shape[0], 1024):
+                part = rows[start:start + 1024]
+                logits = (part @ weight[:vocab_size].T) if weight is not None else part[:, :vocab_size]
+                ce = F.cross_entropy(logits.float(), targets[counted][start:start + 1024], reduction="none")
+                d = token_directions[start:start + 1024]
+                sums[:, 0].index_add_(0, d, ce.double())
+                sums[:, 1].index_add_(0, d, torch.ones_like(ce, dtype=torch.float64))
+    model.train()
+    sums = accelerator.reduce(sums, reduction="sum")
+    result = {"valid_loss": float(sums[:, 0].sum() / sums[:, 1].sum())}
+    for i, direction in enumerate(valid_set.directions):
+        if sums[i, 1] > 0:
+            result[f"valid_loss/{direction}"] = float(sums[i, 0] / sums[i, 1])
+    return result
+
+
+def new_window(n_directions):
+    """The sums of one logging window: loss x tokens, tokens, good steps, seconds, stats per direction [D, 4]."""
+    return {"loss": 0.0, "tokens": 0, "steps": 0, "seconds": 0.0, "stats": torch.zeros(n_directions, 4)}
+
+
+def window_state(window):
+    """The window as JSON (saved with each checkpoint, so that a resumed run logs the same rows)."""
+    return {**window, "stats": window["stats"].tolist()}
+
+
+def window_from_state(state, n_directions):
+    if state is None:  # a checkpoint of an older train_kd.py: the first window after it is short
+        return new_window(n_directions)
+    return {**state, "stats": torch.tensor(state["stats"], dtype=torch.float32)}
+
+
+def train_row(window, step, steps_per_epoch, lr, grad_norm, beta, method, directions):
+    """The metrics.jsonl row of a logging window (see the module docstring for the fields)."""
+    row = {"type": "train", "step": step, "epoch": step / steps_per_epoch,
+           "loss": window["loss"] / window["tokens"], "lr": lr, "grad_norm": grad_norm,
+           "tokens": window["tokens"], "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
+           "steps_in_window": window["steps"]}
+    if method in KD_METHODS:
+        stats = window["stats"]
+        row["beta"] = beta
+        row["hard_fraction"] = float(stats[:, 1].sum() / stats[:, 0].sum())
+        if method in TARGET_MIX_METHODS:
+            row["mean_difficulty"] = float(stats[:, 2].sum() / stats[:, 3].sum())
+        for i, direction in enumerate(directions):
+            if stats[i, 0] > 0:
+                row[f"hard_fraction/{direction}"] = float(stats[i, 1] / stats[i, 0])
+                if method in TARGET_MIX_METHODS:
+                    row[f"mean_difficulty/{direction}"] = float(stats[i, 2] / stats[i, 3])
+    return row
+
+
+def stop_after_write_error(error, what, output_dir, incomplete=None):
+    """Stop after `what` could not be written: why, in words, and where a resume would continue.
+    `incomplete`: a folder the failed write left half-written, removed (it only takes space)."""
+    if isinstance(error, OSError):
+        reason = describe_os_error(error)
+    else:  # torch's writer reports a full disk as a RuntimeError ("[enforce fail at inline_container.cc ...")
+        free = shutil.disk_usage(output_dir).free
+        reason = (f"the disk is full ({free // 2**20} MiB free)" if free < 64 * 2**20
+                  else (str(error).strip().splitlines() or [type(error).__name__])[0])
+    if incomplete is not None:
+        shutil.rmtree(incomplete, ignore_errors=True)
+    checkpoints = list_checkpoints(output_dir)
+    resume = (f"--resume-from-checkpoint latest will continue from {checkpoints[-1][1]} (step {checkpoints[-1][0]}), "
+              "the newest complete checkpoint" if checkpoints else
+              "no complete checkpoint yet: --resume-from-checkpoint latest will start from the beginning")
+    fail(what, f"could not be written: {reason}", f"free some space, then {resume}")
 
 
 # =============================================================================================
@@ -285,71 +535,33 @@ def model_vocab_size(name_or_path):
 def main(argv=None):
     args = parse_args(argv)
     quiet_cpu_runs()  # before accelerate imports DeepSpeed
-    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate import Accelerator
     from accelerate.utils import DistributedType, GradientAccumulationPlugin, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     # ------------------------------------------------------------------ 1. check the input (cheap, before any model)
-    is_kd = args.method in KD_METHODS
-    if is_kd and not args.teacher:
-        raise ValueError(f"--method {args.method} distils from a teacher: pass --teacher PATH (only sft runs without one)")
-    if not is_kd and args.teacher:
-        warnings.warn("--teacher is ignored by --method sft")
-        args.teacher = None
-    check_model_path(args.student, "--student")
-    if args.teacher:
-        check_model_path(args.teacher, "--teacher")
-    for name in ("kd_ratio", "target_mix", "beta", "skew_beta"):
-        value = getattr(args, name)
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"--{name.replace('_', '-')} must lie in [0, 1], got {value}")
-    if args.beta_end is not None and not 0.0 <= args.beta_end <= 1.0:
-        raise ValueError(f"--beta-end must lie in [0, 1], got {args.beta_end}")
-    if args.top_k is not None and (args.method != "selfevo" or not 0.0 < args.top_k <= 1.0):
-        raise ValueError(f"--top-k is a fraction in (0, 1] for --method selfevo, got {args.top_k} with {args.method}")
-    for name in ("batch_size", "micro_batch_size", "max_length", "epochs", "logging_steps", "max_bad_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    loss_config = check_args(args)
     train_rows = read_rows(args.train_file, "--train-file")
     valid_rows = read_rows(args.valid_file, "--valid-file") if args.valid_file else []
     output_dir = Path(args.output_dir)
     if (output_dir / "COMPLETED").is_file() and args.resume_from_checkpoint == "latest":
         print(f"{output_dir}: run already completed; nothing to do")
-        return json.loads((output_dir / "all_results.json").read_text())
+        return read_json(output_dir / "all_results.json")
     if args.resume_from_checkpoint is None and output_dir.is_dir() and (
             list_checkpoints(output_dir) or (output_dir / "final").exists()):
-        raise FileExistsError(f"--output-dir {output_dir} already holds a run; pass --resume-from-checkpoint latest "
-                              "to continue it, or choose another --output-dir")
+        fail(f"--output-dir {output_dir}", "already holds a run",
+             "pass --resume-from-checkpoint latest to continue it, or choose another --output-dir", code=CONFIG_ERROR)
     resume_path = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
 
     # ------------------------------------------------------------------ 2. accelerator (student + teacher DeepSpeed plugins)
-    deepspeed_plugins = None
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        student_plugin = DeepSpeedPlugin()  # the config file of the accelerate YAML
-        if student_plugin.is_auto("gradient_clipping"):
-            student_plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
-        deepspeed_plugins = {"student": student_plugin}
-        if args.teacher:  # ZeRO-3 inference: partitioned weights, no optimizer
-            deepspeed_plugins["teacher"] = DeepSpeedPlugin(hf_ds_config={
-                "train_micro_batch_size_per_gpu": args.micro_batch_size,
-                "train_batch_size": "auto",
-                "gradient_accumulation_steps": "auto",
-                "bf16": {"enabled": "auto"},
-                "fp16": {"enabled": "auto"},
-                "zero_optimization": {
-                    "stage": 3,
-                    "stage3_param_persistence_threshold": "auto",
-                    "stage3_prefetch_bucket_size": "auto",
-                    "offload_param": {"device": "none"},
-                },
-            })
+    plugins = deepspeed_plugins(args)
     accelerator = Accelerator(
         # accelerate's torchrun launcher (any --num_processes > 1) does not pass use_cpu on: on a machine
         # without GPUs ask for CPU DDP (gloo) here. DeepSpeed runs its own CPU path and must not get cpu=True.
-        cpu=not torch.cuda.is_available() and deepspeed_plugins is None,
+        cpu=not torch.cuda.is_available() and plugins is None,
         mixed_precision="bf16" if args.bf16 else None,
-        deepspeed_plugins=deepspeed_plugins,
+        deepspeed_plugins=plugins,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")),
@@ -373,33 +585,42 @@ def main(argv=None):
         teacher_tokenizer = load_tokenizer(args.teacher)
         reason = tokenizer_mismatch(tokenizer, teacher_tokenizer)
         if reason:
-            raise ValueError(f"--teacher {args.teacher}: its tokenizer does not match the student's: {reason}")
+            fail(f"--teacher {args.teacher}", f"its tokenizer does not match the student's: {reason}",
+                 "distil from a teacher with the student's tokenizer", code=CONFIG_ERROR)
         try:
             vocab_size = shared_vocab_size(vocab_size, model_vocab_size(args.teacher))
         except ValueError as error:
-            raise ValueError(f"--teacher {args.teacher}: {error}") from None
+            fail(f"--teacher {args.teacher}", str(error), "pass a teacher of the student's family", code=CONFIG_ERROR)
     if len(tokenizer) > vocab_size:
-        raise ValueError(f"--student {args.student}: tokenizer has {len(tokenizer)} tokens, more than the "
-                         f"(shared) model vocabulary {vocab_size}")
-    train_set = TranslationDataset(train_rows, tokenizer, args.max_length, source_name=f"--train-file {args.train_file}")
-    valid_set = (TranslationDataset(valid_rows, tokenizer, args.max_length, source_name=f"--valid-file {args.valid_file}")
-                 if valid_rows else None)
+        fail(f"--student {args.student}", f"tokenizer has {len(tokenizer)} tokens, more than the (shared) model "
+             f"vocabulary {vocab_size}", "pass a model whose embeddings cover its tokenizer", code=CONFIG_ERROR)
+    try:
+        train_set = TranslationDataset(train_rows, tokenizer, args.max_length, source_name=f"--train-file {args.train_file}")
+        valid_set = (TranslationDataset(valid_rows, tokenizer, args.max_length, source_name=f"--valid-file {args.valid_file}")
+                     if valid_rows else None)
+    except ValueError as error:
+        fail_with(error, code=CONFIG_ERROR)
     steps_per_epoch = len(train_set) // args.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"--train-file {args.train_file}: {len(train_set)} usable examples, fewer than one "
-                         f"--batch-size {args.batch_size}")
+        fail(f"--batch-size {args.batch_size}", f"more than the {len(train_set)} usable examples of --train-file "
+             f"{args.train_file}", "pass a smaller --batch-size or more data", code=CONFIG_ERROR)
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)
     epochs = math.ceil(total_steps / steps_per_epoch)
+    run_args = training_args(args, len(train_set))
+    resume_state, changes, changed_history = None, {}, []
     if resume_path is not None:
-        state = json.loads((resume_path / TRAINER_STATE).read_text())
-        for key, value in (("batch_size", args.batch_size), ("seed", args.seed), ("train_examples", len(train_set))):
-            if state.get(key) != value:  # the data order would differ: the run could not continue exactly
-                raise ValueError(f"--resume-from-checkpoint {resume_path}: saved with {key} {state.get(key)}, "
-                                 f"this run has {value}; resume with the original --batch-size, --seed and data")
+        resume_state = read_json(resume_path / TRAINER_STATE)
+        changes = check_resume(resume_state, run_args, resume_path, args.allow_changed_args)
+        changed_history = resume_state.get("changed_args", [])
+        if changes:
+            changed_history = changed_history + [{"step": resume_state["global_step"],
+                                                  "changes": {k: list(v) for k, v in changes.items()}}]
+            for name, (old, new) in changes.items():
+                accelerator.print(f"--allow-changed-args: --{name.replace('_', '-')} {old} -> {new} "
+                                  f"from step {resume_state['global_step']} on")
     directions = train_set.directions
-    valid_directions = valid_set.directions if valid_set else []
 
     sampler = EpochSampler(train_set.lengths(), args.seed, args.micro_batch_size if args.group_by_length else None)
     train_dataloader = torch.utils.data.DataLoader(
@@ -423,11 +644,14 @@ def main(argv=None):
         "directions": directions,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
+        "changed_args": changed_history,
     }
-    args.teacher_dtype = config["teacher_dtype"]
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(output_dir / "config.json", config)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            stop_after_write_error(error, f"--output-dir {output_dir}", output_dir.parent)
+        write_json(output_dir / "config.json", config)
     accelerator.print(json.dumps(config, indent=2))
     accelerator.print(f"loss path: student {config['student_loss_path']}, teacher {config['teacher_loss_path']} "
                       f"({config['distributed_type']}, ZeRO stage {zero_stage})")
@@ -441,12 +665,12 @@ def main(argv=None):
     model.config.use_cache = False
     teacher = None
     if args.teacher:
-        teacher = load_model(args.teacher, dtype=args.teacher_dtype)
+        teacher = load_model(args.teacher, dtype=config["teacher_dtype"])
         teacher.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ 5. optimizer, schedule, prepare
     no_decay = ("bias", "norm")
-    parameter_groups = [
+    parameter_groups = [  # reapply_optimizer_args relies on this order: with weight decay, then without
         {"params": [p for n, p in model.named_parameters() if not any(k in n.lower() for k in no_decay)],
          "weight_decay": args.weight_decay},
         {"params": [p for n, p in model.named_parameters() if any(k in n.lower() for k in no_decay)],
@@ -473,48 +697,29 @@ def main(argv=None):
             teacher = teacher.to(accelerator.device)
         teacher.eval()
     student = accelerator.unwrap_model(model)
+    # the lm_head weights of the lean path (None: the logits path)
+    student_weight = student.get_output_embeddings().weight if lean_student else None
+    teacher_weight = teacher.get_output_embeddings().weight if teacher is not None and lean_teacher else None
 
     # ------------------------------------------------------------------ 6. one micro-batch: forward passes and the loss
-    def teacher_inputs(batch, counted, keep):
-        """Teacher at the response positions: hidden + lm_head weight (lean) or logits [N, V'] (rows as counted)."""
-        with torch.no_grad(), accelerator.autocast():
-            if lean_teacher:
-                out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              logits_to_keep=1, output_hidden_states=True, use_cache=False)
-                return {"teacher_hidden": out.hidden_states[-1][counted],
-                        "teacher_weight": teacher.get_output_embeddings().weight}
-            out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          logits_to_keep=keep, use_cache=False)
-            return {"teacher_logits": out.logits[counted[:, keep]]}
-
-    def student_rows(batch, counted, keep):
-        """Student at the response positions: (hidden [N, H], lm_head weight) or (logits [N, V], None)."""
-        if lean_student:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        logits_to_keep=1, output_hidden_states=True, use_cache=False)
-            weight = student.get_output_embeddings().weight
-            return out.hidden_states[-1][counted].to(weight.dtype), weight
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    logits_to_keep=keep, use_cache=False)
-        return out.logits[counted[:, keep]], None
-
-    loss_options = dict(kd_ratio=args.kd_ratio, target_mix=args.target_mix, gamma=args.gamma, top_k=args.top_k,
-                        skew_beta=args.skew_beta, reduction="sum", token_stats=True)
-
     def micro_batch_loss(batch, beta):
         """Summed loss over the micro-batch's response tokens, and per-direction stat sums [D, 4]."""
         targets = shifted_targets(batch["labels"])
         counted = targets != IGNORE_INDEX
         keep = counted.any(0).nonzero().squeeze(1)
         token_directions = batch["direction"][:, None].expand_as(targets)[counted]
-        rows, weight = student_rows(batch, counted, keep)
-        teacher_kwargs = teacher_inputs(batch, counted, keep) if teacher is not None else {}
+        rows, weight = student_rows(model, batch, counted, keep, student_weight)
+        teacher_kwargs = {}
+        if teacher is not None:
+            with accelerator.autocast():
+                teacher_kwargs = teacher_inputs(teacher, batch, counted, keep, teacher_weight)
+        step_config = dataclasses.replace(loss_config, beta=beta)
         if weight is not None:
-            loss_sum, stats = compute_loss_from_hidden(args.method, rows, weight, targets[counted],
-                                                       beta=beta, **teacher_kwargs, **loss_options)
+            loss_sum, stats = compute_loss_from_hidden(step_config, rows, weight, targets[counted],
+                                                       **teacher_kwargs, token_stats=True)
         else:
-            loss_sum, stats = compute_loss(args.method, rows, teacher_kwargs.get("teacher_logits"), targets[counted],
-                                           beta=beta, **loss_options)
+            loss_sum, stats = compute_loss(step_config, rows, teacher_kwargs.get("teacher_logits"), targets[counted],
+                                           token_stats=True)
         # per direction: tokens, hard tokens, sum of difficulty, tokens with a difficulty
         difficulty = stats["token_difficulty"].float()
         has_difficulty = ~torch.isnan(difficulty)
@@ -524,84 +729,57 @@ def main(argv=None):
         sums = torch.zeros(len(directions), 4, device=columns.device).index_add_(0, token_directions, columns)
         return loss_sum, sums
 
-    # ------------------------------------------------------------------ 7. validation and saving
-    def validate():
-        """Mean token cross-entropy of the student on the references, overall and per direction."""
-        model.eval()
-        n_directions = len(valid_directions)
-        sums = torch.zeros(n_directions, 2, device=accelerator.device, dtype=torch.float64)
-        size = args.micro_batch_size
-        examples = [valid_set[i] for i in range(accelerator.process_index, len(valid_set), num_processes)]
-        # Every process runs the same number of forward passes (ZeRO-3 gathers weights collectively).
-        n_batches = math.ceil(math.ceil(len(valid_set) / num_processes) / size)
-        collate = TrainCollator(tokenizer.pad_token_id)
-        with torch.no_grad():
-            for index in range(n_batches):
-                chunk = examples[index * size:(index + 1) * size]
-                batch = collate(chunk or [valid_set[0]])
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                if not chunk:  # a padding batch: runs the forward pass, counts nothing
-                    batch["labels"].fill_(IGNORE_INDEX)
-                targets = shifted_targets(batch["labels"])
-                counted = targets != IGNORE_INDEX
-                keep = counted.any(0).nonzero().squeeze(1) if counted.any() else torch.tensor([0], device=counted.device)
-                with accelerator.autocast():
-                    rows, weight = student_rows(batch, counted, keep)
-                token_directions = batch["direction"][:, None].expand_as(targets)[counted]
-                for start in range(0, rows.shape[0], 1024):
-                    part = rows[start:start + 1024]
-                    logits = (part @ weight[:vocab_size].T) if weight is not None else part[:, :vocab_size]
-                    ce = F.cross_entropy(logits.float(), targets[counted][start:start + 1024], reduction="none")
-                    d = token_directions[start:start + 1024]
-                    sums[:, 0].index_add_(0, d, ce.double())
-                    sums[:, 1].index_add_(0, d, torch.ones_like(ce, dtype=torch.float64))
-        model.train()
-        sums = accelerator.reduce(sums, reduction="sum")
-        result = {"valid_loss": float(sums[:, 0].sum() / sums[:, 1].sum())}
-        for i, direction in enumerate(valid_directions):
-            if sums[i, 1] > 0:
-                result[f"valid_loss/{direction}"] = float(sums[i, 0] / sums[i, 1])
-        return result
-
+    # ------------------------------------------------------------------ 7. validation and saving (all writes stop in words)
     def save_model(folder):
-        """save_pretrained of the student + tokenizer into folder (16-bit gathered under ZeRO-3), atomically."""
+        """save_pretrained of the student + tokenizer into folder (16-bit gathered under ZeRO-3), all or nothing."""
         state_dict = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
-            tmp = folder.with_name(folder.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
+            try:
+                with replacing_folder(folder) as tmp:
+                    student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                    tokenizer.save_pretrained(tmp)
+            except (OSError, RuntimeError, WriteError) as error:
+                stop_after_write_error(getattr(error, "error", error), f"{folder}/ (the model)", output_dir)
         accelerator.wait_for_everyone()
 
     def save_checkpoint(name):
         folder = output_dir / name
-        accelerator.save_state(str(folder))
-        if accelerator.is_main_process:  # written last: a folder without it is incomplete
-            write_json_atomic(folder / TRAINER_STATE, {
-                "global_step": global_step, "epoch": global_step / steps_per_epoch,
-                "batch_size": args.batch_size, "seed": args.seed, "train_examples": len(train_set),
-                "best_valid_loss": best_valid_loss, "best_step": best_step,
-                "train_tokens": train_tokens, "train_seconds": train_seconds})
-            if args.save_total_limit > 0:
-                for _, old in list_checkpoints(output_dir)[:-args.save_total_limit]:
-                    shutil.rmtree(old, ignore_errors=True)
+        if accelerator.is_main_process:  # an older folder of this name is incomplete from here on
+            (folder / TRAINER_STATE).unlink(missing_ok=True)
+        try:
+            accelerator.save_state(str(folder))
+            if accelerator.is_main_process:  # written last: a folder without it is incomplete
+                write_json(folder / TRAINER_STATE, {
+                    "global_step": global_step, "epoch": global_step / steps_per_epoch,
+                    "batch_size": args.batch_size, "seed": args.seed, "train_examples": len(train_set),
+                    "args": run_args, "changed_args": changed_history,
+                    "best_valid_loss": best_valid_loss, "best_step": best_step,
+                    "train_tokens": train_tokens, "train_seconds": train_seconds, "window": window_state(window)})
+        except (OSError, RuntimeError, WriteError) as error:
+            stop_after_write_error(getattr(error, "error", error), f"checkpoint {folder}/", output_dir, incomplete=folder)
+        if accelerator.is_main_process and args.save_total_limit > 0:
+            for _, old in list_checkpoints(output_dir)[:-args.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
     def write_metrics(row):
         row = {k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in row.items()}
         if accelerator.is_main_process:
-            with open(output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(row, allow_nan=False) + "\n")
+            try:
+                with open(output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+                    handle.write(jsonl_text([row]))
+            except OSError as error:
+                stop_after_write_error(error, output_dir / "metrics.jsonl", output_dir)
         accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
                         step=row["step"])
 
     def run_validation():
-        nonlocal best_valid_loss, best_step, last_valid
+        nonlocal best_valid_loss, best_step, last_valid, last_valid_step
+        last_valid_step = global_step
         if valid_set is None:
             return
-        result = validate()
+        result = validation_loss(accelerator, model, student_weight, valid_set, args.micro_batch_size,
+                                 tokenizer.pad_token_id, vocab_size)
         last_valid = result["valid_loss"]
         write_metrics({"type": "valid", "step": global_step, "epoch": global_step / steps_per_epoch, **result})
         accelerator.print(f"step {global_step}: valid_loss {last_valid:.4f}")
@@ -612,18 +790,25 @@ def main(argv=None):
     # ------------------------------------------------------------------ 8. resume
     global_step, train_tokens, train_seconds = 0, 0, 0.0
     best_valid_loss, best_step, last_valid, last_valid_step = None, None, None, None
+    window = new_window(len(directions))
     if resume_path is not None:
         accelerator.print(f"resuming from {resume_path}")
         accelerator.load_state(str(resume_path))
-        state = json.loads((resume_path / TRAINER_STATE).read_text())
+        if changes:
+            reapply_optimizer_args(optimizer, lr_scheduler, args)
+        state = resume_state
         global_step, train_tokens, train_seconds = state["global_step"], state["train_tokens"], state["train_seconds"]
         best_valid_loss, best_step = state["best_valid_loss"], state["best_step"]
+        window = window_from_state(state.get("window"), len(directions))
         metrics_file = output_dir / "metrics.jsonl"
-        if accelerator.is_main_process and metrics_file.is_file():  # drop rows written after the checkpoint
-            kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= global_step]
-            tmp = metrics_file.with_name("metrics.jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, metrics_file)
+        kept, _ = read_appended_jsonl(metrics_file, required=("type", "step"))
+        kept = [row for row in kept if row["step"] <= global_step]  # rows written after the checkpoint go
+        validated = [row for row in kept if row["type"] == "valid" and row["step"] == global_step]
+        if validated:  # this step's validation ran before the checkpoint: not again at the end
+            last_valid, last_valid_step = validated[-1]["valid_loss"], global_step
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process and metrics_file.is_file():
+            write_jsonl(metrics_file, kept)
         accelerator.wait_for_everyone()
     else:
         if args.resume_from_checkpoint == "latest":
@@ -637,7 +822,6 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ 9. training loop
     model.train()
-    window = {"loss": 0.0, "tokens": 0, "steps": 0, "seconds": 0.0, "stats": torch.zeros(len(directions), 4)}
     bad_steps = []
     progress = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="train")
     start_epoch = global_step // steps_per_epoch
@@ -696,29 +880,15 @@ def main(argv=None):
                 window["stats"] += accelerator.reduce(stat_sums, "sum").cpu()
             window["seconds"] += seconds
             if window["steps"] and (global_step % args.logging_steps == 0 or global_step == total_steps):
-                row = {"type": "train", "step": global_step, "epoch": global_step / steps_per_epoch,
-                       "loss": window["loss"] / window["tokens"], "lr": lr, "grad_norm": grad_norm,
-                       "tokens": window["tokens"], "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9)}
-                if is_kd:
-                    stats = window["stats"]
-                    row["beta"] = beta
-                    row["hard_fraction"] = float(stats[:, 1].sum() / stats[:, 0].sum())
-                    if args.method in TARGET_MIX_METHODS:
-                        row["mean_difficulty"] = float(stats[:, 2].sum() / stats[:, 3].sum())
-                    for i, direction in enumerate(directions):
-                        if stats[i, 0] > 0:
-                            row[f"hard_fraction/{direction}"] = float(stats[i, 1] / stats[i, 0])
-                            if args.method in TARGET_MIX_METHODS:
-                                row[f"mean_difficulty/{direction}"] = float(stats[i, 2] / stats[i, 3])
+                row = train_row(window, global_step, steps_per_epoch, lr, grad_norm, beta, args.method, directions)
                 write_metrics(row)
                 progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
-                window = {"loss": 0.0, "tokens": 0, "steps": 0, "seconds": 0.0, "stats": torch.zeros(len(directions), 4)}
+                window = new_window(len(directions))
 
             # -------------------------------------------------------------- validation and checkpoints
             end_of_epoch = global_step % steps_per_epoch == 0
             if (args.eval_steps and global_step % args.eval_steps == 0) or end_of_epoch:
                 run_validation()
-                last_valid_step = global_step
             if not bad_steps:  # never checkpoint after a bad step: the last good checkpoint stays the newest
                 if end_of_epoch:
                     save_checkpoint(f"epoch_{global_step // steps_per_epoch}")
@@ -739,6 +909,7 @@ def main(argv=None):
             "gradient_accumulation_steps", "num_processes", "lr", "warmup_ratio", "lr_scheduler", "weight_decay",
             "max_grad_norm", "max_length", "seed", "bf16", "kd_ratio", "target_mix", "beta", "beta_end", "gamma",
             "top_k", "skew_beta")},
+        "changed_args": changed_history,
         "final_valid_loss": last_valid,
         "best_valid_loss": best_valid_loss,
         "best_step": best_step,
@@ -752,8 +923,8 @@ def main(argv=None):
         "best_dir": str(output_dir / "best") if best_step is not None else None,
     }
     if accelerator.is_main_process:
-        write_json_atomic(output_dir / "all_results.json", results)
-        (output_dir / "COMPLETED").write_text(f"{global_step} steps\n")
+        write_json(output_dir / "all_results.json", results)
+        write_text(output_dir / "COMPLETED", f"{global_step} steps\n")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.print(json.dumps(results, indent=2))

@@ -174,7 +174,8 @@ def build_models(scale, work, device):
 
 def write_long_rows(demo_file, tokenizer, length, count, out_file):
     """`count` training rows of nearly `length` tokens: consecutive demo pairs of one direction joined."""
-    from kd.data import encode_example, read_jsonl
+    from kd.data import encode_example
+    from kd.io import read_jsonl
     from kd.prompts import build_prompt
 
     by_direction = {}
@@ -431,7 +432,7 @@ def part_losses(args, scale, device):
 
 def part_generate(args, scale, work, models, tokenizer):
     import generate
-    from kd.data import read_jsonl
+    from kd.io import read_jsonl
 
     rows = read_jsonl(work / "data" / "test" / "de-en.jsonl")[:scale["gen_inputs"]]
     inputs = work / "gen_input" / "de-en.jsonl"
@@ -616,10 +617,10 @@ def write_report(out, report, start):
     """gpu_check.json and gpu_check.md, rewritten after every part (a crash keeps what was measured)."""
     report["seconds"] = time.perf_counter() - start
     table = markdown(report)
+    from kd.io import write_text
+
     for name, text in (("gpu_check.json", json.dumps(report, indent=2, default=str) + "\n"), ("gpu_check.md", table + "\n")):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        write_text(out / name, text)
     return table
 
 

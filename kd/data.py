@@ -14,48 +14,12 @@ Padding: right padding for training (labels -100 on padding), left padding for g
 last position of every row is the last prompt token).
 """
 
-import json
 import random
-from pathlib import Path
 
 import torch
 
 IGNORE_INDEX = -100
-REQUIRED_FIELDS = ("id", "direction", "prompt", "reference")
-
-
-def read_jsonl(path, required=REQUIRED_FIELDS, unique_ids=False):
-    """Rows of a JSON Lines file; a bad line (or, with unique_ids, a repeated id) is an error naming
-    the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (run prepare_data.py first, or check the path)")
-    rows, first_line_of_id = [], {}
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: invalid JSON ({error.msg}); fix or regenerate the file") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object per line, got {type(row).__name__}")
-            missing = [field for field in required if field not in row]
-            if missing:
-                raise ValueError(
-                    f"{path}:{line_number}: row lacks {', '.join(missing)}; "
-                    "files made by prepare_data.py have them"
-                )
-            if unique_ids:
-                if row["id"] in first_line_of_id:
-                    raise ValueError(
-                        f"{path}:{line_number}: id {row['id']!r} appears twice (first on line "
-                        f"{first_line_of_id[row['id']]}); every row needs its own id"
-                    )
-                first_line_of_id[row["id"]] = line_number
-            rows.append(row)
-    return rows
+REQUIRED_FIELDS = ("id", "direction", "prompt", "reference")  # of a training/validation row (kd.io.read_jsonl)
 
 
 def encode_prompt(tokenizer, prompt):

@@ -601,6 +601,9 @@ def compute_loss(method: str, student_logits: torch.Tensor, teacher_logits: Opti
                  token_stats: bool = False):
     """Loss of `method` (one of METHODS) over the counted positions, and its stats.
 
+    `method` may also be a LossConfig (train_kd.py builds one from its arguments); then it holds
+    every hyperparameter and the keyword arguments kd_ratio ... reduction are not used.
+
     student_logits / teacher_logits: [..., V] (teacher may be None for "sft" only; a teacher
     vocabulary that differs by padding rows is cut to the shared size, see shared_vocab_size);
     labels: [...], aligned with the logits, ignore_index where nothing counts.
@@ -612,8 +615,9 @@ def compute_loss(method: str, student_logits: torch.Tensor, teacher_logits: Opti
     token_difficulty and token_hard shaped like labels (0 / False at ignored positions, NaN
     difficulty at counted positions for methods without ỹ).
     """
-    config = LossConfig(method, kd_ratio, target_mix, beta, gamma, top_k, skew_beta, ignore_index,
-                        chunk_size, reduction)
+    config = method if isinstance(method, LossConfig) else LossConfig(
+        method, kd_ratio, target_mix, beta, gamma, top_k, skew_beta, ignore_index, chunk_size, reduction)
+    method, ignore_index, chunk_size = config.method, config.ignore_index, config.chunk_size
     if not torch.is_tensor(student_logits) or not student_logits.is_floating_point() or student_logits.dim() < 1:
         raise ValueError("student_logits must be a floating-point tensor [..., V]")
     vocab = student_logits.shape[-1]
@@ -659,8 +663,9 @@ def compute_loss_from_hidden(method: str, student_hidden: torch.Tensor, student_
     padding rows are cut to the shared size (the cut student rows get zero gradient).
     Unless chunk_size == 0, the full [N, V] student logits are never built.
     """
-    config = LossConfig(method, kd_ratio, target_mix, beta, gamma, top_k, skew_beta, ignore_index,
-                        chunk_size, reduction)
+    config = method if isinstance(method, LossConfig) else LossConfig(
+        method, kd_ratio, target_mix, beta, gamma, top_k, skew_beta, ignore_index, chunk_size, reduction)
+    method, ignore_index, chunk_size = config.method, config.ignore_index, config.chunk_size
     if student_hidden.dim() < 1 or student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1]:
         raise ValueError(f"student_hidden [..., H] and student_weight [V, H] do not fit: "
                          f"{tuple(student_hidden.shape)} vs {tuple(student_weight.shape)}")

@@ -1,8 +1,8 @@
 # shellcheck shell=bash
-# Shared machinery of the pipelines: sourced by table1.sh, table2.sh, fig2-5.sh and quickstart.sh,
-# never run on its own.
+# Shared machinery of the pipelines: sourced by pipelines/paper.sh (the paper's settings), which the
+# pipelines source; never run on its own.
 #
-#   source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+#   source "$(dirname "${BASH_SOURCE[0]}")/paper.sh"
 #
 # Layout under OUT (default: the repository root; data/ runs/ hyps/ results/ figures/ logs/ are
 # git-ignored there), for an experiment EXP (table1, quickstart, ...):
@@ -17,8 +17,8 @@
 # re-run after a failure continues where it stopped, and which stops the pipeline at the first
 # failure with the step's name and its log.
 #
-# Settings read here (each overridable from the environment; the pipelines set their own defaults
-# before sourcing this file):
+# Settings read here (each overridable from the environment; the paper's values are set by
+# pipelines/paper.sh, which sources this file):
 #   DRY_RUN (1: print each step and its estimate, run nothing: kd/estimate.py), OUT, PYTHON, ACCELERATE_CONFIG (an accelerate YAML, or none for accelerate's default),
 #   GEN_ACCELERATE_CONFIG (the same for generate.py), NUM_PROCESSES (empty: the config's),
 #   LAUNCHER (accelerate, or python to run train_kd.py/generate.py in one plain process);
@@ -49,32 +49,6 @@ OUT="$(abspath "$OUT")"
 : "${GEN_ACCELERATE_CONFIG:=$ACCELERATE_CONFIG}"   # generation may run under another config (DDP)
 if [[ "$ACCELERATE_CONFIG" != none ]]; then ACCELERATE_CONFIG="$(abspath "$ACCELERATE_CONFIG")"; fi
 if [[ "$GEN_ACCELERATE_CONFIG" != none ]]; then GEN_ACCELERATE_CONFIG="$(abspath "$GEN_ACCELERATE_CONFIG")"; fi
-
-# Training (the paper's setup: 3 epochs, batch 128, lr 2e-5, warmup 3 %, length 512, bf16).
-: "${EPOCHS:=3}"
-: "${BATCH_SIZE:=128}"
-: "${MICRO_BATCH_SIZE:=4}"
-: "${LR:=2e-5}"
-: "${WARMUP_RATIO:=0.03}"
-: "${MAX_LENGTH:=512}"
-: "${MAX_STEPS:=}"           # empty: the epochs decide
-: "${EVAL_STEPS:=}"          # empty: validate at each epoch end only
-: "${SAVE_STEPS:=}"          # empty: train_kd.py's default
-: "${BF16:=1}"
-: "${SEED:=42}"
-: "${KD_RATIO:=0.5}"         # lambda of Eq. 3 (forward, reverse, skew_teacher)
-: "${TARGET_MIX:=0.5}"       # alpha of Eq. 4 (teacher share of the mixed target)
-: "${BETA:=0.5}"             # beta of Eq. 6 (student share of the skewed distribution)
-: "${GAMMA:=0.4}"            # Gamma of Eq. 8 (hard-token threshold)
-: "${SKEW_BETA:=0.9}"        # beta' of Eq. 10
-: "${TRAIN_EXTRA_ARGS:=}"    # more train_kd.py flags, word-split
-
-# Generation (greedy, as the paper) and evaluation.
-: "${GEN_BATCH_SIZE:=16}"
-: "${MAX_NEW_TOKENS:=256}"
-: "${NUM_BEAMS:=1}"
-: "${GEN_EXTRA_ARGS:=}"      # more generate.py flags, word-split
-: "${COMET_MODEL:=Unbabel/wmt22-comet-da}"
 
 # The checkpoint each kind of run is evaluated with: the SFT runs keep the best validation
 # checkpoint (the paper), the KD runs report the final one.

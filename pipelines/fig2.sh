@@ -10,6 +10,10 @@
 # absent) into the student base model; runs selfevo_gamma<G>, selfevo_topk<K>, selfevo_beta<B> in
 # runs/fig2, hypotheses on the validation set in hyps/fig2, scores in results/fig2, the figure in
 # figures/fig2/fig2.png. Each step is skipped when its output is complete.
+# Disk: each of the 20 runs (default lists) keeps its latest checkpoint (~100 GB) plus best/ and final/
+# (~13.5 GB each), ~125 GB a run; see pipelines/paper.sh.
+# BETA and GAMMA, the values the other two sweeps hold fixed, are the paper's (pipelines/paper.sh):
+# shellcheck disable=SC2153
 set -euo pipefail
 
 # ---- settings (each overridable from the environment) ----
@@ -18,23 +22,8 @@ set -euo pipefail
 : "${TOPKS:=0.1 0.2 0.3 0.4 0.5}"             # Fig. 2b (fraction of the batch's tokens)
 : "${BETAS:=0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9}"   # Fig. 2c
 : "${EVAL_SPLIT:=valid}"                      # the paper tunes on the validation set
-: "${TEACHER_MODEL:=huggyllama/llama-13b}"
-: "${STUDENT_MODEL:=huggyllama/llama-7b}"
-: "${OUT:=}"
-: "${DATA_DIR:=}"
-: "${DATA:=}"
-: "${ACCELERATE_CONFIG:=accelerate_configs/deepspeed_zero3.yaml}"
-: "${GEN_ACCELERATE_CONFIG:=accelerate_configs/multi_gpu.yaml}"
-: "${NUM_GPUS:=8}"
-: "${NUM_PROCESSES:=$NUM_GPUS}"
-: "${EPOCHS:=3}" "${BATCH_SIZE:=128}" "${MICRO_BATCH_SIZE:=4}" "${LR:=2e-5}" "${WARMUP_RATIO:=0.03}"
-: "${MAX_LENGTH:=512}" "${BF16:=1}"
-: "${TRAIN_EXTRA_ARGS:=--gradient-checkpointing}"   # more train_kd.py flags (word-split)
-: "${TARGET_MIX:=0.5}" "${BETA:=0.5}" "${GAMMA:=0.4}"   # the values the other two sweeps hold fixed
-: "${COMET_MODEL:=Unbabel/wmt22-comet-da}"
-
-# shellcheck source=pipelines/common.sh disable=SC1091
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+# shellcheck source=pipelines/paper.sh disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/paper.sh"
 use_experiment "$EXP"
 DATA="$(abspath "${DATA:-$OUT/data/alma}")"
 

@@ -10,29 +10,16 @@
 # distilled from the SFT teacher of Table 1 (runs/table1/teacher_sft, trained first when absent);
 # scored on EVAL_SPLIT (test: WMT22; valid: WMT21) in results/fig3; figures/fig3/fig3.png and the
 # training curves (the hard-token fraction under each schedule) in figures/fig3/curves.png.
+# Disk: each of the 5 runs (default lists) keeps its latest checkpoint (~100 GB) plus best/ and final/
+# (~13.5 GB each), ~125 GB a run; see pipelines/paper.sh.
 set -euo pipefail
 
 # ---- settings (each overridable from the environment) ----
 : "${EXP:=fig3}"
 : "${SCHEDULES:=0.5:0.5 0.5:0.0 0.5:0.25 0.7:0.0 0.9:0.5}"
 : "${EVAL_SPLIT:=test}"
-: "${TEACHER_MODEL:=huggyllama/llama-13b}"
-: "${STUDENT_MODEL:=huggyllama/llama-7b}"
-: "${OUT:=}"
-: "${DATA_DIR:=}"
-: "${DATA:=}"
-: "${ACCELERATE_CONFIG:=accelerate_configs/deepspeed_zero3.yaml}"
-: "${GEN_ACCELERATE_CONFIG:=accelerate_configs/multi_gpu.yaml}"
-: "${NUM_GPUS:=8}"
-: "${NUM_PROCESSES:=$NUM_GPUS}"
-: "${EPOCHS:=3}" "${BATCH_SIZE:=128}" "${MICRO_BATCH_SIZE:=4}" "${LR:=2e-5}" "${WARMUP_RATIO:=0.03}"
-: "${MAX_LENGTH:=512}" "${BF16:=1}"
-: "${TRAIN_EXTRA_ARGS:=--gradient-checkpointing}"   # more train_kd.py flags (word-split)
-: "${TARGET_MIX:=0.5}" "${GAMMA:=0.4}"
-: "${COMET_MODEL:=Unbabel/wmt22-comet-da}"
-
-# shellcheck source=pipelines/common.sh disable=SC1091
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+# shellcheck source=pipelines/paper.sh disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/paper.sh"
 use_experiment "$EXP"
 DATA="$(abspath "${DATA:-$OUT/data/alma}")"
 

@@ -20,8 +20,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 [[ -f "$here/$SOURCE_TABLE.sh" ]] || { echo "SOURCE_TABLE=$SOURCE_TABLE: no pipelines/$SOURCE_TABLE.sh" >&2; exit 1; }
 OUT="$OUT" bash "$here/$SOURCE_TABLE.sh"
 
-# shellcheck source=pipelines/common.sh disable=SC1091
-source "$here/common.sh"
+# shellcheck source=pipelines/paper.sh disable=SC1091
+source "$here/paper.sh"
 use_experiment "$EXP"
 plot fig4 fig4 "$FIGURES/fig4.png" --results "$OUT/results/$SOURCE_TABLE"
 echo "figure: $FIGURES/fig4.png"

@@ -10,30 +10,17 @@
 # (runs/table1/teacher_sft, trained first when absent); scored on EVAL_SPLIT in results/fig5;
 # figures/fig5/fig5.png, with Table 1's forward and selfevo scores as reference lines when
 # results/table1 has them (same test set).
+# Disk: each of the 4 runs (default lists) keeps its latest checkpoint (~100 GB) plus best/ and final/
+# (~13.5 GB each), ~125 GB a run; see pipelines/paper.sh.
 set -euo pipefail
 
 # ---- settings (each overridable from the environment) ----
 : "${EXP:=fig5}"
 : "${LAMBDAS:=0.3 0.5 0.7 1.0}"
-: "${SKEW_BETA:=0.9}"
 : "${EVAL_SPLIT:=test}"
 : "${REFERENCE_TABLE:=table1}"    # whose forward/selfevo results are drawn as reference lines
-: "${TEACHER_MODEL:=huggyllama/llama-13b}"
-: "${STUDENT_MODEL:=huggyllama/llama-7b}"
-: "${OUT:=}"
-: "${DATA_DIR:=}"
-: "${DATA:=}"
-: "${ACCELERATE_CONFIG:=accelerate_configs/deepspeed_zero3.yaml}"
-: "${GEN_ACCELERATE_CONFIG:=accelerate_configs/multi_gpu.yaml}"
-: "${NUM_GPUS:=8}"
-: "${NUM_PROCESSES:=$NUM_GPUS}"
-: "${EPOCHS:=3}" "${BATCH_SIZE:=128}" "${MICRO_BATCH_SIZE:=4}" "${LR:=2e-5}" "${WARMUP_RATIO:=0.03}"
-: "${MAX_LENGTH:=512}" "${BF16:=1}"
-: "${TRAIN_EXTRA_ARGS:=--gradient-checkpointing}"   # more train_kd.py flags (word-split)
-: "${COMET_MODEL:=Unbabel/wmt22-comet-da}"
-
-# shellcheck source=pipelines/common.sh disable=SC1091
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+# shellcheck source=pipelines/paper.sh disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/paper.sh"
 use_experiment "$EXP"
 DATA="$(abspath "${DATA:-$OUT/data/alma}")"
 

@@ -18,27 +18,14 @@
 #   6. figures/table1/{curves,fig4}.png
 # Outputs under OUT (default the repository root): data/alma, runs/table1, hyps/table1,
 # results/table1, figures/table1, logs/table1.
+# Disk: each of the 7 runs keeps its latest checkpoint (~100 GB for the 7B student, ~180 GB for the
+# 13B teacher), best/ and final/ (~13.5 GB each for 7B): about 1 TB; see pipelines/paper.sh.
 set -euo pipefail
 
 # ---- settings (each overridable from the environment) ----
 : "${EXP:=table1}"
-: "${TEACHER_MODEL:=huggyllama/llama-13b}"
-: "${STUDENT_MODEL:=huggyllama/llama-7b}"
-: "${OUT:=}"                                   # output root (empty: the repository root)
-: "${DATA_DIR:=}"                              # ALMA-layout folder; empty: the Hugging Face Hub
-: "${DATA:=}"                                  # prepared data folder (default OUT/data/alma)
-: "${ACCELERATE_CONFIG:=accelerate_configs/deepspeed_zero3.yaml}"   # training
-: "${GEN_ACCELERATE_CONFIG:=accelerate_configs/multi_gpu.yaml}"     # generation (a 13B model fits a GPU)
-: "${NUM_GPUS:=8}"
-: "${NUM_PROCESSES:=$NUM_GPUS}"
-: "${EPOCHS:=3}" "${BATCH_SIZE:=128}" "${MICRO_BATCH_SIZE:=4}" "${LR:=2e-5}" "${WARMUP_RATIO:=0.03}"
-: "${MAX_LENGTH:=512}" "${BF16:=1}"
-: "${TRAIN_EXTRA_ARGS:=--gradient-checkpointing}"   # more train_kd.py flags (word-split)
-: "${GEN_BATCH_SIZE:=16}" "${MAX_NEW_TOKENS:=256}" "${NUM_BEAMS:=1}"
-: "${COMET_MODEL:=Unbabel/wmt22-comet-da}"
-
-# shellcheck source=pipelines/common.sh disable=SC1091
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+# shellcheck source=pipelines/paper.sh disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/paper.sh"
 use_experiment "$EXP"
 DATA="$(abspath "${DATA:-$OUT/data/alma}")"
 

@@ -11,6 +11,8 @@
 # reused instead of trained again (REUSE_STUDENT_SFT=0 trains it anew here).
 # The 30B teacher needs ZeRO-3 across the GPUs for its SFT; distillation shards it with ZeRO-3
 # inference next to the 7B student (train_kd.py's teacher DeepSpeed plugin).
+# Disk: as table1.sh with a 30B teacher (its SFT run: a ~420 GB checkpoint + 2 x 60 GB models):
+# about 1.3 TB, less when the student SFT run of Table 1 is reused; see pipelines/paper.sh.
 set -euo pipefail
 
 # ---- settings (each overridable from the environment) ----
@@ -18,21 +20,11 @@ set -euo pipefail
 : "${TEACHER_MODEL:=huggyllama/llama-30b}"
 : "${STUDENT_MODEL:=huggyllama/llama-7b}"
 : "${REUSE_STUDENT_SFT:=1}"
-: "${OUT:=}"
-: "${DATA_DIR:=}"
-: "${DATA:=}"
-: "${ACCELERATE_CONFIG:=accelerate_configs/deepspeed_zero3.yaml}"
 : "${GEN_ACCELERATE_CONFIG:=accelerate_configs/deepspeed_zero3.yaml}"  # 30B in bf16 is 60 GB: shard it
-: "${NUM_GPUS:=8}"
-: "${NUM_PROCESSES:=$NUM_GPUS}"
-: "${EPOCHS:=3}" "${BATCH_SIZE:=128}" "${MICRO_BATCH_SIZE:=2}" "${LR:=2e-5}" "${WARMUP_RATIO:=0.03}"
-: "${MAX_LENGTH:=512}" "${BF16:=1}"
-: "${TRAIN_EXTRA_ARGS:=--gradient-checkpointing}"   # more train_kd.py flags (word-split)
-: "${GEN_BATCH_SIZE:=16}" "${MAX_NEW_TOKENS:=256}" "${NUM_BEAMS:=1}"
-: "${COMET_MODEL:=Unbabel/wmt22-comet-da}"
+: "${MICRO_BATCH_SIZE:=2}"                      # the 30B teacher next to the student: less per GPU
 
-# shellcheck source=pipelines/common.sh disable=SC1091
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+# shellcheck source=pipelines/paper.sh disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/paper.sh"
 use_experiment "$EXP"
 DATA="$(abspath "${DATA:-$OUT/data/alma}")"
 if [[ "$REUSE_STUDENT_SFT" == 1 && -z "${STUDENT_SFT_RUN:-}" && -f "$OUT/runs/table1/student_sft/COMPLETED" ]]; then

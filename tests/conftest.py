@@ -80,3 +80,19 @@ def fresh_accelerate_state():
 
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A folder on its own 1 MiB tmpfs, to run out of disk space for real; skipped where mounting is not
+    allowed (it needs root, or CAP_SYS_ADMIN in a container)."""
+    import subprocess
+
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip() or 'mount failed'})")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)

@@ -1,6 +1,5 @@
 """kd/prompts.py, kd/data.py and kd/models.py: templates, masking, padding, tiny models."""
 
-import json
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from kd.data import (
     encode_prompt,
     left_pad,
     length_grouped_order,
-    read_jsonl,
 )
 from kd.models import check_model_path, load_model, load_tokenizer, tokenizer_mismatch
 from kd.prompts import build_prompt, language_name
@@ -111,23 +109,6 @@ def test_length_grouped_order_is_a_seeded_permutation_with_similar_lengths():
     assert order != length_grouped_order(lengths, batch_size=10, seed=4)
     spread = [max(lengths[i] for i in order[k:k + 10]) - min(lengths[i] for i in order[k:k + 10]) for k in range(0, 1000, 10)]
     assert sum(spread) / len(spread) < 10  # a random order spreads ~80 within a batch
-
-
-def test_read_jsonl_errors_name_file_and_line(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"id": "1", "direction": "de-en", "prompt": "p", "reference": "r"}) + "\n{oops\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: invalid JSON"):
-        read_jsonl(path)
-    path.write_text(json.dumps({"id": "1", "direction": "de-en", "prompt": "p"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: row lacks reference"):
-        read_jsonl(path)
-    row = json.dumps({"id": "7", "direction": "de-en", "prompt": "p", "reference": "r"}) + "\n"
-    path.write_text(row + row.replace('"7"', '"8"') + row)
-    assert len(read_jsonl(path)) == 3  # repeated ids are allowed unless asked for
-    with pytest.raises(ValueError, match=r"bad.jsonl:3: id '7' appears twice \(first on line 1\)"):
-        read_jsonl(path, unique_ids=True)
-    with pytest.raises(FileNotFoundError, match="missing.jsonl: no such file"):
-        read_jsonl(tmp_path / "missing.jsonl")
 
 
 # ---- tiny models ----

@@ -295,6 +295,11 @@ def bad_case(files, case):
         for row in rows:
             row.pop("hypothesis")
         write_jsonl(target, rows)
+    elif case in ("null_hypothesis", "number_hypothesis"):
+        rows[4]["hypothesis"] = None if case == "null_hypothesis" else 42
+        write_jsonl(target, rows)
+    elif case == "more":
+        write_jsonl(target, rows + [{**rows[0], "id": "test-de-en-extra"}])
     return hyps, target
 
 
@@ -302,10 +307,14 @@ def bad_case(files, case):
     ("fewer", r"de-en\.jsonl: 11 hypotheses for 12 references"),
     ("ids", r"de-en\.jsonl: ids that do not match the references.*test-de-en-999"),
     ("duplicate", r"de-en\.jsonl:\d+: id 'test-de-en-11' appears twice \(first on line \d+\)"),
-    ("empty", r"de-en\.jsonl: empty file"),
+    ("empty", r"de-en\.jsonl: no rows \(an empty file\)"),
     ("no_reference", r"cs-en\.jsonl: no reference file cs-en\.jsonl"),
     ("missing_direction", r"no hypotheses for en-zh.*--directions"),
     ("no_hypothesis_field", r"de-en\.jsonl:1: row lacks hypothesis"),
+    ("null_hypothesis", r"de-en\.jsonl:5: hypothesis is null, not a string"),
+    ("number_hypothesis", r"de-en\.jsonl:5: hypothesis is 42, not a string"),
+    ("more", r"de-en\.jsonl: 13 hypotheses for 12 references \(more hypotheses than references\); pass the test "
+             r"folder these hypotheses were generated from, or the --limit used with generate\.py$"),
 ])
 def test_bad_input_names_the_file_and_writes_nothing(files, case, message):
     hyps, target = bad_case(files, case)
@@ -314,6 +323,15 @@ def test_bad_input_names_the_file_and_writes_nothing(files, case, message):
         evaluate.main(["--hyps", str(hyps), "--refs", str(files["refs"]), "--comet-model", "none", "--out", str(out)])
     assert str(target) in str(error.value)
     assert not out.exists() and not out.parent.exists()
+
+
+def test_a_failed_write_leaves_no_temporary_file(files):
+    out = files["root"] / "results" / "taken.json"
+    out.mkdir(parents=True)  # a folder where the results file should go: the final rename fails
+    with pytest.raises(SystemExit, match=r"taken\.json: could not be written"):
+        evaluate.main(["--hyps", str(files["good"]), "--refs", str(files["refs"]), "--comet-model", "none",
+                       "--out", str(out)])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["taken.json"]
 
 
 def test_directions_flag_allows_fewer_hypothesis_files(files):

@@ -418,3 +418,61 @@ def test_published_alma_layout_without_a_valid_file_names_the_flag(tmp_path):
     (data / "deen" / "train.de-en.jsonl").write_text((data / "deen" / "train.de-en.json").read_text())
     message = expect_error(tmp_path / "out", "--data-dir", data, "--pairs", "de-en")
     assert "train.de-en is there twice (train.de-en.json, train.de-en.jsonl)" in message
+
+
+# ---- all or nothing; what editors and other tools put into input files ----
+
+def test_text_utf8_cannot_hold_stops_before_anything_changes(tmp_path):
+    data = write_alma_layout(tmp_path / "data")
+    out = tmp_path / "out"
+    run_main("--data-dir", data, "--out", out)
+    before = output_files(out)
+    # A lone surrogate is valid JSON ("\ud800") but no UTF-8 text: it used to fail while writing, after
+    # train/valid and one test file were replaced.
+    test_file = data / "deen" / "test.en-de.json"
+    test_file.write_text(test_file.read_text().replace("en test-en sentence 2", "en test-en sentence \\ud800"))
+    with pytest.raises(SystemExit, match=r"test\.en-de\.json:\d+: the 'en' value holds '\\ud800', which UTF-8 "
+                                         r"cannot encode"):
+        run_main("--data-dir", data, "--out", out, "--seed", 7)
+    assert output_files(out) == before
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_failed_write_changes_no_output_file(tmp_path):
+    import shutil
+
+    data = write_alma_layout(tmp_path / "data")
+    out = tmp_path / "out"
+    run_main("--data-dir", data, "--out", out)
+    shutil.rmtree(out / "test")
+    (out / "test").write_text("a file where the test folder belongs\n")  # the test files cannot be written
+    before = output_files(out)
+    with pytest.raises(SystemExit, match=r"test/de-en\.jsonl: could not be written"):
+        run_main("--data-dir", data, "--out", out, "--seed", 7)  # another seed: another train.jsonl
+    assert output_files(out) == before  # train.jsonl, valid.jsonl and stats.json unchanged
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_byte_order_mark_is_dropped_and_bad_bytes_are_named_by_line(tmp_path):
+    data = write_alma_layout(tmp_path / "data")
+    clean_out, bom_out = tmp_path / "clean", tmp_path / "bom"
+    run_main("--data-dir", data, "--out", clean_out)
+    for path in (data / "deen").iterdir():  # a BOM in front of every file: JSON Lines and JSON arrays
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    run_main("--data-dir", data, "--out", bom_out)
+    assert output_files(bom_out)["train.jsonl"] == output_files(clean_out)["train.jsonl"]
+    assert output_files(bom_out)["test/en-de.jsonl"] == output_files(clean_out)["test/en-de.jsonl"]
+
+    text = tmp_path / "text"
+    text.mkdir()
+    for name in ("train", "valid", "test"):
+        for direction in (("de-en",) if name != "test" else ("de-en", "en-de")):
+            (text / f"{name}.{direction}.de").write_bytes(b"\xef\xbb\xbfErster Satz\nZweiter Satz\n")
+            (text / f"{name}.{direction}.en").write_bytes(b"\xef\xbb\xbfFirst sentence\nSecond sentence\n")
+    run_main("--data-dir", text, "--out", tmp_path / "text_out")
+    first = read_jsonl(tmp_path / "text_out" / "test" / "de-en.jsonl")[0]
+    assert (first["source"], first["reference"]) == ("Erster Satz", "First sentence")
+
+    (text / "train.de-en.de").write_bytes(b"Erster Satz\nZweiter \xe4 Satz\n")  # Latin-1, not UTF-8
+    message = expect_error(tmp_path / "bad_out", "--data-dir", text)
+    assert "train.de-en.de:2: not UTF-8 (byte 0xe4 at column 9); convert the file to UTF-8" in message

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import train_kd
-from kd.data import IGNORE_INDEX, TrainCollator, TranslationDataset, read_jsonl
+from kd.data import IGNORE_INDEX, TrainCollator, TranslationDataset
+from kd.io import read_jsonl
 from kd.losses import KD_METHODS, METHODS, TARGET_MIX_METHODS
 from kd.models import load_tokenizer, tiny_llama, train_tokenizer
 
-TRAIN_KEYS = {"type", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"}
-RESULT_KEYS = {"method", "hyperparameters", "final_valid_loss", "best_valid_loss", "best_step", "steps", "epochs",
+TRAIN_KEYS = {"type", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "steps_in_window"}
+RESULT_KEYS = {"method", "hyperparameters", "changed_args", "final_valid_loss", "best_valid_loss", "best_step", "steps", "epochs",
                "train_tokens", "train_seconds", "tokens_per_s", "dropped_too_long", "final_dir", "best_dir"}
 
 
@@ -95,6 +96,7 @@ def test_method_trains_and_writes_outputs(method, tiny_models, files, tmp_path):
             expected |= {"mean_difficulty"} | {f"mean_difficulty/{d}" for d in directions}
         assert set(row) == expected
         assert row["tokens"] > 0 and row["tokens_per_s"] > 0 and row["grad_norm"] > 0
+        assert row["steps_in_window"] == 1  # --logging-steps 1
     if method == "skew":
         assert all(row["hard_fraction"] == 1.0 for row in train_rows)
     if method in ("forward", "reverse", "noevo", "skew_teacher"):
@@ -200,7 +202,8 @@ def test_gradient_accumulation_is_exact_kd(tiny_models, files, tmp_path):
 
 def test_resume_gives_the_uninterrupted_weights(tiny_models, files, tmp_path):
     # 12 examples, batch 4: 3 steps per epoch; 5 steps cross the epoch boundary after the resume point.
-    args = ("--batch-size", 4, "--micro-batch-size", 2, "--max-steps", 5, "--lr", 3e-3, "--save-steps", 2)
+    args = ("--batch-size", 4, "--micro-batch-size", 2, "--max-steps", 5, "--lr", 3e-3, "--save-steps", 2,
+            "--save-total-limit", 0)
     full = tmp_path / "full"
     train(tiny_models, files["train12"], full, "selfevo", *args, valid_file=files["valid"])
     assert checkpoints(full) == ["epoch_1", "step_2", "step_4"]
@@ -222,6 +225,108 @@ def test_resume_gives_the_uninterrupted_weights(tiny_models, files, tmp_path):
     # `latest` on a completed run does nothing and returns its results
     again = train(tiny_models, files["train12"], stopped, "selfevo", *args, "--resume-from-checkpoint", "latest")
     assert again == json.loads((stopped / "all_results.json").read_text())
+
+
+TIMING = ("tokens_per_s",)
+
+
+def untimed(output_dir):
+    """Every metrics.jsonl row, in order, without its timing fields."""
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_models, files, tmp_path_factory):
+    """An uninterrupted selfevo run: 6 steps over two epochs of 3, a row every 4 steps, step_2/step_4 saved."""
+    out = tmp_path_factory.mktemp("full_run") / "run"
+    train(tiny_models, files["train12"], out, "selfevo", *RESUMABLE, valid_file=files["valid"])
+    return out
+
+
+RESUMABLE = ("--batch-size", 4, "--micro-batch-size", 2, "--max-steps", 6, "--lr", 3e-3, "--save-steps", 2,
+             "--save-total-limit", 0, "--logging-steps", 4, "--lr-scheduler", "constant_with_warmup",
+             "--warmup-ratio", 0)
+
+
+def stopped_copy(full, dest, checkpoint, rows_up_to=None, tail=""):
+    """The run folder as a kill would leave it: one checkpoint, metrics rows up to a step (+ a torn tail)."""
+    dest.mkdir()
+    shutil.copytree(full / checkpoint, dest / checkpoint)
+    shutil.copy(full / "config.json", dest / "config.json")
+    lines = (full / "metrics.jsonl").read_text().splitlines()
+    kept = [line for line in lines if rows_up_to is None or json.loads(line)["step"] <= rows_up_to]
+    (dest / "metrics.jsonl").write_text("".join(line + "\n" for line in kept) + tail)
+    return dest
+
+
+def test_kill_during_final_save_then_resume_logs_the_uninterrupted_rows(tiny_models, files, tmp_path, full_run):
+    # Killed while writing final/: every checkpoint and every row is there, the results are not.
+    stopped = tmp_path / "stopped"
+    shutil.copytree(full_run, stopped, ignore=shutil.ignore_patterns("final", "all_results.json", "COMPLETED"))
+    results = train(tiny_models, files["train12"], stopped, "selfevo", *RESUMABLE, "--resume-from-checkpoint",
+                    "latest", valid_file=files["valid"])
+    assert untimed(stopped) == untimed(full_run)  # no second valid row at the last step
+    assert results["final_valid_loss"] == json.loads((full_run / "all_results.json").read_text())["final_valid_loss"]
+
+
+def test_resume_inside_a_logging_window_logs_the_uninterrupted_rows(tiny_models, files, tmp_path, full_run, capsys):
+    # Killed after step 3 (rows up to step 3 written; the last line cut by the kill): resume from step_2,
+    # inside the window of steps 1-4, whose row must still cover 4 steps.
+    stopped = stopped_copy(full_run, tmp_path / "stopped", "step_2", rows_up_to=3, tail='{"type": "train", "st')
+    train(tiny_models, files["train12"], stopped, "selfevo", *RESUMABLE, "--resume-from-checkpoint", "latest",
+          valid_file=files["valid"])
+    assert "metrics.jsonl:" in capsys.readouterr().err  # the torn line was dropped with a notice
+    rows = untimed(stopped)
+    assert rows == untimed(full_run)
+    assert [row["steps_in_window"] for row in rows if row["type"] == "train"] == [4, 2]
+
+
+def test_resume_with_changed_arguments_is_an_error_unless_allowed(tiny_models, files, tmp_path, full_run, capsys):
+    stopped = stopped_copy(full_run, tmp_path / "stopped", "step_2", rows_up_to=2)
+    changed = [*RESUMABLE, "--lr", 1e-3]
+    with pytest.raises(SystemExit, match=r"step_2: saved with other arguments: --method selfevo -> forward; "
+                                         r"--lr 0\.003 -> 0\.001; resume with the checkpoint's values") as stop:
+        train(tiny_models, files["train12"], stopped, "forward", *changed, "--resume-from-checkpoint", "latest",
+              valid_file=files["valid"])
+    assert stop.value.code == 2
+    assert not (stopped / "final").exists()
+
+    results = train(tiny_models, files["train12"], stopped, "selfevo", *changed, "--resume-from-checkpoint", "latest",
+                    "--allow-changed-args", valid_file=files["valid"])
+    record = [{"step": 2, "changes": {"lr": [3e-3, 1e-3]}}]
+    assert json.loads((stopped / "config.json").read_text())["changed_args"] == record
+    assert results["changed_args"] == record
+    assert "--lr 0.003 -> 0.001 from step 2 on" in capsys.readouterr().out
+    assert [row["lr"] for row in rows(stopped, "train")] == [1e-3, 1e-3]  # steps 3 and 4 used the new lr
+    assert [row["lr"] for row in rows(full_run, "train")] == [3e-3, 3e-3]
+
+
+def test_default_keeps_only_the_latest_checkpoint(tiny_models, files, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_models, files["train8"], out, "sft", "--batch-size", 4, "--micro-batch-size", 4, "--epochs", 3,
+          valid_file=files["valid"])
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["best", "epoch_3", "final"]
+
+
+def test_configuration_error_is_one_line_with_exit_code_2(tiny_models, files, tmp_path, repo_root):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, str(repo_root / "train_kd.py"), "--method", "forward", "--student", tiny_models["student"],
+         "--train-file", str(files["train12"]), "--output-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("train_kd.py: --method forward: distils from a teacher; "
+                                     "pass --teacher PATH (only sft runs without one)")
+    result = subprocess.run(
+        [sys.executable, str(repo_root / "train_kd.py"), "--method", "sft", "--student", tiny_models["student"],
+         "--train-file", str(files["train12"]), "--output-dir", str(tmp_path / "out"), "--kd-ratio", "1.5"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("train_kd.py: arguments: --kd-ratio must be a number in [0, 1], got 1.5; "
+                                     "see train_kd.py --help")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,52 +373,54 @@ def test_bad_input_fails_early_naming_the_argument(case, tiny_models, files, tmp
     train_file, out = str(files["train12"]), str(tmp_path / "out")
     base = {"--method": "selfevo", "--student": student, "--teacher": teacher, "--train-file": train_file,
             "--output-dir": out, "--batch-size": "4", "--micro-batch-size": "2"}
-    error, pattern = ValueError, None
+    code, pattern = 2, None  # 2: a wrong command line; 1: a bad input file (as every script)
     if case == "missing_student":
-        base["--student"], error, pattern = str(tmp_path / "nope"), FileNotFoundError, "--student"
+        base["--student"], pattern = str(tmp_path / "nope"), "--student"
     elif case == "missing_teacher_path":
-        base["--teacher"], error, pattern = str(tmp_path / "nope"), FileNotFoundError, "--teacher"
+        base["--teacher"], pattern = str(tmp_path / "nope"), "--teacher"
     elif case == "kd_without_teacher":
         del base["--teacher"]
         pattern = "--teacher"
     elif case == "missing_train_file":
-        base["--train-file"], error, pattern = str(tmp_path / "none.jsonl"), FileNotFoundError, "--train-file"
+        base["--train-file"], code, pattern = str(tmp_path / "none.jsonl"), 1, "--train-file .*none.jsonl: no such file"
     elif case == "malformed_train_file":
         bad = tmp_path / "bad.jsonl"
         bad.write_text(Path(train_file).read_text().splitlines()[0] + "\n{not json\n")
-        base["--train-file"], pattern = str(bad), r"--train-file: .*bad\.jsonl:2:"
+        base["--train-file"], code, pattern = str(bad), 1, r"--train-file .*bad\.jsonl:2: invalid JSON"
     elif case == "empty_train_file":
         empty = tmp_path / "empty.jsonl"
         empty.write_text("")
-        base["--train-file"], pattern = str(empty), "--train-file"
+        base["--train-file"], code, pattern = str(empty), 1, "--train-file .*empty.jsonl: no rows"
     elif case == "missing_valid_file":
-        base["--valid-file"], error, pattern = str(tmp_path / "none.jsonl"), FileNotFoundError, "--valid-file"
+        base["--valid-file"], code, pattern = str(tmp_path / "none.jsonl"), 1, "--valid-file"
     elif case == "indivisible_batch":
-        base["--batch-size"], base["--micro-batch-size"], pattern = "6", "4", "--batch-size 6 .*--micro-batch-size 4"
+        base["--batch-size"], base["--micro-batch-size"], pattern = "6", "4", "--batch-size 6: .*--micro-batch-size 4"
     elif case == "batch_larger_than_data":
         base["--batch-size"], pattern = "16", "--batch-size 16"
     elif case == "foreign_teacher":
         base["--teacher"], pattern = foreign_teacher, "--teacher .*tokenizer"
     elif case == "bad_resume_path":
-        base["--resume-from-checkpoint"], error, pattern = str(tmp_path), FileNotFoundError, "--resume-from-checkpoint"
+        base["--resume-from-checkpoint"], pattern = str(tmp_path), "--resume-from-checkpoint"
     elif case == "resume_with_another_batch_size":
         checkpoint = Path(out) / "step_2"
         checkpoint.mkdir(parents=True)
         (checkpoint / train_kd.TRAINER_STATE).write_text(json.dumps(
             {"global_step": 2, "batch_size": 8, "seed": 42, "train_examples": 12}))
         base["--resume-from-checkpoint"], base["--seed"] = "latest", "42"
-        pattern = "--resume-from-checkpoint .*step_2: saved with batch_size 8, this run has 4"
+        pattern = "--resume-from-checkpoint .*step_2: saved with other arguments: --batch-size 8 -> 4; batch_size"
     elif case == "output_dir_holds_a_run":
         (Path(out) / "final").mkdir(parents=True)
-        error, pattern = FileExistsError, "--output-dir"
+        pattern = "--output-dir"
     argv = [item for pair in base.items() for item in pair]
-    with pytest.raises(error, match=pattern):
+    with pytest.raises(SystemExit, match=pattern) as stop:
         train_kd.main(argv)
+    assert str(stop.value).startswith("train_kd.py: ") and "\n" not in str(stop.value)
+    assert getattr(stop.value, "code") == (str(stop.value) if code == 1 else code)
 
 
 def test_accumulation_steps_and_help():
     assert train_kd.accumulation_steps(128, 4, 8) == 4
-    with pytest.raises(ValueError, match="--batch-size 128 .*--micro-batch-size 3"):
+    with pytest.raises(SystemExit, match="--batch-size 128: .*--micro-batch-size 3"):
         train_kd.accumulation_steps(128, 3, 8)
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer), pytest.raises(SystemExit):
@@ -322,3 +429,19 @@ def test_accumulation_steps_and_help():
     for symbol in ("λ of Eq. 3", "λ (α) of Eq. 4", "β of Eq. 6", "Γ of Eq. 8", "β' of Eq. 10", "top K"):
         assert symbol in help_text, symbol
     assert "prose" in help_text
+
+
+def test_full_disk_during_a_checkpoint_says_so_and_names_the_checkpoint_to_resume(tiny_models, files, small_tmpfs):
+    # One checkpoint of the tiny student takes ~600 kB: the second one does not fit on the 1 MiB disk.
+    out = small_tmpfs / "run"
+    with pytest.raises(SystemExit) as stop:
+        train(tiny_models, files["train12"], out, "sft", "--batch-size", 4, "--micro-batch-size", 4,
+              "--max-steps", 3, "--save-steps", 1)
+    message = str(stop.value)
+    assert message.startswith(f"train_kd.py: checkpoint {out / 'step_2'}/: could not be written: the disk is full (")
+    assert "inline_container" not in message  # torch's own words for it
+    assert message.endswith(f"free some space, then --resume-from-checkpoint latest will continue from "
+                            f"{out / 'step_1'} (step 1), the newest complete checkpoint")
+    assert "\n" not in message
+    assert checkpoints(out) == ["step_1"]  # the incomplete step_2/ was removed
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

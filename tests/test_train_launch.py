@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import train_kd
-from kd.data import read_jsonl
+from kd.io import read_jsonl
 
 pytestmark = pytest.mark.slow
 
