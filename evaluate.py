@@ -10,9 +10,15 @@
     # only some directions (the hyps folder may then lack the others)
     python evaluate.py --hyps hyps/x --refs data/alma/test --directions de-en,en-de --out results/x.json
 
-    # the table: rows in the order given; the Δ row is the last system minus the baseline
-    python evaluate.py table results/teacher.json results/sft.json results/forward.json \\
-        results/selfevo.json --baseline forward --out table.md
+    # COMET on a stack without unbabel-comet (requirements-latest.txt): through another
+    # environment's Python that has it (requirements.txt installed there)
+    python evaluate.py --hyps hyps/selfevo --refs data/alma/test --comet-python ../comet-env/bin/python \\
+        --out results/selfevo.json
+
+    # the table: rows in the paper's order (teacher, student, forward, reverse, noevo, skew, selfevo,
+    # then the rest), whatever the order of the files; the Δ row is selfevo (or --compare NAME) minus
+    # the baseline
+    python evaluate.py table results/*.json --baseline forward --out table.md
 
 Inputs: --hyps and --refs are folders of <src>-<tgt>.jsonl files (or single files): the hypotheses of
 generate.py (`id`, `hypothesis`) and the test files of prepare_data.py (`id`, `source`, `reference`,
@@ -24,21 +30,26 @@ results file. --limit N scores the first N references of each file (for generate
 
 Per direction (results JSON, written atomically):
     n                    rows scored
-    bleu, bleu_signature sacrebleu BLEU with the target language's tokenizer (13a; zh, ja-mecab, ...)
+    bleu, bleu_signature sacrebleu BLEU with the target language's tokenizer (13a; zh, ja-mecab, ...;
+                         every direction's tokenizer is checked before the first is scored)
     chrf, chrf_signature sacrebleu chrF2
-    comet                COMET system score x 100 (the paper's scale), null with --comet-model none
+    comet                COMET system score x 100 (the paper's scale), null with --comet-model none;
+                         in this process, or with --comet-python P through P (same numbers)
     teacher_bleu         BLEU against the teacher's hypotheses (--teacher-hyps; the paper's Fig. 4)
-    off_target_rate      share of hypotheses not identified as the target language (py3langid)
+    off_target_rate      share of hypotheses not identified as the target language (py3langid,
+                         guessing among ALMA's languages, English and the scored directions' languages)
     baseline             the baseline's system name (--baseline), and against it:
     bleu_p_value, bleu_significant     paired bootstrap, sacrebleu PairedTest, 1000 resamples, seed 12345
     comet_p_value, comet_significant   the same on COMET segment scores (kd/metrics.py); p < 0.05 = †
 "average" holds the mean over the directions. COMET runs under plain python, not accelerate launch:
 on a GPU if there is one, else on the CPU.
 
-Table (`evaluate.py table`): Markdown like the paper's Table 1: one row per results file, BLEU and
-COMET per direction (de-en, cs-en, en-de, en-cs first, then the others) and their average; † where
-the result was tested against --baseline and p < 0.05; a last row Δ = the last system listed
-minus the baseline (list your method last, as the paper does; --delta NAME picks another).
+Table (`evaluate.py table`): Markdown like the paper's Table 1: one row per results file in the
+paper's order (teacher, student_sft, forward, reverse, noevo, skew, selfevo, then the others in the
+order given), BLEU and COMET per direction (xx->en, then en->xx: de-en, cs-en, en-de, en-cs first)
+and their average (COMET columns only when some result has COMET); † where the result was tested
+against --baseline and p < 0.05; a last row Δ = selfevo (the paper's method; --compare NAME picks
+another) minus the baseline.
 """
 
 import argparse
@@ -51,7 +62,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: f
 
 from kd.io import fail, read_json, read_jsonl, write_text
 
-DIRECTION_ORDER = ("de-en", "cs-en", "en-de", "en-cs")
+PAPER_LANGUAGES = ("de", "cs")  # Table 1's order within xx->en and en->xx; other languages follow by code
+PAPER_SYSTEMS = ("teacher", "student_sft", "forward", "reverse", "noevo", "skew", "selfevo")
+SYSTEM_ALIASES = {"student": "student_sft", "sft": "student_sft", "self-evolution": "selfevo"}
+PAPER_METHOD = "selfevo"
 DIRECTION_PATTERN = re.compile(r"^[a-z]{2,3}-[a-z]{2,3}$")
 SIGNIFICANCE_LEVEL = 0.05
 
@@ -119,8 +133,13 @@ def target_language(direction, references, path):
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring (head evaluate.py).",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        usage="evaluate.py [-h] --hyps HYPS --refs REFS --out OUT [options]\n"
+              "       evaluate.py table RESULTS.json... [--baseline NAME] [--compare NAME] [--out FILE]",
+        description=__doc__.split("\n\n")[0],
+        epilog="evaluate.py table lays results files out like the paper's Table 1 (evaluate.py table --help). "
+               "See the module docstring (head evaluate.py).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hyps", required=True, type=Path, help="folder of <src>-<tgt>.jsonl made by generate.py (or one file)")
     parser.add_argument("--refs", required=True, type=Path, help="test folder of prepare_data.py (or one file)")
     parser.add_argument("--out", required=True, type=Path, help="results JSON to write")
@@ -129,6 +148,9 @@ def parse_args(argv):
     parser.add_argument("--teacher-hyps", type=Path, help="hypotheses of the teacher, for teacher_bleu")
     parser.add_argument("--comet-model", default="Unbabel/wmt22-comet-da",
                         help="hub name, local checkpoint (folder or model.ckpt), or none (default Unbabel/wmt22-comet-da)")
+    parser.add_argument("--comet-python", type=Path,
+                        help="score COMET through this Python of another environment that has unbabel-comet "
+                             "(e.g. one with requirements.txt installed), for a stack without it")
     parser.add_argument("--comet-batch-size", type=int, default=32)
     parser.add_argument("--directions", help="comma-separated directions to score (default: every file of --hyps)")
     parser.add_argument("--limit", type=int, help="score only the first N references of each file")
@@ -188,19 +210,45 @@ def evaluate(argv):
             entry[role] = matched_hypotheses(files[direction], references)
         data[direction] = entry
 
-    # ---- COMET model (fails here, before any work, when it cannot be loaded) ----
-    comet_name = None if args.comet_model.lower() == "none" else args.comet_model
-    comet_model = None
-    if comet_name:
+    # ---- every direction's BLEU tokenizer works (ja-mecab, ko-mecab need extras) before any scoring ----
+    problems = []
+    for tgt in sorted({entry["tgt"] for entry in data.values()}):
         try:
-            comet_model = metrics.load_comet(comet_name)
+            metrics.check_bleu_tokenizer(tgt)
+        except RuntimeError as error:
+            problems.append(f"{', '.join(d for d, e in data.items() if e['tgt'] == tgt)}: {error}")
+    if problems:
+        fail("BLEU", "; ".join(problems),
+             "install the missing extra (pip install -r requirements.txt has them), or leave the direction out with --directions")
+
+    # ---- COMET first: a model that cannot be loaded fails before any other work ----
+    comet_name = None if args.comet_model.lower() == "none" else args.comet_model
+    comet = {}  # (direction, "system" | "baseline") -> (segment scores, system score)
+    if comet_name:
+        jobs = {}
+        for direction, entry in data.items():
+            jobs[(direction, "system")] = (entry["sources"], entry["hyps"], entry["references"])
+            if "baseline" in entry:
+                jobs[(direction, "baseline")] = (entry["sources"], entry["baseline"], entry["references"])
+        try:
+            if args.comet_python is not None:
+                scored = metrics.comet_scores_in(args.comet_python, comet_name,
+                                                 {"/".join(key): job for key, job in jobs.items()}, args.comet_batch_size)
+                comet = {key: scored["/".join(key)] for key in jobs}
+            else:
+                comet_model = metrics.load_comet(comet_name)
+                comet = {key: metrics.comet_scores(comet_model, *job, args.comet_batch_size) for key, job in jobs.items()}
         except RuntimeError as error:
             raise SystemExit(f"evaluate.py: {error}") from None
+        except ImportError as error:
+            fail("--comet-model", f"unbabel-comet is not installed here ({error})",
+                 "install requirements.txt, score COMET through another environment with --comet-python PATH, "
+                 "or pass --comet-model none")
 
     # ---- metrics per direction ----
     name = args.system or system_name(args.hyps)
     baseline_name = system_name(args.baseline) if args.baseline else None
-    identifier = metrics.language_identifier()
+    identifier = metrics.language_identifier({lang for d in data for lang in d.split("-")})
     results = {}
     for direction, entry in data.items():
         tgt, refs, hyps = entry["tgt"], entry["references"], entry["hyps"]
@@ -210,8 +258,8 @@ def evaluate(argv):
                "chrf_signature": chrf_signature, "comet": None, "teacher_bleu": None,
                "off_target_rate": metrics.off_target_rate(hyps, tgt, identifier), "baseline": baseline_name,
                "bleu_p_value": None, "bleu_significant": None, "comet_p_value": None, "comet_significant": None}
-        if comet_model is not None:
-            segment_scores, system_score = metrics.comet_scores(comet_model, entry["sources"], hyps, refs, args.comet_batch_size)
+        if comet:
+            segment_scores, system_score = comet[(direction, "system")]
             row["comet"] = 100 * system_score
         if "teacher" in entry:
             row["teacher_bleu"] = metrics.corpus_bleu(hyps, entry["teacher"], tgt)[0]
@@ -219,9 +267,8 @@ def evaluate(argv):
             row["baseline_bleu"] = metrics.corpus_bleu(entry["baseline"], refs, tgt)[0]
             row["bleu_p_value"] = metrics.bleu_paired_bootstrap(entry["baseline"], hyps, refs, tgt)
             row["bleu_significant"] = row["bleu_p_value"] < SIGNIFICANCE_LEVEL
-            if comet_model is not None:
-                baseline_scores, baseline_system = metrics.comet_scores(
-                    comet_model, entry["sources"], entry["baseline"], refs, args.comet_batch_size)
+            if comet:
+                baseline_scores, baseline_system = comet[(direction, "baseline")]
                 row["baseline_comet"] = 100 * baseline_system
                 row["comet_p_value"] = metrics.mean_paired_bootstrap(baseline_scores, segment_scores)
                 row["comet_significant"] = row["comet_p_value"] < SIGNIFICANCE_LEVEL
@@ -237,7 +284,7 @@ def evaluate(argv):
 
     output = {
         "system": name, "hyps": str(args.hyps), "refs": str(args.refs), "comet_model": comet_name,
-        "comet_scale": 100, "bootstrap": {"samples": metrics.BOOTSTRAP_SAMPLES, "seed": metrics.BOOTSTRAP_SEED,
+        "comet_python": str(args.comet_python) if comet_name and args.comet_python else None, "comet_scale": 100, "bootstrap": {"samples": metrics.BOOTSTRAP_SAMPLES, "seed": metrics.BOOTSTRAP_SEED,
                                           "significance_level": SIGNIFICANCE_LEVEL},
         "directions": results,
         "average": {key: mean(key) for key in ("bleu", "comet", "chrf", "teacher_bleu", "off_target_rate")},
@@ -251,8 +298,26 @@ def evaluate(argv):
 # The table
 # ---------------------------------------------------------------------------------------------
 
+def direction_key(direction):
+    """The paper's order: xx->en, then en->xx, De and Cs first, then the other languages by code."""
+    src, tgt = direction.split("-")
+    group, other = (0, src) if tgt == "en" else (1, tgt) if src == "en" else (2, direction)
+    rank = PAPER_LANGUAGES.index(other) if other in PAPER_LANGUAGES else len(PAPER_LANGUAGES)
+    return group, rank, other
+
+
 def ordered_directions(found):
-    return [d for d in DIRECTION_ORDER if d in found] + sorted(d for d in found if d not in DIRECTION_ORDER)
+    return sorted(found, key=direction_key)
+
+
+def system_key(name):
+    canonical = SYSTEM_ALIASES.get(name, name)
+    return PAPER_SYSTEMS.index(canonical) if canonical in PAPER_SYSTEMS else len(PAPER_SYSTEMS)
+
+
+def ordered_results(results):
+    """Rows in the paper's order; systems outside it follow in the order given (sorted is stable)."""
+    return sorted(results, key=lambda r: system_key(r["system"]))
 
 
 def format_number(value, mark=""):
@@ -263,13 +328,21 @@ def format_delta(value, base):
     return "–" if value is None or base is None else f"{value - base:+.2f}"
 
 
-def make_table(results, baseline=None, delta=None):
-    """Markdown table of results dicts (rows in the given order)."""
+def make_table(results, baseline=None, compare=None):
+    """Markdown table of results dicts: rows in the paper's order, Δ = compare (default selfevo,
+    else the last row) minus the baseline."""
+    results = ordered_results(results)
     names = [r["system"] for r in results]
     if baseline is not None and baseline not in names:
         raise InputError(f"--baseline {baseline}: no results for this system (systems: {', '.join(names)})")
+    if compare is not None and compare not in names:
+        raise InputError(f"--compare {compare}: no results for this system (systems: {', '.join(names)})")
     directions = ordered_directions({d for r in results for d in r["directions"]})
-    header = ["System"] + [f"{d} {m}" for d in directions for m in ("BLEU", "COMET")] + ["Avg. BLEU", "Avg. COMET"]
+    with_comet = any(scores.get("comet") is not None for r in results for scores in r["directions"].values())
+    shown = ("bleu", "comet") if with_comet else ("bleu",)
+    labels = {"bleu": "BLEU", "comet": "COMET"}
+    header = (["System"] + [f"{d} {labels[m]}" for d in directions for m in shown]
+              + [f"Avg. {labels[m]}" for m in shown])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
 
     def cells(result):
@@ -277,43 +350,49 @@ def make_table(results, baseline=None, delta=None):
         for direction in directions:
             scores = result["directions"].get(direction)
             if scores is None:
-                row += ["–", "–"]
+                row += ["–"] * len(shown)
                 continue
             tested = baseline is not None and scores.get("baseline") == baseline and result["system"] != baseline
-            for metric in ("bleu", "comet"):
+            for metric in shown:
                 row.append(format_number(scores.get(metric), "†" if tested and scores.get(f"{metric}_significant") else ""))
-        row += [format_number(result["average"].get("bleu")), format_number(result["average"].get("comet"))]
+        row += [format_number(result["average"].get(metric)) for metric in shown]
         return row
 
     for result in results:
         lines.append("| " + " | ".join(cells(result)) + " |")
     if baseline is not None:
         others = [r for r in results if r["system"] != baseline]
-        if delta is not None and delta not in names:
-            raise InputError(f"--delta {delta}: no results for this system (systems: {', '.join(names)})")
         if others:
-            top = next(r for r in results if r["system"] == delta) if delta else others[-1]
+            top_name = compare or (PAPER_METHOD if PAPER_METHOD in names and PAPER_METHOD != baseline else others[-1]["system"])
+            top = next(r for r in results if r["system"] == top_name)
             base = next(r for r in results if r["system"] == baseline)
             row = [f"Δ ({top['system']} − {baseline})"]
             for direction in directions:
-                for metric in ("bleu", "comet"):
+                for metric in shown:
                     mine = top["directions"].get(direction, {}).get(metric)
                     theirs = base["directions"].get(direction, {}).get(metric)
                     row.append(format_delta(mine, theirs))
-            for metric in ("bleu", "comet"):
+            for metric in shown:
                 row.append(format_delta(top["average"].get(metric), base["average"].get(metric)))
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
-        lines.append(f"† p < {SIGNIFICANCE_LEVEL} against {baseline} (paired bootstrap resampling, "
-                     "1000 resamples). COMET: wmt22-comet-da x 100.")
+        footer = (f"† p < {SIGNIFICANCE_LEVEL} against {baseline} (paired bootstrap resampling, "
+                  "1000 resamples).")
+        if with_comet:
+            models = sorted({Path(r["comet_model"]).name for r in results if r.get("comet_model")})
+            footer += f" COMET: {', '.join(models) or 'COMET'} x 100."
+        lines.append(footer)
     return "\n".join(lines) + "\n"
 
 
 def table(argv):
-    parser = argparse.ArgumentParser(prog="evaluate.py table", description="Markdown table of results JSON files (rows in the given order).")
+    parser = argparse.ArgumentParser(prog="evaluate.py table", description="Markdown table of results JSON files, "
+                                     "rows in the paper's order (teacher, student_sft, forward, reverse, noevo, skew, "
+                                     "selfevo, then the others in the order given).")
     parser.add_argument("results", nargs="+", type=Path, help="results JSON files of evaluate.py")
     parser.add_argument("--baseline", help="system name the † and the Δ row refer to")
-    parser.add_argument("--delta", help="system of the Δ row (default: the last one listed)")
+    parser.add_argument("--compare", "--delta", dest="compare",
+                        help="system of the Δ row (default: selfevo, the paper's method; else the last row)")
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
     results = []
@@ -327,7 +406,7 @@ def table(argv):
     if duplicates:
         fail("results", f"system {duplicates[0]!r} appears twice", "pass each system once (or rename with --system)")
     try:
-        text = make_table(results, args.baseline, args.delta)
+        text = make_table(results, args.baseline, args.compare)
     except InputError as error:
         raise SystemExit(f"evaluate.py table: {error}") from None
     sys.stdout.write(text)

@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: f
 
 import torch
 
+from kd.compat import quiet_cpu_runs
 from kd.data import encode_prompt, left_pad
 from kd.io import fail, read_appended_jsonl, read_jsonl, write_error, write_jsonl
 from kd.models import check_model_path, load_model, load_tokenizer
@@ -193,6 +194,7 @@ def length_sorted_batches(id_lists, batch_size):
 
 def main(argv=None):
     args = parse_args(argv)
+    quiet_cpu_runs()  # before accelerate imports DeepSpeed
 
     # ---- inputs: read and check every file before loading the model ----
     files = input_files(args.input)
@@ -274,6 +276,10 @@ def main(argv=None):
         accelerator.print(f"{path.name}: {len(rows)} rows, {len(done)} already done, {len(pending)} to translate")
 
         # ---- translate: length-sorted batches dealt to the processes, gathered, appended ----
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=len(pending), desc=path.name, unit="sent", dynamic_ncols=True,
+                        disable=not is_main)  # sentences/s and the ETA of this file
         start = time.time()
         id_lists = [encode_prompt(tokenizer, row["prompt"]) for row in pending]
         batches = length_sorted_batches(id_lists, args.batch_size)
@@ -301,9 +307,8 @@ def main(argv=None):
                 except OSError as error:
                     raise write_error(partial_path, error, "free some space and run the same command again: "
                                       "it resumes after the rows already written") from None
-            rounds_done, rounds = first // world + 1, -(-len(batches) // world)
-            if rounds_done % 50 == 0 and rounds_done < rounds:
-                accelerator.print(f"  {path.name}: {rounds_done}/{rounds} batch rounds done")
+                progress.update(len(gathered))
+        progress.close()
         seconds = time.time() - start
 
         # ---- finish: the complete file in input order, atomically; the partial file goes ----

@@ -4,15 +4,15 @@ The paper (and ALMA) train on the human-written WMT parallel data in both direct
 language pair (de-en and cs-en: 2 x (14,211 + 12,076) = 52,574 examples), validate on WMT21
 (En->De and Cs->En) and test on WMT22 (one file per direction).
 
-    # the ALMA files on disk (../shared/data/alma here; the ALMA repository's human_written_data/)
-    python prepare_data.py --data-dir ../shared/data/alma --pairs de-en,cs-en --out data/alma
+    # the ALMA files on disk: human_written_data/ of a clone of the ALMA repository (fe1ixxu/ALMA)
+    python prepare_data.py --data-dir ALMA/human_written_data --pairs de-en,cs-en --out data/alma
 
     # ALMA's own prompt instead of the paper's Alpaca-style prompt; other validation directions
-    python prepare_data.py --data-dir ../shared/data/alma --out data/alma_prompt \\
+    python prepare_data.py --data-dir ALMA/human_written_data --out data/alma_prompt \\
         --template alma --valid-directions en-de,en-cs
 
     # a quick run: 500 training pairs per language pair (x2 directions), full valid and test sets
-    python prepare_data.py --data-dir ../shared/data/alma --out data/alma_small --subset 500
+    python prepare_data.py --data-dir ALMA/human_written_data --out data/alma_small --subset 500
 
     # the same data from the Hugging Face Hub (haoranxu/ALMA-Human-Parallel, haoranxu/WMT22-Test)
     python prepare_data.py --hub --pairs de-en,cs-en --out data/alma
@@ -28,6 +28,9 @@ Input layout (ALMA's), per language pair xx-en, in DIR/<xx>en/ or directly in DI
     train.xx-en.json  valid.xx-en.json  test.xx-en.json  test.en-xx.json
 each either JSON Lines or one JSON array of {"translation": {"xx": "...", "en": "..."}}; or plain
 aligned text files instead of any of them: train.xx-en.xx + train.xx-en.en (one sentence a line).
+Where a split is there both ways (ALMA's published csen/ and isen/ folders), the JSON file is read,
+and the log and stats.json ("preferred_json") say which text files were not. ALMA publishes no
+valid file for is-en: with that pair, pass --valid-directions naming pairs that have one.
 
 Output rows (one JSON object a line, keys in this order):
     id         "<split>-<direction>-<index>", index = the pair's position in its input file from 0
@@ -224,23 +227,27 @@ def read_text_pair(lang_path, en_path):
 
 
 def locate(folders, stem, lang):
-    """The file(s) holding `stem` (e.g. train.de-en): ('json', path), ('text', (xx, en)) or None."""
+    """The file(s) holding `stem` (e.g. train.de-en): ('json', path, ignored), ('text', (xx, en), ()) or None.
+
+    ALMA's published csen/ and isen/ folders hold the same split twice, as a JSON file and as
+    aligned text files: the JSON file is read and the text files are returned as `ignored`.
+    """
     for folder in folders:
         json_paths = [folder / (stem + suffix) for suffix in JSON_SUFFIXES]
         json_paths = [path for path in json_paths if path.is_file()]
         text_paths = [folder / f"{stem}.{lang}", folder / f"{stem}.en"]
         present_text = [path for path in text_paths if path.is_file()]
-        if json_paths and present_text or len(json_paths) > 1:
-            fail(folder, f"{stem} is there twice ({', '.join(p.name for p in json_paths + present_text)})",
-                 "keep one format per file")
+        if len(json_paths) > 1:
+            fail(folder, f"{stem} is there twice ({', '.join(p.name for p in json_paths)})",
+                 "keep one of the two JSON files")
         if json_paths:
-            return "json", json_paths[0]
+            return "json", json_paths[0], tuple(present_text)
         if len(present_text) == 1:
             missing = next(path for path in text_paths if not path.is_file())
             fail(present_text[0], f"its aligned partner {missing.name} is missing",
                  f"add {missing} or remove the file")
         if present_text:
-            return "text", tuple(text_paths)
+            return "text", tuple(text_paths), ()
     return None
 
 
@@ -248,8 +255,12 @@ def describe_expected(folders, stem, lang):
     return " or ".join(f"{folder / stem}.json(l) / {folder / stem}.{{{lang},en}}" for folder in folders)
 
 
-def read_local(data_dir, lang, needs_valid):
-    """{'train': (label, pairs), 'valid': ..., 'test.xx-en': ..., 'test.en-xx': ...} of one pair."""
+def read_local(data_dir, lang, needs_valid, preferred):
+    """{'train': (label, pairs), 'valid': ..., 'test.xx-en': ..., 'test.en-xx': ...} of one pair.
+
+    Appends {"read": json file, "ignored": [text files]} to `preferred` for every split that is
+    there both as JSON and as aligned text files.
+    """
     folders = [data_dir / f"{lang}en", data_dir]
     stems = {"train": f"train.{lang}-en", "valid": f"valid.{lang}-en",
              f"test.{lang}-en": f"test.{lang}-en", f"test.en-{lang}": f"test.en-{lang}"}
@@ -263,11 +274,19 @@ def read_local(data_dir, lang, needs_valid):
         if located[part] is None:
             if part == "valid" and not needs_valid:
                 continue
+            if part == "valid":  # ALMA publishes no valid file for some pairs (is-en)
+                fail(data_dir, f"no {stem} file for the pair {lang}-en, which --valid-directions "
+                     f"asks for (default: {', '.join(PAPER_VALID_DIRECTIONS.values())} as the paper, "
+                     "xx-en for any other pair)",
+                     f"pass --valid-directions naming pairs that have a valid file, or add "
+                     f"{describe_expected(folders[:1], stem, lang)}")
             fail(data_dir, f"no {stem} file for the pair {lang}-en",
                  f"expected {describe_expected(folders, stem, lang)}")
-        kind, where = located[part]
+        kind, where, ignored = located[part]
         if kind == "json":
             parts[part] = (str(where), read_json_file(where, lang))
+            if ignored:
+                preferred.append({"read": str(where), "ignored": [str(path) for path in ignored]})
         else:
             parts[part] = (f"{where[0]} + {where[1].name}", read_text_pair(*where))
     return parts
@@ -399,7 +418,7 @@ def main(argv=None):
         langs = pairs_in_folder(args.data_dir)
         if not langs:
             fail(args.data_dir, "no train.<xx>-en.* file in it or in its <xx>en/ folders",
-                 "pass the ALMA data folder (e.g. ../shared/data/alma) or --pairs")
+                 "pass human_written_data/ of a clone of the ALMA repository, or a folder of that layout")
     else:
         langs = ["de", "cs"]
     if len(set(langs)) != len(langs) or not langs:
@@ -419,6 +438,7 @@ def main(argv=None):
 
     # ---- read every file (every input error stops here, before anything is written) ----
     needs_valid = {lang: any(lang in direction for direction in valid_directions) for lang in langs}
+    preferred_json = []  # splits there both as JSON and as aligned text files: the JSON is read
     if args.demo:
         from kd.demo import add_reference_noise, generate_demo_corpus, generate_monolingual
 
@@ -447,7 +467,7 @@ def main(argv=None):
         corpus = {lang: read_hub(lang, needs_valid[lang]) for lang in langs}
         data_source = f"hub ({HUB_PARALLEL}, {HUB_TEST})"
     else:
-        corpus = {lang: read_local(args.data_dir, lang, needs_valid[lang]) for lang in langs}
+        corpus = {lang: read_local(args.data_dir, lang, needs_valid[lang], preferred_json) for lang in langs}
         data_source = str(args.data_dir)
 
     # ---- drop, subsample, build the rows of every split ----
@@ -499,6 +519,7 @@ def main(argv=None):
                         "pair (x2 directions), chosen with the seed; not the paper's data")
                        if args.subset is not None else None,
         "drop_duplicates": args.drop_duplicates,
+        "preferred_json": preferred_json,
         "counts": {"train": len(train_rows), "valid": len(valid_rows),
                    **{f"test/{direction}": len(rows) for direction, rows in test_files.items()}},
         "table": table,
@@ -530,6 +551,9 @@ def main(argv=None):
         (args.out / "stats.json").unlink(missing_ok=True)
     stale = sorted(path.name for path in (args.out / "test").glob("*.jsonl")
                    if path.stem not in test_files)
+    for entry in preferred_json:
+        print(f"{entry['read']}: read this JSON file; the same split's aligned text files "
+              f"({', '.join(Path(path).name for path in entry['ignored'])}) were not read")
     print(format_table(table))
     print(f"wrote {args.out}: train {len(train_rows)}, valid {len(valid_rows)}, "
           + ", ".join(f"test/{d} {len(r)}" for d, r in test_files.items()))

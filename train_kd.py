@@ -99,6 +99,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: f
 import torch
 import torch.nn.functional as F
 
+from kd.compat import quiet_cpu_runs
 from kd.data import IGNORE_INDEX, REQUIRED_FIELDS, TrainCollator, TranslationDataset, length_grouped_order
 from kd.io import (WriteError, describe_os_error, fail, fail_with, jsonl_text, read_appended_jsonl, read_json,
                    read_jsonl, replacing_folder, write_json, write_jsonl, write_text)
@@ -540,6 +541,7 @@ def stop_after_write_error(error, what, output_dir, incomplete=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    quiet_cpu_runs()  # before accelerate imports DeepSpeed
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, GradientAccumulationPlugin, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm

@@ -3,7 +3,7 @@
 # (WMT21 en-de and cs-en, as the paper): (a) the threshold Gamma, (b) a fixed top-K fraction of hard
 # tokens instead of a threshold, (c) beta, the student's share of the skewed distribution.
 #
-#   DATA_DIR=../shared/data/alma bash pipelines/fig2.sh
+#   DATA_DIR=path/to/ALMA/human_written_data bash pipelines/fig2.sh
 #   GAMMAS="0.2 0.4 0.6" TOPKS="" BETAS="0.3 0.5 0.7" EPOCHS=1 bash pipelines/fig2.sh   # a smaller sweep
 #
 # Every run distils the SFT teacher of Table 1 (runs/table1/teacher_sft, trained here first when

@@ -2,7 +2,7 @@
 # Figure 3 of the paper: progressive beta (moving linearly over training, e.g. 0.5 -> 0.0) against a
 # static beta = 0.5, for self-evolution KD.
 #
-#   DATA_DIR=../shared/data/alma bash pipelines/fig3.sh
+#   DATA_DIR=path/to/ALMA/human_written_data bash pipelines/fig3.sh
 #   SCHEDULES="0.5:0.5 0.5:0.0" bash pipelines/fig3.sh
 #
 # SCHEDULES holds START:END pairs (START = END: static beta). Runs selfevo_beta<START> (static) and

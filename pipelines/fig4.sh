@@ -2,7 +2,7 @@
 # Figure 4 of the paper: teacher similarity, the BLEU of each system's output against the teacher's
 # output (evaluate.py --teacher-hyps, the "teacher_bleu" of the results), from Table 1's outputs.
 #
-#   DATA_DIR=../shared/data/alma bash pipelines/fig4.sh
+#   DATA_DIR=path/to/ALMA/human_written_data bash pipelines/fig4.sh
 #   SOURCE_TABLE=table2 bash pipelines/fig4.sh            # from Table 2 (the 30B teacher) instead
 #   OUT=/tmp/qs SOURCE_TABLE=quickstart bash pipelines/fig4.sh   # from a finished quickstart
 #

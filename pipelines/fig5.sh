@@ -3,7 +3,7 @@
 # (1 - lambda) CE + lambda KL(p || beta' q + (1 - beta') p), beta' = 0.9) for lambda in
 # {0.3, 0.5, 0.7, 1.0}, next to forward KD and self-evolution KD of Table 1.
 #
-#   DATA_DIR=../shared/data/alma bash pipelines/fig5.sh
+#   DATA_DIR=path/to/ALMA/human_written_data bash pipelines/fig5.sh
 #   LAMBDAS="0.5 1.0" bash pipelines/fig5.sh
 #
 # Runs skew_teacher_lambda<L> in runs/fig5, distilled from the SFT teacher of Table 1

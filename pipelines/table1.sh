@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Table 1 of the paper: Llama-13B teacher, Llama-7B student, WMT22 de<->en and cs<->en.
 #
-#   DATA_DIR=../shared/data/alma bash pipelines/table1.sh       # ALMA files on disk
+#   DATA_DIR=path/to/ALMA/human_written_data bash pipelines/table1.sh       # ALMA files on disk
 #   bash pipelines/table1.sh                                    # the same data from the Hub
 #   NUM_GPUS=4 MICRO_BATCH_SIZE=2 bash pipelines/table1.sh      # fewer GPUs (batch stays 128)
 #

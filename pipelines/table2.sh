@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Table 2 of the paper: Table 1 repeated with a Llama-30B teacher (same Llama-7B student).
 #
-#   DATA_DIR=../shared/data/alma bash pipelines/table2.sh
+#   DATA_DIR=path/to/ALMA/human_written_data bash pipelines/table2.sh
 #   TEACHER_MODEL=/models/llama-30b NUM_GPUS=8 bash pipelines/table2.sh
 #
 # The same machinery as table1.sh (pipelines/common.sh: table_pipeline): teacher SFT, student SFT,

@@ -5,6 +5,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -190,6 +191,15 @@ def test_two_processes_give_the_same_file(setup, one_at_a_time, tmp_path, repo_r
     assert (out / "de-en.jsonl").read_bytes() == (one_at_a_time / "de-en.jsonl").read_bytes()
 
 
+def test_progress_bar_with_sentences_per_second_and_eta(setup, tmp_path, capsys):
+    generate.main(["--model", setup["model"], "--input", str(setup["test"] / "de-en.jsonl"), "--output",
+                   str(tmp_path / "bar"), "--limit", "4", "--batch-size", "2", *MAX_NEW])
+    err = capsys.readouterr().err
+    # tqdm's bar of the file: rows done, elapsed<ETA, sentences per second
+    assert re.search(r"de-en\.jsonl: 100%.*\| 4/4 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+sent/s\]", err), err
+    assert "Setting accelerator to CPU" not in err
+
+
 def test_beam_search_runs_and_keeps_order(setup, tmp_path):
     out = tmp_path / "beam"
     generate.main(["--model", setup["model"], "--input", str(setup["test"] / "de-en.jsonl"), "--output", str(out),
@@ -205,4 +215,5 @@ def test_deepspeed_zero3_one_process_same_file(setup, one_at_a_time, tmp_path, r
     out = tmp_path / "zero3"
     result = launch_generate(repo_root, "deepspeed_zero3.yaml", 1, setup, out, batch_size=4)
     assert "DeepSpeed ZeRO-3, synced_gpus" in result.stdout
+    assert "Setting accelerator to CPU" not in result.stderr  # kd.compat.quiet_cpu_runs names it
     assert (out / "de-en.jsonl").read_bytes() == (one_at_a_time / "de-en.jsonl").read_bytes()

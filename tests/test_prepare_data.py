@@ -371,6 +371,55 @@ def test_hub_path_with_a_stand_in_for_datasets(tmp_path, monkeypatch):
     assert (test[0]["source"], test[0]["reference"]) == ("test en-de", "Test en-de")
 
 
+# ---- ALMA's published human_written_data/ as it is ----
+
+def write_published_alma(root):
+    """The file list of ALMA's human_written_data/ (fe1ixxu/ALMA), small: every pair's train split
+    is there as JSON and as aligned text files, csen/ also its test splits; isen/ has no valid file;
+    the few-shot folders hold other files."""
+    for lang in ("cs", "de", "is", "ru", "zh"):
+        write_alma_layout(root, lang=lang, n_train=6)
+        folder = root / f"{lang}en"
+        # the aligned text copy of the training file (its first line differs: the JSON must be read)
+        texts = sentence_pairs(lang, "train", 6)
+        texts[0] = ("TEXT COPY", "TEXT COPY")
+        (folder / f"train.{lang}-en.{lang}").write_text("".join(x + "\n" for x, _ in texts), "utf-8")
+        (folder / f"train.{lang}-en.en").write_text("".join(e + "\n" for _, e in texts), "utf-8")
+    for stem in ("test.cs-en", "test.en-cs"):
+        rows = json.loads((root / "csen" / f"{stem}.json").read_text())
+        for side in ("cs", "en"):
+            (root / "csen" / f"{stem}.{side}").write_text("".join(r["translation"][side] + "\n" for r in rows))
+    (root / "isen" / "valid.is-en.json").unlink()
+    write_array(root / "Filtered-5-shot" / "shots.de-en.json", sentence_pairs("de", "shot", 5), "de")
+    return root
+
+
+def test_published_alma_layout_reads_the_json_files(tmp_path, capsys):
+    data = write_published_alma(tmp_path / "human_written_data")
+    out = tmp_path / "out"
+    stats = run_main("--data-dir", data, "--out", out, "--valid-directions", "en-de,cs-en")
+    assert stats["pairs"] == ["cs-en", "de-en", "is-en", "ru-en", "zh-en"]
+    assert stats["counts"]["train"] == 5 * 2 * 6 and stats["counts"]["valid"] == 8
+    assert all(r["source"] != "TEXT COPY" for r in read_jsonl(out / "train.jsonl"))
+    preferred = {Path(e["read"]).name: sorted(Path(p).name for p in e["ignored"]) for e in stats["preferred_json"]}
+    assert preferred["train.is-en.json"] == ["train.is-en.en", "train.is-en.is"]
+    assert preferred["test.en-cs.json"] == ["test.en-cs.cs", "test.en-cs.en"]
+    assert len(preferred) == 5 + 2
+    assert json.loads((out / "stats.json").read_text())["preferred_json"] == stats["preferred_json"]
+    log = capsys.readouterr().out
+    assert f"{data / 'csen' / 'train.cs-en.json'}: read this JSON file" in log and "were not read" in log
+
+
+def test_published_alma_layout_without_a_valid_file_names_the_flag(tmp_path):
+    data = write_published_alma(tmp_path / "human_written_data")
+    message = expect_error(tmp_path / "out", "--data-dir", data)  # default: is-en among the valid directions
+    assert "no valid.is-en file for the pair is-en, which --valid-directions asks for" in message
+    assert "pass --valid-directions naming pairs that have a valid file" in message
+    (data / "deen" / "train.de-en.jsonl").write_text((data / "deen" / "train.de-en.json").read_text())
+    message = expect_error(tmp_path / "out", "--data-dir", data, "--pairs", "de-en")
+    assert "train.de-en is there twice (train.de-en.json, train.de-en.jsonl)" in message
+
+
 # ---- all or nothing; what editors and other tools put into input files ----
 
 def test_text_utf8_cannot_hold_stops_before_anything_changes(tmp_path):
