@@ -12,8 +12,10 @@
 #      (the paper distils into a pretrained Llama-7B);
 #   3. the SFT teacher, then the student systems (student SFT and the five KD methods forward,
 #      reverse, noevo, skew, selfevo at the paper's λ = α = β = 0.5, Γ = 0.4) from the student's
-#      base model, each trained to convergence (up to EPOCHS epochs, stopped after PATIENCE epochs
-#      without a better validation loss) and kept at its best validation checkpoint; two trainings
+#      base model, and sequence-level KD (seqkd: the student's SFT on the teacher's greedy
+#      translations of the training set, Kim & Rush 2016), each trained to convergence (up to
+#      EPOCHS epochs, stopped after PATIENCE epochs without a better validation loss) and kept at
+#      its best validation checkpoint; two trainings
 #      at once (LANES, one per core);
 #   4. greedy translation of the 4 test directions, BLEU/chrF (COMET when COMET_MODEL is set),
 #      BLEU against the teacher (Fig. 4), significance against forward KD (summarize_study.py), the
@@ -133,7 +135,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/regimes.sh"
 {
   MICRO_BATCH_SIZE="$BATCH_SIZE" EVAL_STEPS="" MAX_STEPS="" SEEDS="$SEED"
   STUDY_EXP="$EXP" STUDY_DATA="$OUT/data/$EXP" STUDY_RESULTS="$OUT/results"
-  SYSTEMS=(student_sft forward reverse noevo skew selfevo)
+  SYSTEMS=(student_sft forward reverse noevo skew selfevo seqkd)
   CHECKPOINT=best
 }
 run_regime R1
