@@ -201,7 +201,7 @@ def test_quickstart_reduced_then_rerun_skips(tmp_path):
         pytest.fail(f"the quickstart needs {', '.join(missing)}")
     env = {"QUICK": "1", "OUT": str(tmp_path), "COMET_MODEL": "none", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    first = run_bash("bash pipelines/quickstart.sh", env, timeout=420)
+    first = run_bash("bash pipelines/quickstart.sh", env, timeout=1200)  # a hang guard, not a timing
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     ran = [m.group(1) for m in STEP_LINE.finditer(first.stdout) if m.group(2) == "running"]
     assert "train selfevo-s1" in ran and "generate teacher" in ran and "evaluate forward-s1" in ran, first.stdout
@@ -209,7 +209,7 @@ def test_quickstart_reduced_then_rerun_skips(tmp_path):
 
     table = tmp_path / "results" / "quickstart" / "table.md"
     text = table.read_text()
-    for system in SYSTEMS:
+    for system in [s for s in SYSTEMS if s != "noevo"]:  # the quickstart leaves noevo out (= forward at λ = α)
         name = "student_sft" if system == "student" else system
         assert re.search(rf"^\|\s*{re.escape(name)}\s*\|", text, re.M), f"no row for {name} in\n{text}"
         run = "quickstart_clean/teacher" if system == "teacher" else f"quickstart_R1/{name}-s1"
