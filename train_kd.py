@@ -106,6 +106,7 @@ from kd.data import IGNORE_INDEX, REQUIRED_FIELDS, TrainCollator, TranslationDat
 from kd.gamma import DEFAULT_MOMENTUM, DEFAULT_QUANTILE, AutoGamma
 from kd.io import (WriteError, describe_os_error, fail, fail_with, jsonl_text, read_appended_jsonl, read_json,
                    read_jsonl, replacing_folder, write_json, write_jsonl, write_text)
+from kd.lora import ALPHA_PER_RANK, add_adapters, merged_state_dict, trainable_parameters
 from kd.losses import (KD_METHODS, METHODS, SELECTING_METHODS, TARGET_MIX_METHODS, LossConfig, compute_loss,
                        compute_loss_from_hidden, shared_vocab_size)
 from kd.models import DTYPES, check_model_path, load_model, load_tokenizer, tokenizer_mismatch
@@ -197,6 +198,15 @@ def parse_args(argv=None):
     group.add_argument("--on-policy-temperature", type=float, default=1.0, help="sampling temperature T")
     group.add_argument("--on-policy-max-new-tokens", type=int, default=256,
                        help="longest sampled response (prompt + response stay within --max-length)")
+
+    group = parser.add_argument_group("LoRA students (peft; kd/lora.py)")
+    group.add_argument("--lora-r", type=int, default=0,
+                       help="train rank-R LoRA adapters instead of every student weight (0: full fine-tuning)")
+    group.add_argument("--lora-alpha", type=float,
+                       help=f"LoRA scaling α (the update is (α/r)·B·A; default {ALPHA_PER_RANK:g}·r)")
+    group.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    group.add_argument("--lora-target-modules", nargs="+", default=["all-linear"],
+                       help="module names that get adapters (default all-linear: every linear layer but the lm_head)")
 
     group = parser.add_argument_group("evaluation, checkpoints, logging")
     group.add_argument("--eval-steps", type=int, default=0, help="validate every N optimizer steps (and at each epoch end)")
@@ -340,6 +350,18 @@ def check_args(args):
     if args.early_stopping_min_epochs < 0:
         fail(f"--early-stopping-min-epochs {args.early_stopping_min_epochs}", "must not be negative", "pass 0 or more",
              code=CONFIG_ERROR)
+    if args.lora_r < 0:
+        fail(f"--lora-r {args.lora_r}", "is a rank", "pass 0 (full fine-tuning) or a rank >= 1", code=CONFIG_ERROR)
+    if args.lora_r:
+        if (args.lora_alpha is not None and not args.lora_alpha > 0) or not 0.0 <= args.lora_dropout < 1.0:
+            fail(f"--lora-r {args.lora_r} / --lora-alpha {args.lora_alpha} / --lora-dropout {args.lora_dropout}",
+                 "need a rank >= 1, α > 0 and a dropout in [0, 1)", "pass valid values", code=CONFIG_ERROR)
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            fail(f"--lora-r {args.lora_r}", "needs peft, which is not installed", "pip install -r requirements.txt",
+                 code=CONFIG_ERROR)
+        args.lora_alpha = ALPHA_PER_RANK * args.lora_r if args.lora_alpha is None else args.lora_alpha
     if args.early_stopping_patience < 0 or (args.early_stopping_patience and not args.valid_file):
         fail(f"--early-stopping-patience {args.early_stopping_patience}", "needs a number >= 0 and, when > 0, "
              "a --valid-file to watch", "pass --valid-file, or 0 to train every epoch", code=CONFIG_ERROR)
@@ -731,7 +753,16 @@ def main(argv=None):
         accelerator.print(f"dropped {train_set.dropped_too_long} training examples longer than --max-length {args.max_length}")
 
     # ------------------------------------------------------------------ 4. models
-    model = load_model(args.student)
+    # a LoRA student's frozen base weights need no fp32 master copy: bf16 under --bf16
+    model = load_model(args.student, dtype="bf16" if args.lora_r and args.bf16 else "fp32")
+    if args.lora_r:
+        try:
+            model = add_adapters(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+        except ValueError as error:  # e.g. a target module the model does not have
+            fail(f"--lora-target-modules {' '.join(args.lora_target_modules)}", str(error).splitlines()[0],
+                 "name modules of the student (e.g. q_proj v_proj), or all-linear", code=CONFIG_ERROR)
+    trainable, total_parameters = trainable_parameters(model)
+    accelerator.print(f"student: {trainable:,} trainable parameters of {total_parameters:,}")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -742,10 +773,11 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ 5. optimizer, schedule, prepare
     no_decay = ("bias", "norm")
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # LoRA: the adapters only
     parameter_groups = [  # reapply_optimizer_args relies on this order: with weight decay, then without
-        {"params": [p for n, p in model.named_parameters() if not any(k in n.lower() for k in no_decay)],
+        {"params": [p for n, p in trained if not any(k in n.lower() for k in no_decay)],
          "weight_decay": args.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if any(k in n.lower() for k in no_decay)],
+        {"params": [p for n, p in trained if any(k in n.lower() for k in no_decay)],
          "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(parameter_groups, lr=args.lr, eps=args.adam_epsilon)
@@ -811,7 +843,12 @@ def main(argv=None):
         if accelerator.is_main_process:
             try:
                 with replacing_folder(folder) as tmp:
-                    student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                    if args.lora_r:  # the merged model (a plain checkpoint) and the adapter (kd/lora.py)
+                        merged = merged_state_dict(state_dict, args.lora_alpha / args.lora_r)
+                        student.get_base_model().save_pretrained(tmp, state_dict=merged, safe_serialization=True)
+                        student.save_pretrained(Path(tmp) / "adapter", state_dict=state_dict, safe_serialization=True)
+                    else:
+                        student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
                     tokenizer.save_pretrained(tmp)
             except (OSError, RuntimeError, WriteError) as error:
                 stop_after_write_error(getattr(error, "error", error), f"{folder}/ (the model)", output_dir)
@@ -1027,7 +1064,10 @@ def main(argv=None):
             "gradient_accumulation_steps", "num_processes", "lr", "warmup_ratio", "lr_scheduler", "weight_decay",
             "max_grad_norm", "max_length", "seed", "bf16", "kd_ratio", "target_mix", "beta", "beta_end", "gamma",
             "gamma_quantile", "gamma_momentum", "top_k", "skew_beta", "jsd_beta", "on_policy_ratio",
-            "on_policy_temperature", "on_policy_max_new_tokens")},
+            "on_policy_temperature", "on_policy_max_new_tokens", "lora_r", "lora_alpha", "lora_dropout",
+            "lora_target_modules")},
+        "trainable_parameters": trainable,
+        "total_parameters": total_parameters,
         "changed_args": changed_history,
         "final_valid_loss": last_valid,
         "best_valid_loss": best_valid_loss,

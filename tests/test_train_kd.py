@@ -19,7 +19,7 @@ from kd.models import load_tokenizer, tiny_llama, train_tokenizer
 TRAIN_KEYS = {"type", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "steps_in_window"}
 RESULT_KEYS = {"method", "hyperparameters", "changed_args", "final_valid_loss", "best_valid_loss", "best_step", "steps", "epochs",
                "train_tokens", "train_seconds", "tokens_per_s", "dropped_too_long", "final_dir", "best_dir",
-               "stopped_early"}
+               "stopped_early", "trainable_parameters", "total_parameters"}
 
 
 def write_subset(source, dest, per_direction):
