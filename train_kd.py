@@ -780,6 +780,8 @@ def main(argv=None):
         {"params": [p for n, p in trained if any(k in n.lower() for k in no_decay)],
          "weight_decay": 0.0},
     ]
+    # a LoRA student has no trainable norm or bias: DeepSpeed refuses an empty parameter group
+    parameter_groups = [group for group in parameter_groups if group["params"]]
     optimizer = torch.optim.AdamW(parameter_groups, lr=args.lr, eps=args.adam_epsilon)
     # The scheduler is stepped once per optimizer step by this loop (not prepared: accelerate would
     # step it once per process) and checkpointed through register_for_checkpointing.
