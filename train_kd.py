@@ -106,6 +106,7 @@ from kd.io import (WriteError, describe_os_error, fail, fail_with, jsonl_text, r
 from kd.losses import (KD_METHODS, METHODS, TARGET_MIX_METHODS, LossConfig, compute_loss, compute_loss_from_hidden,
                        shared_vocab_size)
 from kd.models import DTYPES, check_model_path, load_model, load_tokenizer, tokenizer_mismatch
+from kd.teacher_cache import TeacherCache, run_fingerprint
 
 CHECKPOINT_NAME = re.compile(r"^(step|epoch)_(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -131,6 +132,9 @@ def parse_args(argv=None):
                        help="training objective: sft (Eq. 2) or a distillation method of kd/losses.py")
     group.add_argument("--student", required=True, help="student model: save_pretrained folder or hub name")
     group.add_argument("--teacher", help="teacher model (required for every method but sft); never trained or saved")
+    group.add_argument("--teacher-cache",
+                       help="in place of --teacher: a stored teacher made by cache_teacher.py for this --train-file "
+                            "(no teacher is loaded; kd/teacher_cache.py says how the stored top-K enter the losses)")
     group.add_argument("--teacher-dtype", choices=sorted(DTYPES),
                        help="precision of the frozen teacher (default bf16 with --bf16, else fp32); "
                             "under DeepSpeed the teacher follows the mixed precision of the run")
@@ -268,12 +272,14 @@ def build_loss_config(args):
 def check_args(args):
     """Every check of the command line that needs no model and no data: one message, exit status 2.
     Returns the LossConfig."""
-    if args.method in KD_METHODS and not args.teacher:
-        fail(f"--method {args.method}", "distils from a teacher", "pass --teacher PATH (only sft runs without one)",
-             code=CONFIG_ERROR)
-    if args.method not in KD_METHODS and args.teacher:
-        warnings.warn("--teacher is ignored by --method sft")
-        args.teacher = None
+    if args.teacher and args.teacher_cache:
+        fail("--teacher-cache", "replaces --teacher", "pass one of the two", code=CONFIG_ERROR)
+    if args.method in KD_METHODS and not (args.teacher or args.teacher_cache):
+        fail(f"--method {args.method}", "distils from a teacher", "pass --teacher PATH or --teacher-cache DIR "
+             "(only sft runs without one)", code=CONFIG_ERROR)
+    if args.method not in KD_METHODS and (args.teacher or args.teacher_cache):
+        warnings.warn("--teacher / --teacher-cache is ignored by --method sft")
+        args.teacher = args.teacher_cache = None
     loss_config = build_loss_config(args)
     if args.early_stopping_patience < 0 or (args.early_stopping_patience and not args.valid_file):
         fail(f"--early-stopping-patience {args.early_stopping_patience}", "needs a number >= 0 and, when > 0, "
@@ -607,6 +613,15 @@ def main(argv=None):
                      if valid_rows else None)
     except ValueError as error:
         fail_with(error, code=CONFIG_ERROR)
+    teacher_cache = None
+    if args.teacher_cache:  # checked against this run's data, tokenizer, template and max length
+        teacher_cache = TeacherCache(args.teacher_cache, run_fingerprint(args.train_file, tokenizer, args.max_length,
+                                                                         len(train_set)))
+        try:
+            vocab_size = shared_vocab_size(vocab_size, teacher_cache.vocab)
+        except ValueError as error:
+            fail(f"--teacher-cache {args.teacher_cache}", str(error), "pass a cache of a teacher of the student's family",
+                 code=CONFIG_ERROR)
     steps_per_epoch = len(train_set) // args.batch_size
     if steps_per_epoch == 0:
         fail(f"--batch-size {args.batch_size}", f"more than the {len(train_set)} usable examples of --train-file "
@@ -643,7 +658,10 @@ def main(argv=None):
         "zero_stage": zero_stage,
         "mixed_precision": accelerator.mixed_precision,
         "student_loss_path": "hidden" if lean_student else "logits",
-        "teacher_loss_path": None if not args.teacher else ("hidden" if lean_teacher else "logits"),
+        "teacher_loss_path": ("cache" if teacher_cache else None) if not args.teacher else (
+            "hidden" if lean_teacher else "logits"),
+        "teacher_cache_manifest": None if teacher_cache is None else {
+            k: teacher_cache.manifest[k] for k in ("teacher", "teacher_sha256", "top_k", "dtype", "vocab_size")},
         "vocab_size": vocab_size,
         "train_examples": len(train_set),
         "valid_examples": len(valid_set) if valid_set else 0,
@@ -720,6 +738,8 @@ def main(argv=None):
         if teacher is not None:
             with accelerator.autocast():
                 teacher_kwargs = teacher_inputs(teacher, batch, counted, keep, teacher_weight)
+        elif teacher_cache is not None:  # stored log-probabilities enter the losses as the teacher's logits
+            teacher_kwargs = {"teacher_logits": teacher_cache.log_probs(batch["index"], counted.sum(1), rows.device)}
         step_config = dataclasses.replace(loss_config, beta=beta)
         if weight is not None:
             loss_sum, stats = compute_loss_from_hidden(step_config, rows, weight, targets[counted],
@@ -926,7 +946,7 @@ def main(argv=None):
     results = {
         "method": args.method,
         "hyperparameters": {k: config[k] for k in (
-            "student", "teacher", "teacher_dtype", "epochs", "max_steps", "batch_size", "micro_batch_size",
+            "student", "teacher", "teacher_cache", "teacher_dtype", "epochs", "max_steps", "batch_size", "micro_batch_size",
             "gradient_accumulation_steps", "num_processes", "lr", "warmup_ratio", "lr_scheduler", "weight_decay",
             "max_grad_norm", "max_length", "seed", "bf16", "kd_ratio", "target_mix", "beta", "beta_end", "gamma",
             "top_k", "skew_beta")},
