@@ -139,8 +139,8 @@ def main(argv=None):
     n_shards = math.ceil(len(dataset) / args.examples_per_shard)
     mine = [s for s in range(n_shards) if s % accelerator.num_processes == accelerator.process_index]
     todo = [s for s in mine if not (out / shard_name(s)).is_file()]
-    accelerator.print(f"{len(dataset)} examples in {n_shards} shards; process {accelerator.process_index} builds "
-                      f"{len(todo)} of its {len(mine)} (the others are there from an earlier run)")
+    print(f"{len(dataset)} examples in {n_shards} shards; process {accelerator.process_index} builds "
+          f"{len(todo)} of its {len(mine)} (the others are there from an earlier run)", flush=True)
     teacher = load_model(args.teacher, dtype=args.teacher_dtype).to(accelerator.device).eval().requires_grad_(False)
     collate = TrainCollator(tokenizer.pad_token_id)
     start_time, tokens = time.perf_counter(), 0
@@ -162,8 +162,8 @@ def main(argv=None):
                 offsets.append(offsets[-1] + log_p.shape[0])
         tokens += offsets[-1]
         with replacing(out / shard_name(shard)) as tmp:
-            save_file(shard_arrays(parts, offsets, top_k, vocab, args.dtype), str(tmp),
-                      metadata={"first_example": str(first), "end_example": str(end)})
+            save_file(shard_arrays(parts, offsets, top_k, vocab, args.dtype), str(tmp))  # no metadata: its
+            # order in the header varies between runs, and the same shard should have the same bytes
             os.chmod(tmp, 0o644)  # save_file makes a private file; the cache is shared by the runs of a sweep
         accelerator.print(f"{shard_name(shard)}: examples {first}-{end - 1}, {offsets[-1]} positions")
     seconds = time.perf_counter() - start_time

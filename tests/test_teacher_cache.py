@@ -190,3 +190,28 @@ def test_truncated_cache_trains_close_to_the_live_teacher(tiny_models, train_fil
     assert live_rows[0]["loss"] != cached_rows[0]["loss"]
     assert math.isclose(live_rows[0]["loss"], cached_rows[0]["loss"], rel_tol=0.05)
     assert live["steps"] == cached["steps"] == 3
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_same_cache(tiny_models, train_file, tmp_path):
+    """`accelerate launch` with 2 CPU processes: each writes its own shards (0, 2, 4, ... and 1, 3, ...);
+    the cache is byte for byte the one-process cache."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(cache_teacher.__file__).resolve().parent
+    single, double = tmp_path / "single", tmp_path / "double"
+    build(tiny_models, train_file, single, top_k=8)
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(repo / "accelerate_configs" / "cpu.yaml"),
+         "--num_processes", "2", "--num_cpu_threads_per_process", "1", str(repo / "cache_teacher.py"),
+         "--teacher", tiny_models["teacher"], "--train-file", str(train_file), "--out", str(double), "--top-k", "8",
+         "--examples-per-shard", "8", "--batch-size", "3"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=420)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "process 1 builds 5 of its 5" in result.stdout + result.stderr
+    for i in range(10):
+        assert (double / shard_name(i)).read_bytes() == (single / shard_name(i)).read_bytes(), shard_name(i)
+    assert json.loads((double / MANIFEST).read_text())["shards"] == json.loads((single / MANIFEST).read_text())["shards"]
