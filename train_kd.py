@@ -27,6 +27,11 @@ and on 8 GPUs with DeepSpeed ZeRO-3; only the accelerate config changes.
         --output-dir runs/selfevo-13b-7b --bf16 --gradient-checkpointing --micro-batch-size 4 \\
         --epochs 3 --batch-size 128 --lr 2e-5 --warmup-ratio 0.03 --max-length 512
 
+    # a stored teacher (cache_teacher.py: one teacher pass for every KD run of a sweep) in place of --teacher
+    python cache_teacher.py --teacher runs/sft-teacher-13b/best --train-file data/alma/train.jsonl \\
+        --out cache/teacher-13b-k128 --top-k 128 --dtype fp16 --teacher-dtype bf16
+    accelerate launch ... train_kd.py --method selfevo --teacher-cache cache/teacher-13b-k128 <other arguments>
+
     # continue a stopped run exactly where it stopped
     accelerate launch ... train_kd.py <same arguments> --resume-from-checkpoint latest
 
@@ -35,7 +40,8 @@ What one optimizer step does
     gradient accumulation = batch-size / (micro-batch-size x processes), checked for divisibility.
     The last incomplete batch of an epoch is dropped (a different remainder each epoch).
   * Student forward (train mode) and, for KD methods, teacher forward (eval, no_grad, frozen) on the
-    same micro-batch. The lm_head runs only at response positions (the positions whose shifted
+    same micro-batch, or with --teacher-cache the teacher's stored log-probabilities of the micro-batch's
+    examples (kd/teacher_cache.py; no teacher is loaded). The lm_head runs only at response positions (the positions whose shifted
     label is counted): no [B, T, V] logits over the prompt.
       - "hidden" path (single device, DDP, DeepSpeed ZeRO-1/2): the prepared model's forward with
         logits_to_keep=1 and output_hidden_states=True (hidden_states[-1] is after the final norm

@@ -17,6 +17,13 @@ below is on the scale of the paper's Γ = 0.4). λ = `kd_ratio`, α = `target_mi
 | `selfevo`+top_k| the round(top_k·N) tokens of largest d in the call are hard | Sec. 5.2.1 |
 | `skew_teacher` | (1−λ)(−log q_t) + λ KL(p‖β' q + (1−β') p)                 | Eq. 10     |
 | `selfevo_token`| as selfevo, but hard tokens: KL(sg(q̂)‖q), q̂ = βq + (1−β)ỹ  | NOT the paper |
+| stored teacher | every row with p → p̃: p̃_v = p_v for the K stored v, and    | (cache)    |
+|  (any method)  | p̃_v = (1 − Σ_K p)/(V − K) for the other V − K tokens       |            |
+
+A stored teacher (train_kd.py --teacher-cache, kd/teacher_cache.py) is passed as teacher_logits =
+log p̃. log-softmax leaves log-probabilities as they are, so every formula here runs unchanged on p̃
+(a distribution with every p̃_v > 0: every KL stays finite); with the full distribution stored
+(`--top-k all`) p̃ = p and the loss is the live teacher's (tests/test_teacher_cache.py).
 
 `selfevo_token` is NOT the paper's Eq. 7. It is the token-level self-evolution target of the work
 the paper builds on (hard tokens learn toward the detached mixture, as a soft label), kept as a
