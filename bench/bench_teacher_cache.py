@@ -7,14 +7,16 @@ Measured, written to --out (JSON) and printed:
   truncation   per setup and K: for every KD method, the relative error of the loss and of its gradient
                w.r.t. the student logits against the live teacher (mean over micro-batches, Γ = 0.4 for
                selfevo), the share of tokens whose hard/easy decision d > Γ flips (selfevo), the mean
-               teacher tail mass (1 − top-K mass). Stored as fp32 (truncation alone) and in --dtype.
+               teacher tail mass (1 − top-K mass); the flips also at Γ = the median live d of
+               the micro-batch (half the tokens hard: where the decision is most sensitive). Stored as fp32 (truncation alone) and in --dtype.
   cost         (with --teacher): train_kd.py seconds per optimizer step of SFT, of selfevo with the live
-               teacher and with the cache; the time to build the cache against one epoch of plain teacher
-               forward passes; bytes per response position, and the size for the paper's 52,574 examples.
+               teacher and with the cache; the CPU time to build the cache against one epoch of plain teacher
+               forward passes (each timing repeated --repeats times, interleaved, the fastest kept); bytes per response position, and the size for the paper's 52,574 examples.
   sweep        (with --teacher): the training runs of fig2.sh's Γ sweep (6 values) at toy scale, wall
-               time with the live teacher and with the cache (its build included). Generation and
+               and process CPU time with the live teacher and with the cache (its build included). Generation and
                evaluation, the same in both, are left out.
-CPU numbers on a shared machine: ratios are what carries over, not seconds.
+CPU numbers on a shared machine: ratios are what carries over, not seconds. --parts runs some parts
+and keeps the others' results from --out.
 """
 
 import argparse
@@ -57,9 +59,11 @@ def batches(train_file, tokenizer, examples, batch_size, max_length=512):
 def response_logits(model, batch):
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
     counted = targets != IGNORE_INDEX
+    keep = counted.any(0).nonzero().squeeze(1)  # the lm_head at response positions only, as train_kd.py
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return logits[counted].float(), targets[counted]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
+                       use_cache=False).logits
+    return logits[counted[:, keep]].float(), targets[counted]
 
 
 def stored(log_p, top_k, dtype):
@@ -91,10 +95,15 @@ def truncation(teacher_path, student_path, train_file, ks, dtype, examples):
         for storage in sorted({"fp32", dtype}):
             store_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[storage]
             per_method = {m: {"loss": [], "grad": [], "flips": []} for m in KD_METHODS}
-            tail = []
+            tail, median_flips = [], []
             for log_p, s_logits, labels in parts:
                 dense, rows = stored(log_p, top_k, store_dtype)
                 tail.append(float(rows["log_rest"].exp().mean()))
+                # d > Γ flips where Γ is the median live d: half the tokens hard, the most sensitive Γ
+                d_live = compute_loss("noevo", s_logits, log_p, labels, token_stats=True)[1]["token_difficulty"]
+                d_k = compute_loss("noevo", s_logits, dense, labels, token_stats=True)[1]["token_difficulty"]
+                gamma = d_live.median()
+                median_flips.append(float(((d_live > gamma) != (d_k > gamma)).float().mean()))
                 for method in KD_METHODS:
                     live_loss, live_grad, live_hard = loss_and_grad(method, s_logits, log_p, labels)
                     k_loss, k_grad, k_hard = loss_and_grad(method, s_logits, dense, labels)
@@ -102,6 +111,7 @@ def truncation(teacher_path, student_path, train_file, ks, dtype, examples):
                     per_method[method]["grad"].append(float((k_grad - live_grad).norm() / live_grad.norm()))
                     per_method[method]["flips"].append(float((k_hard != live_hard).float().mean()))
             row = {"top_k": top_k, "dtype": storage, "vocab": vocab, "mean_tail_mass": sum(tail) / len(tail),
+                   "flips_at_median_gamma": sum(median_flips) / len(median_flips),
                    "methods": {m: {"loss_rel_error": sum(v["loss"]) / len(v["loss"]),
                                    "grad_rel_error": sum(v["grad"]) / len(v["grad"]),
                                    "hard_easy_flips": sum(v["flips"]) / len(v["flips"])}
@@ -109,9 +119,14 @@ def truncation(teacher_path, student_path, train_file, ks, dtype, examples):
             table.append(row)
             worst = max(row["methods"].values(), key=lambda r: r["grad_rel_error"])
             print(f"  K={top_k:4d} {storage}: tail {row['mean_tail_mass']:.4f}, worst grad error "
-                  f"{worst['grad_rel_error']:.2e}, selfevo flips {row['methods']['selfevo']['hard_easy_flips']:.4f}",
+                  f"{worst['grad_rel_error']:.2e}, selfevo flips {row['methods']['selfevo']['hard_easy_flips']:.4f} "
+                  f"(at the median d: {row['flips_at_median_gamma']:.4f})",
                   flush=True)
     return table
+
+
+def parameters(path):
+    return sum(p.numel() for p in load_model(path).parameters())
 
 
 def train_seconds(argv):
@@ -121,13 +136,12 @@ def train_seconds(argv):
     return result["train_seconds"] / result["steps"]
 
 
-def teacher_epoch_seconds(teacher_path, train_file, batch_size):
+def teacher_epoch(teacher_path, train_file, batch_size):
+    """One epoch of plain teacher forward passes (model loading included, as in a cache build)."""
     tokenizer = load_tokenizer(teacher_path)
     teacher = load_model(teacher_path).eval()
-    start = time.perf_counter()
-    for batch in batches(train_file, tokenizer, None, batch_size):
+    for batch in batches(train_file, tokenizer, None, batch_size, max_length=256):
         response_logits(teacher, batch)
-    return time.perf_counter() - start
 
 
 def main(argv=None):
@@ -143,29 +157,43 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--gammas", default="0.1 0.2 0.3 0.4 0.5 0.6", help="fig2.sh's GAMMAS")
     parser.add_argument("--sweep-steps", type=int, default=4, help="optimizer steps per run of the sweep")
+    parser.add_argument("--parts", default="truncation,cost,sweep",
+                        help="which parts to run; the others keep their results from --out when it exists")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each timing (the fastest counts)")
     parser.add_argument("--out", default="bench/results/bench_teacher_cache.json")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="bench_teacher_cache."))
-    report = {"settings": vars(args), "torch_threads": torch.get_num_threads(), "setups": {}}
+    parts = set(args.parts.split(","))
+    report = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {"setups": {}}
+    report.update({"settings": vars(args), "torch_threads": torch.get_num_threads()})
     try:
-        import make_tiny_models
-        import prepare_data
+        if "truncation" in parts:
+            import make_tiny_models
+            import prepare_data
 
-        prepare_data.main(["--demo", "--out", str(work / "data"), "--demo-train-pairs", "300", "--seed", "1"])
-        tiny = make_tiny_models.main(["--data", str(work / "data"), "--out", str(work / "tiny"), "--vocab-size", "600",
-                                      "--teacher-layers", "2", "--teacher-hidden", "64", "--teacher-heads", "2",
-                                      "--student-layers", "1", "--student-hidden", "32", "--student-heads", "2"])
-        print("truncation, tiny models (random init, vocabulary 600)", flush=True)
-        report["setups"]["tiny (tests' models, random init)"] = {"truncation": truncation(
-            str(tiny["teacher"]), str(tiny["student"]), work / "data" / "train.jsonl", args.top_k, args.dtype,
-            args.examples)}
+            prepare_data.main(["--demo", "--out", str(work / "data"), "--demo-train-pairs", "300", "--seed", "1"])
+            tiny = make_tiny_models.main(["--data", str(work / "data"), "--out", str(work / "tiny"),
+                                          "--vocab-size", "600", "--teacher-layers", "2", "--teacher-hidden", "64",
+                                          "--teacher-heads", "2", "--student-layers", "1", "--student-hidden", "32",
+                                          "--student-heads", "2"])
+            print("truncation, tiny models (random init, vocabulary 600)", flush=True)
+            report["setups"].setdefault("tiny (tests' models, random init)", {})["truncation"] = truncation(
+                str(tiny["teacher"]), str(tiny["student"]), work / "data" / "train.jsonl", args.top_k, args.dtype,
+                args.examples)
+            write_json(args.out, report)
         if args.teacher:
-            name = f"trained teacher {args.teacher}"
-            print(f"truncation, {name}", flush=True)
-            setup = report["setups"][name] = {"truncation": truncation(
-                args.teacher, args.student, args.train_file, args.top_k, args.dtype, args.examples)}
-            setup.update(cost_and_sweep(args, work))
+            setup = report["setups"].setdefault(f"trained teacher {args.teacher}", {})
+            if "truncation" in parts:
+                print(f"truncation, trained teacher {args.teacher}", flush=True)
+                setup["truncation"] = truncation(args.teacher, args.student, args.train_file, args.top_k, args.dtype,
+                                                 args.examples)
+                write_json(args.out, report)
+            if "cost" in parts:
+                setup["cost"] = cost(args, work)
+                write_json(args.out, report)
+            if "sweep" in parts:
+                setup["sweep"] = sweep(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     write_json(args.out, report)
@@ -173,56 +201,78 @@ def main(argv=None):
     return report
 
 
-def cost_and_sweep(args, work):
+def build_cache(args, out):
     import cache_teacher
 
-    common = ["--student", args.student, "--train-file", args.train_file, "--batch-size", str(args.batch_size),
-              "--micro-batch-size", str(args.batch_size), "--lr", "1e-3", "--max-length", "256", "--logging-steps", "100"]
-    cache = work / "cache"
-    start = time.perf_counter()
-    manifest = cache_teacher.main(["--teacher", args.teacher, "--train-file", args.train_file, "--out", str(cache),
-                                   "--top-k", str(args.default_k), "--dtype", args.dtype, "--max-length", "256",
-                                   "--batch-size", "8"])
-    build_seconds = time.perf_counter() - start
-    epoch_seconds = teacher_epoch_seconds(args.teacher, args.train_file, 8)
+    return cache_teacher.main(["--teacher", args.teacher, "--train-file", args.train_file, "--out", str(out),
+                               "--top-k", str(args.default_k), "--dtype", args.dtype, "--max-length", "256",
+                               "--batch-size", "8"])
+
+
+def common_args(args):
+    return ["--student", args.student, "--train-file", args.train_file, "--batch-size", str(args.batch_size),
+            "--micro-batch-size", str(args.batch_size), "--lr", "1e-3", "--max-length", "256", "--logging-steps", "100"]
+
+
+def cost(args, work):
+    """Seconds per optimizer step (train_kd.py's own clock) and the cache build against one epoch of
+    teacher forward passes (process CPU time); each repeated, interleaved, the fastest kept."""
+    times = {"sft": [], "selfevo_live_teacher": [], "selfevo_cache": [], "build": [], "epoch": []}
     steps = ["--max-steps", str(args.steps)]
-    sft = train_seconds(["--method", "sft", "--output-dir", str(work / "sft"), *common, *steps])
-    live = train_seconds(["--method", "selfevo", "--teacher", args.teacher, "--output-dir", str(work / "live"),
-                          *common, *steps])
-    cached = train_seconds(["--method", "selfevo", "--teacher-cache", str(cache), "--output-dir", str(work / "cached"),
-                            *common, *steps])
+    manifest = None
+    for repeat in range(args.repeats):
+        cache = work / f"cache{repeat}"
+        start = time.process_time()
+        manifest = build_cache(args, cache)
+        times["build"].append(time.process_time() - start)
+        start = time.process_time()
+        teacher_epoch(args.teacher, args.train_file, 8)
+        times["epoch"].append(time.process_time() - start)
+        for mode, extra in (("sft", ["--method", "sft"]),
+                            ("selfevo_live_teacher", ["--method", "selfevo", "--teacher", args.teacher]),
+                            ("selfevo_cache", ["--method", "selfevo", "--teacher-cache", str(cache)])):
+            times[mode].append(train_seconds([*extra, "--output-dir", str(work / f"{mode}{repeat}"),
+                                              *common_args(args), *steps]))
+    best = {name: min(values) for name, values in times.items()}
     bytes_per_position = 4 * args.default_k + 4 if args.dtype != "fp32" else 6 * args.default_k + 4
-    cost = {
-        "seconds_per_step": {"sft": sft, "selfevo_live_teacher": live, "selfevo_cache": cached},
-        "cache_step_over_sft": cached / sft, "live_step_over_sft": live / sft,
-        "cache_build_seconds": build_seconds, "teacher_epoch_forward_seconds": epoch_seconds,
-        "build_over_epoch_of_forwards": build_seconds / epoch_seconds,
+    result = {
+        "seconds_per_step": {k: best[k] for k in ("sft", "selfevo_live_teacher", "selfevo_cache")},
+        "cache_step_over_sft": best["selfevo_cache"] / best["sft"],
+        "live_step_over_sft": best["selfevo_live_teacher"] / best["sft"],
+        "live_ideal_over_sft": 1 + 2 * parameters(args.teacher) / (6 * parameters(args.student)),
+        "cache_build_cpu_seconds": best["build"], "teacher_epoch_forward_cpu_seconds": best["epoch"],
+        "build_over_epoch_of_forwards": best["build"] / best["epoch"],
+        "all_timings": times,
         "measured_bytes_per_position": manifest["bytes_per_position"], "positions": manifest["positions"],
         "llama_bytes_per_position": bytes_per_position,
         "paper_data_gib": bytes_per_position * ALMA_EXAMPLES * ALMA_RESPONSE_TOKENS / 2**30,
         "paper_data_note": f"{ALMA_EXAMPLES} examples x {ALMA_RESPONSE_TOKENS:.1f} response tokens, K={args.default_k} "
                            f"{args.dtype}, uint16 ids (Llama's vocabulary {LLAMA_VOCAB} < 65536), float32 rest",
     }
-    print(json.dumps(cost, indent=1), flush=True)
+    print(json.dumps(result, indent=1), flush=True)
+    return result
 
-    sweep = {}
-    sweep_common = [*common, "--max-steps", str(args.sweep_steps)]
+
+def sweep(args, work):
+    """fig2.sh's Γ sweep (training runs only) with the live teacher and with one cache (its build
+    included); process CPU time (the runs are in this process) and wall time."""
+    result = {}
     for mode in ("live", "cache"):
-        start = time.perf_counter()
+        cpu, wall = time.process_time(), time.perf_counter()
         if mode == "cache":
-            cache_teacher.main(["--teacher", args.teacher, "--train-file", args.train_file, "--out",
-                                str(work / "sweep_cache"), "--top-k", str(args.default_k), "--dtype", args.dtype,
-                                "--max-length", "256", "--batch-size", "8"])
+            build_cache(args, work / "sweep_cache")
         for gamma in args.gammas.split():
             teacher = ["--teacher", args.teacher] if mode == "live" else ["--teacher-cache", str(work / "sweep_cache")]
             train_seconds(["--method", "selfevo", "--gamma", gamma, *teacher, "--output-dir",
-                           str(work / f"sweep_{mode}_{gamma}"), *sweep_common])
-        sweep[f"{mode}_seconds"] = time.perf_counter() - start
-    sweep["cache_over_live"] = sweep["cache_seconds"] / sweep["live_seconds"]
-    sweep["runs"] = len(args.gammas.split())
-    sweep["steps_per_run"] = args.sweep_steps
-    print(json.dumps(sweep, indent=1), flush=True)
-    return {"cost": cost, "sweep": sweep}
+                           str(work / f"sweep_{mode}_{gamma}"), *common_args(args), "--max-steps", str(args.sweep_steps)])
+        result[f"{mode}_cpu_seconds"] = time.process_time() - cpu
+        result[f"{mode}_wall_seconds"] = time.perf_counter() - wall
+    result["cache_over_live_cpu"] = result["cache_cpu_seconds"] / result["live_cpu_seconds"]
+    result["cache_over_live_wall"] = result["cache_wall_seconds"] / result["live_wall_seconds"]
+    result["runs"] = len(args.gammas.split())
+    result["steps_per_run"] = args.sweep_steps
+    print(json.dumps(result, indent=1), flush=True)
+    return result
 
 
 if __name__ == "__main__":
