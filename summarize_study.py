@@ -172,15 +172,20 @@ def make_table(summary):
             f"{entry['seeds_beating_baseline']}/{len(entry['seeds'])}"
         start, end = entry.get("hard_fraction_start"), entry.get("hard_fraction_end")
         hard = "–" if start is None else f"{start['mean']:.2f} → {end['mean']:.2f}"
+        epochs = fmt(entry.get("epochs_trained"), 1)
+        at_cap = sum(stopped is False for stopped in entry["stopped_early"])
+        if at_cap:  # ran to --epochs without early stopping: possibly not converged
+            epochs += f" ({at_cap}/{len(entry['seeds'])} at the cap)"
         cells = ([name, str(len(entry["seeds"]))] + [fmt(entry["bleu"].get(d)) for d in directions]
                  + [fmt(entry["bleu"]["avg"]), fmt(entry["chrf"]["avg"]), fmt(entry.get("teacher_bleu")), delta, wins,
-                    fmt(entry.get("best_valid_loss"), 4), fmt(entry.get("best_epoch"), 1),
-                    fmt(entry.get("epochs_trained"), 1), hard])
+                    fmt(entry.get("best_valid_loss"), 4), fmt(entry.get("best_epoch"), 1), epochs, hard])
         lines.append("| " + " | ".join(cells) + " |")
     note = (f"\nRegime {summary['regime']}: mean ± std over seeds; systems evaluated with their "
             f"`{summary['checkpoint']}` checkpoint. Δ and p: paired bootstrap over test sentences of the "
             f"seed-averaged BLEU against {baseline} (two-sided, {BOOTSTRAP_SAMPLES} samples); wins: seeds in "
-            f"which the system's average BLEU beats {baseline}'s of the same seed.\n")
+            f"which the system's average BLEU beats {baseline}'s of the same seed; 'at the cap': seeds that ran "
+            f"to the epoch limit without stopping early (their validation loss was still improving within "
+            f"the patience: not shown to have converged).\n")
     return "\n".join(lines) + "\n" + note
 
 

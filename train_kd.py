@@ -193,6 +193,9 @@ def parse_args(argv=None):
                        help="stop when N validations in a row have not improved the best validation loss (0: off; "
                             "needs --valid-file). The learning-rate schedule stays that of the full run; best/ is "
                             "the result. Lets a study train every system to convergence with a generous --epochs")
+    group.add_argument("--early-stopping-min-epochs", type=float, default=0.0,
+                       help="never stop early before this many epochs (a loss whose validation loss first rises, "
+                            "as selfevo's does from a base model, is not cut before it can fall)")
     group.add_argument("--save-steps", type=int, default=0, help="save_state into step_N every N optimizer steps")
     group.add_argument("--save-total-limit", type=int, default=1,
                        help="keep the newest N complete step_/epoch_ checkpoints (default 1: all a resume needs; "
@@ -287,6 +290,9 @@ def check_args(args):
         warnings.warn("--teacher / --teacher-cache is ignored by --method sft")
         args.teacher = args.teacher_cache = None
     loss_config = build_loss_config(args)
+    if args.early_stopping_min_epochs < 0:
+        fail(f"--early-stopping-min-epochs {args.early_stopping_min_epochs}", "must not be negative", "pass 0 or more",
+             code=CONFIG_ERROR)
     if args.early_stopping_patience < 0 or (args.early_stopping_patience and not args.valid_file):
         fail(f"--early-stopping-patience {args.early_stopping_patience}", "needs a number >= 0 and, when > 0, "
              "a --valid-file to watch", "pass --valid-file, or 0 to train every epoch", code=CONFIG_ERROR)
@@ -865,7 +871,8 @@ def main(argv=None):
     progress = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="train")
     start_epoch = global_step // steps_per_epoch
     # a run resumed from the checkpoint written where it decided to stop early stops again at once
-    stopped_early = 0 < args.early_stopping_patience <= validations_without_improvement
+    stopped_early = (0 < args.early_stopping_patience <= validations_without_improvement
+                     and global_step >= args.early_stopping_min_epochs * steps_per_epoch)
     for epoch in range(start_epoch, epochs):
         if global_step >= total_steps or stopped_early:
             break
@@ -935,7 +942,8 @@ def main(argv=None):
                     save_checkpoint(f"epoch_{global_step // steps_per_epoch}")
                 elif args.save_steps and global_step % args.save_steps == 0:
                     save_checkpoint(f"step_{global_step}")
-            if args.early_stopping_patience and validations_without_improvement >= args.early_stopping_patience:
+            if (args.early_stopping_patience and validations_without_improvement >= args.early_stopping_patience
+                    and global_step >= args.early_stopping_min_epochs * steps_per_epoch):
                 stopped_early = True
                 accelerator.print(f"step {global_step}: no improvement of the validation loss in "
                                   f"{validations_without_improvement} validations; stopping (best: step {best_step})")

@@ -77,9 +77,12 @@ run_lanes() {
   [[ $failed -eq 0 ]] || die "a job of $fn failed (see above); a re-run continues where it stopped"
 }
 
-# converge_flags: train_kd.py flags of a run trained to convergence and kept at its best checkpoint.
+# converge_flags: train_kd.py flags of a run trained to convergence and kept at its best checkpoint:
+# stopped after PATIENCE epochs without a better validation loss, but never before MIN_EPOCHS (from a
+# base model selfevo's validation loss first rises for several epochs: the first quickstart of this
+# design stopped it at epoch 5 of 30 with its best loss at epoch 1).
 converge_flags() {
-  echo "--early-stopping-patience $PATIENCE --save-total-limit 1"
+  echo "--early-stopping-patience $PATIENCE --early-stopping-min-epochs $MIN_EPOCHS --save-total-limit 1"
 }
 
 # train_base NAME MODEL: SFT of MODEL on the monolingual corpus (language modelling of sentences).
@@ -213,7 +216,7 @@ settings_json() {
   local name first=1
   printf '{'
   for name in REGIME SEEDS TRAIN_PAIRS EVAL_PAIRS MONO_SENTENCES VOCAB_SIZE TEACHER_SIZE STUDENT_SIZE \
-    SMALL_STUDENT_SIZE BASE_EPOCHS EPOCHS TEACHER_EPOCHS PATIENCE BATCH_SIZE BASE_BATCH_SIZE LR BASE_LR \
+    SMALL_STUDENT_SIZE BASE_EPOCHS EPOCHS TEACHER_EPOCHS PATIENCE MIN_EPOCHS BATCH_SIZE BASE_BATCH_SIZE LR BASE_LR \
     WARMUP_RATIO KD_RATIO TARGET_MIX BETA GAMMA TOP_K AMBIGUITY NOISE TEMPLATE DATA_SEED MODEL_SEED \
     MAX_NEW_TOKENS R0_TRAIN_PAIRS R0_TEACHER_STEPS R0_WARMUP_STEPS R0_KD_STEPS R0_TEACHER_SIZE \
     R0_STUDENT_SIZE R0_BATCH_SIZE QUICK; do

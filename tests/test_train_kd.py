@@ -247,6 +247,10 @@ def test_early_stopping_stops_after_patience_validations_and_stays_stopped(tiny_
     full = train(tiny_models, files["train12"], tmp_path / "full", "sft", "--batch-size", 4, "--micro-batch-size", 4, "--epochs", 2,
                  "--lr", 0.0, "--eval-steps", 1, valid_file=files["valid"])
     assert (full["steps"], full["stopped_early"]) == (6, False)
+    # not before --early-stopping-min-epochs: patience is exhausted at step 3, the stop waits for epoch 2
+    late = train(tiny_models, files["train12"], tmp_path / "late", "sft", *args, "--early-stopping-min-epochs", 2,
+                 valid_file=files["valid"])
+    assert (late["steps"], late["stopped_early"], late["best_step"]) == (6, True, 1)
 
 
 TIMING = ("tokens_per_s",)
