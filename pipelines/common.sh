@@ -157,10 +157,13 @@ fi
 # count_rows FILE: the number of non-empty lines.
 count_rows() { grep -c . "$1" 2>/dev/null || true; }
 
-# hyps_complete HYPS_DIR INPUT_DIR: every input file has its hypothesis file with as many rows.
+# hyps_complete HYPS_DIR INPUT: every input file (INPUT: a folder of them, or one file) has its
+# hypothesis file with as many rows.
 hyps_complete() {
-  local hyps_dir="$1" input_dir="$2" input found=0
-  for input in "$input_dir"/*.jsonl; do
+  local hyps_dir="$1" input_dir="$2" input found=0 inputs=()
+  inputs=("$input_dir"/*.jsonl)
+  if [[ -f "$input_dir" ]]; then inputs=("$input_dir"); fi
+  for input in "${inputs[@]}"; do
     [[ -f "$input" ]] || continue
     found=1
     local hyp
@@ -385,6 +388,21 @@ generate() {
     --batch-size "$GEN_BATCH_SIZE" --max-new-tokens "$MAX_NEW_TOKENS" --num-beams "$NUM_BEAMS" "${extra[@]}"
 }
 
+# seqkd_data TEACHER_SYSTEM TEACHER_MODEL TRAIN_FILE: sequence-level KD (Kim & Rush, 2016): the
+# teacher's translations of the training sources ($HYPS/<TEACHER_SYSTEM>_train/, generate.py with
+# the pipeline's decoding settings) and the training file with them as references
+# ($HYPS/<TEACHER_SYSTEM>_train/seqkd/train.jsonl, make_seqkd_data.py). Sets SEQKD_TRAIN_FILE.
+# At the paper's scale this is the teacher translating 52,574 training sources once.
+seqkd_data() {
+  local teacher="$1" model="$2" train_file="$3" hyps
+  hyps="$HYPS/${teacher}_train"
+  generate "${teacher}_train" "$model" "$train_file"
+  SEQKD_TRAIN_FILE="$hyps/seqkd/train.jsonl"
+  step "seqkd data" "$LOGS/seqkd_data.log" up_to_date "$SEQKD_TRAIN_FILE" "$hyps/$(basename "$train_file")" -- \
+    "$PYTHON" make_seqkd_data.py --train-file "$train_file" --hyps "$hyps/$(basename "$train_file")" \
+    --out "$SEQKD_TRAIN_FILE"
+}
+
 # evaluate SYSTEM REFS_DIR [TEACHER_SYSTEM [BASELINE_SYSTEM]]: $RESULTS/SYSTEM.json (BLEU, chrF,
 # COMET, teacher similarity, significance against the baseline), skipped when it is newer than
 # the hypotheses it scores.
@@ -474,8 +492,9 @@ sweep_run() {
 
 # table_pipeline DATA TEST_DIR TEACHER_MODEL STUDENT_MODEL (base models: hub names or folders):
 #   1. SFT of the teacher and of the student (best validation checkpoint kept),
-#   2. the five KD methods from the SFT teacher into the student base model,
-#   3. generation on every test direction for the seven systems,
+#   2. the five KD methods from the SFT teacher into the student base model, and sequence-level
+#      KD (seqkd: SFT of the student base model on the teacher's translations of the training set),
+#   3. generation on every test direction for the eight systems,
 #   4. evaluation (teacher similarity against the teacher's hypotheses, significance against
 #      forward KD), and the table $RESULTS/table.md.
 # STUDENT_SFT_RUN: an existing student SFT run to reuse (Table 2 reuses Table 1's).
@@ -521,6 +540,9 @@ table_pipeline() {
     read -r -a flags <<<"$(kd_flags "$method")"
     train "$method" "$method" "$kd_student" "$teacher_model" "$train_file" "$valid_file" "${flags[@]}"
   done
+  say "== $EXP: sequence-level KD (the teacher translates the training set; SFT of $kd_student on it)"
+  seqkd_data teacher "$teacher_model" "$train_file"
+  train seqkd sft "$kd_student" "" "$SEQKD_TRAIN_FILE" "$valid_file"
 
   say "== $EXP: generation on $(basename "$test_dir") ($(find "$test_dir" -name '*.jsonl' 2>/dev/null | wc -l) directions)"
   generate teacher "$teacher_model" "$test_dir"
@@ -528,9 +550,10 @@ table_pipeline() {
   for method in "${KD_METHODS[@]}"; do
     generate "$method" "$RUNS/$method/$KD_CHECKPOINT" "$test_dir"
   done
+  generate seqkd "$RUNS/seqkd/$KD_CHECKPOINT" "$test_dir"
 
   say "== $EXP: evaluation (COMET: $COMET_MODEL), significance against forward KD"
-  SYSTEMS=(teacher student_sft "${KD_METHODS[@]}")
+  SYSTEMS=(teacher student_sft "${KD_METHODS[@]}" seqkd)
   local system results=()
   for system in "${SYSTEMS[@]}"; do
     evaluate "$system" "$test_dir" teacher forward

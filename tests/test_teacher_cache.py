@@ -215,3 +215,10 @@ def test_two_processes_build_the_same_cache(tiny_models, train_file, tmp_path):
     for i in range(10):
         assert (double / shard_name(i)).read_bytes() == (single / shard_name(i)).read_bytes(), shard_name(i)
     assert json.loads((double / MANIFEST).read_text())["shards"] == json.loads((single / MANIFEST).read_text())["shards"]
+
+
+def test_on_policy_with_a_cache_is_refused(tiny_models, train_file, full_cache, tmp_path):
+    with pytest.raises(SystemExit) as error:
+        train(tiny_models, train_file, tmp_path / "a", "forward", ["--teacher-cache", str(full_cache)],
+              "--on-policy-ratio", 0.5)
+    assert "the student's own samples are not in the cache" in str(error.value)
