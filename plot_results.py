@@ -9,7 +9,8 @@
 
 Figures (each skipped with a message when its inputs are absent; --which picks some):
     curves.png  training loss, validation loss and hard-token fraction over steps, one line per run
-                (the paper's argument: the share of hard tokens falls as the student learns)
+                (the paper's argument: the share of hard tokens falls as the student learns), and the
+                threshold Γ of the runs with --gamma auto
     fig2.png    selfevo on the validation set against Gamma, against top-K, against beta
                 (systems named selfevo_gamma<G>, selfevo_topk<K>, selfevo_beta<B>)
     fig3.png    progressive beta against static beta (systems selfevo_beta<START>-<END> and
@@ -177,7 +178,8 @@ def plot_curves(runs, results, out, dpi):
     panels = [("train", "loss", "training loss", None),
               ("valid", "valid_loss", "validation loss (student CE)", None),
               ("train", "hard_fraction", "hard-token fraction (selfevo)", {"selfevo"}),
-              ("train", "mean_difficulty", "mean difficulty d = KL(ỹ‖q)", {"noevo", "skew", "selfevo"})]
+              ("train", "mean_difficulty", "mean difficulty d = KL(ỹ‖q)", {"noevo", "skew", "selfevo"}),
+              ("train", "gamma", "threshold Γ (--gamma auto)", None)]  # only runs with --gamma auto log it
 
     def series(name, kind, key, methods):
         if methods is not None and runs[name]["method"] not in methods:

@@ -39,7 +39,8 @@ from kd.io import fail as io_fail, read_appended_jsonl, read_jsonl, read_json, r
 RUN_NAME = re.compile(r"^(?P<system>.+)-s(?P<seed>\d+)$")
 DIRECTION_ORDER = ("de-en", "cs-en", "en-de", "en-cs")
 BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED = 1000, 12345
-SYSTEM_ORDER = ("student_sft", "forward", "reverse", "noevo", "skew", "selfevo", "selfevo_topk", "selfevo_token")
+SYSTEM_ORDER = ("student_sft", "seqkd", "forward", "reverse", "noevo", "skew", "selfevo", "selfevo_topk",
+                "selfevo_token", "selfevo_gammaauto")
 
 
 def parse_args(argv):

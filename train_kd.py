@@ -2,7 +2,8 @@
 
 One hand-written accelerate loop (no HF Trainer) trains every system of the paper: the SFT teacher
 and student baselines (`--method sft`) and the six distillation methods of kd/losses.py (forward,
-reverse, noevo, skew, selfevo, skew_teacher). The same script runs on one CPU, on 8 GPUs with DDP
+reverse, noevo, skew, selfevo, skew_teacher), and beyond the paper selfevo_token, GKD's generalized
+JSD (jsd) and a tuning-free Γ (--gamma auto). The same script runs on one CPU, on 8 GPUs with DDP
 and on 8 GPUs with DeepSpeed ZeRO-3; only the accelerate config changes.
 
     # CPU quick run (tiny models from make_tiny_models.py, seconds per step)
@@ -27,6 +28,11 @@ and on 8 GPUs with DeepSpeed ZeRO-3; only the accelerate config changes.
         --output-dir runs/selfevo-13b-7b --bf16 --gradient-checkpointing --micro-batch-size 4 \\
         --epochs 3 --batch-size 128 --lr 2e-5 --warmup-ratio 0.03 --max-length 512
 
+    # a stored teacher (cache_teacher.py: one teacher pass for every KD run of a sweep) in place of --teacher
+    python cache_teacher.py --teacher runs/sft-teacher-13b/best --train-file data/alma/train.jsonl \\
+        --out cache/teacher-13b-k128 --top-k 128 --dtype fp16 --teacher-dtype bf16
+    accelerate launch ... train_kd.py --method selfevo --teacher-cache cache/teacher-13b-k128 <other arguments>
+
     # continue a stopped run exactly where it stopped
     accelerate launch ... train_kd.py <same arguments> --resume-from-checkpoint latest
 
@@ -35,7 +41,8 @@ What one optimizer step does
     gradient accumulation = batch-size / (micro-batch-size x processes), checked for divisibility.
     The last incomplete batch of an epoch is dropped (a different remainder each epoch).
   * Student forward (train mode) and, for KD methods, teacher forward (eval, no_grad, frozen) on the
-    same micro-batch. The lm_head runs only at response positions (the positions whose shifted
+    same micro-batch, or with --teacher-cache the teacher's stored log-probabilities of the micro-batch's
+    examples (kd/teacher_cache.py; no teacher is loaded). The lm_head runs only at response positions (the positions whose shifted
     label is counted): no [B, T, V] logits over the prompt.
       - "hidden" path (single device, DDP, DeepSpeed ZeRO-1/2): the prepared model's forward with
         logits_to_keep=1 and output_hidden_states=True (hidden_states[-1] is after the final norm
@@ -64,9 +71,10 @@ Outputs in --output-dir (every file and folder appears complete or not at all: k
                      beta, hard_fraction, mean_difficulty, hard_fraction/<dir>, mean_difficulty/<dir>} per
                      --logging-steps window (loss, tokens, tokens/s and the stats over the window's
                      steps_in_window good steps; mean_difficulty only for the methods with ỹ: noevo, skew,
-                     selfevo); {"type": "valid", step, epoch, valid_loss, valid_loss/<dir>}
+                     selfevo; gamma, the Γ of the row's last step, with --gamma auto);
+                     {"type": "valid", step, epoch, valid_loss, valid_loss/<dir>}
   step_{n}/ epoch_{n}/  accelerator.save_state (student, optimizer, scheduler, RNG; the teacher is never
-                     saved) and trainer_state.json, written last: only the newest --save-total-limit
+                     saved) and trainer_state.json (with the running Γ of --gamma auto), written last: only the newest --save-total-limit
                      complete ones are kept (default 1, all a resume needs; 0 keeps all). At the paper's
                      scale one checkpoint of a 7B student (weights + AdamW state) is about 100 GB.
   best/  final/      save_pretrained model + tokenizer (best validation loss / end of training)
@@ -101,11 +109,14 @@ import torch.nn.functional as F
 
 from kd.compat import quiet_cpu_runs
 from kd.data import IGNORE_INDEX, REQUIRED_FIELDS, TrainCollator, TranslationDataset, length_grouped_order
+from kd.gamma import DEFAULT_MOMENTUM, DEFAULT_QUANTILE, AutoGamma
 from kd.io import (WriteError, describe_os_error, fail, fail_with, jsonl_text, read_appended_jsonl, read_json,
                    read_jsonl, replacing_folder, write_json, write_jsonl, write_text)
-from kd.losses import (KD_METHODS, METHODS, TARGET_MIX_METHODS, LossConfig, compute_loss, compute_loss_from_hidden,
-                       shared_vocab_size)
+from kd.losses import (KD_METHODS, METHODS, SELECTING_METHODS, TARGET_MIX_METHODS, LossConfig, compute_loss,
+                       compute_loss_from_hidden, shared_vocab_size)
 from kd.models import DTYPES, check_model_path, load_model, load_tokenizer, tokenizer_mismatch
+from kd.onpolicy import ON_POLICY_METHODS, is_on_policy, sample_micro_batch, sampling_seed
+from kd.teacher_cache import TeacherCache, run_fingerprint
 
 CHECKPOINT_NAME = re.compile(r"^(step|epoch)_(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -131,6 +142,9 @@ def parse_args(argv=None):
                        help="training objective: sft (Eq. 2) or a distillation method of kd/losses.py")
     group.add_argument("--student", required=True, help="student model: save_pretrained folder or hub name")
     group.add_argument("--teacher", help="teacher model (required for every method but sft); never trained or saved")
+    group.add_argument("--teacher-cache",
+                       help="in place of --teacher: a stored teacher made by cache_teacher.py for this --train-file "
+                            "(no teacher is loaded; kd/teacher_cache.py says how the stored top-K enter the losses)")
     group.add_argument("--teacher-dtype", choices=sorted(DTYPES),
                        help="precision of the frozen teacher (default bf16 with --bf16, else fp32); "
                             "under DeepSpeed the teacher follows the mixed precision of the run")
@@ -169,13 +183,30 @@ def parse_args(argv=None):
                             "equation; the paper's prose calls β the share of the target distribution, which is 1-β here")
     group.add_argument("--beta-end", type=float,
                        help="progressive β (Fig. 3): β moves linearly from --beta to --beta-end over the optimizer steps")
-    group.add_argument("--gamma", type=float, default=0.4,
-                       help="Γ of Eq. 8: a token is hard when d = KL(ỹ‖q) > Γ (selfevo)")
+    group.add_argument("--gamma", type=gamma_arg, default=0.4,
+                       help="Γ of Eq. 8: a token is hard when d = KL(ỹ‖q) > Γ (selfevo, selfevo_token); 'auto': "
+                            "set from the student's own learning state every step (kd/gamma.py)")
+    group.add_argument("--gamma-quantile", type=float,
+                       help=f"--gamma auto: Γ follows the Q-quantile of d over each step's tokens (default "
+                            f"{DEFAULT_QUANTILE}: about half of the recent tokens are hard)")
+    group.add_argument("--gamma-momentum", type=float,
+                       help=f"--gamma auto: momentum M of Γ's moving average over steps (default {DEFAULT_MOMENTUM})")
     group.add_argument("--top-k", type=float,
                        help="selfevo with top-K (Sec. 5.2.1): the top K fraction of each micro-batch's tokens by d are "
                             "hard, instead of d > Γ")
     group.add_argument("--skew-beta", type=float, default=0.9,
                        help="β' of Eq. 10: weight of q in β'·q + (1-β')·p (skew_teacher)")
+    group.add_argument("--jsd-beta", type=float, default=0.5,
+                       help="B of GKD's generalized JSD (--method jsd): B·KL(p‖M) + (1-B)·KL(q‖M), M = B·p + (1-B)·q; "
+                            "B = 0 is forward KL(p‖q), B = 1 reverse KL(q‖p)")
+
+    group = parser.add_argument_group("on-policy distillation (GKD; kd/onpolicy.py)")
+    group.add_argument("--on-policy-ratio", type=float, default=0.0,
+                       help="share of the micro-batches whose responses the student samples itself; the loss is "
+                            "then the divergence alone on those tokens (forward, reverse, skew_teacher, jsd)")
+    group.add_argument("--on-policy-temperature", type=float, default=1.0, help="sampling temperature T")
+    group.add_argument("--on-policy-max-new-tokens", type=int, default=256,
+                       help="longest sampled response (prompt + response stay within --max-length)")
 
     group = parser.add_argument_group("evaluation, checkpoints, logging")
     group.add_argument("--eval-steps", type=int, default=0, help="validate every N optimizer steps (and at each epoch end)")
@@ -204,6 +235,16 @@ def parse_args(argv=None):
 # =============================================================================================
 # Helpers (small, pure where possible; the tests call some of them directly)
 # =============================================================================================
+
+def gamma_arg(text):
+    """--gamma: a number, or 'auto' (kd/gamma.py)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
 
 def beta_at(step, total_steps, beta, beta_end=None):
     """β for optimizer step `step` (0-based) of `total_steps`: constant, or linear from beta to beta_end."""
@@ -260,6 +301,8 @@ def build_loss_config(args):
     """kd.losses.LossConfig of the arguments: the one place where the loss hyperparameters are checked."""
     fields = {field.name for field in dataclasses.fields(LossConfig)}
     values = {name: value for name, value in vars(args).items() if name in fields}
+    if values.get("gamma") == "auto":  # the per-step Γ replaces this (kd/gamma.py); step 1 has none: +inf
+        values["gamma"] = math.inf
     try:
         return LossConfig(**values, reduction="sum")
     except ValueError as error:  # name the flag, not the dataclass field
@@ -271,13 +314,45 @@ def build_loss_config(args):
 def check_args(args):
     """Every check of the command line that needs no model and no data: one message, exit status 2.
     Returns the LossConfig."""
-    if args.method in KD_METHODS and not args.teacher:
-        fail(f"--method {args.method}", "distils from a teacher", "pass --teacher PATH (only sft runs without one)",
-             code=CONFIG_ERROR)
-    if args.method not in KD_METHODS and args.teacher:
-        warnings.warn("--teacher is ignored by --method sft")
-        args.teacher = None
+    if args.teacher and args.teacher_cache:
+        fail("--teacher-cache", "replaces --teacher", "pass one of the two", code=CONFIG_ERROR)
+    if args.method in KD_METHODS and not (args.teacher or args.teacher_cache):
+        fail(f"--method {args.method}", "distils from a teacher", "pass --teacher PATH or --teacher-cache DIR "
+             "(only sft runs without one)", code=CONFIG_ERROR)
+    if args.method not in KD_METHODS and (args.teacher or args.teacher_cache):
+        warnings.warn("--teacher / --teacher-cache is ignored by --method sft")
+        args.teacher = args.teacher_cache = None
     loss_config = build_loss_config(args)
+    if args.gamma == "auto":
+        if args.method not in SELECTING_METHODS or args.top_k is not None:
+            fail(f"--gamma auto with --method {args.method}" + (" and --top-k" if args.top_k is not None else ""),
+                 f"sets the threshold of {' and '.join(SELECTING_METHODS)} (without --top-k)",
+                 "pass --method selfevo or selfevo_token and no --top-k", code=CONFIG_ERROR)
+        args.gamma_quantile = DEFAULT_QUANTILE if args.gamma_quantile is None else args.gamma_quantile
+        args.gamma_momentum = DEFAULT_MOMENTUM if args.gamma_momentum is None else args.gamma_momentum
+        try:
+            AutoGamma(args.gamma_quantile, args.gamma_momentum)
+        except ValueError as error:
+            fail("arguments", str(error).replace("gamma_", "--gamma-"), "see train_kd.py --help", code=CONFIG_ERROR)
+    elif args.gamma_quantile is not None or args.gamma_momentum is not None:
+        fail("--gamma-quantile/--gamma-momentum", "only apply to --gamma auto", "pass --gamma auto or leave them out",
+             code=CONFIG_ERROR)
+    if args.on_policy_ratio and args.method not in ON_POLICY_METHODS:
+        fail(f"--on-policy-ratio {args.on_policy_ratio} with --method {args.method}",
+             "needs a loss that is defined on sampled tokens: " + ", ".join(ON_POLICY_METHODS) +
+             " (the methods built on the reference token mix it into their target, and a sampled response has none)",
+             "pass one of those methods, or --on-policy-ratio 0", code=CONFIG_ERROR)
+    if args.on_policy_ratio and args.teacher_cache:
+        fail(f"--on-policy-ratio {args.on_policy_ratio} with --teacher-cache", "the student's own samples are not in "
+             "the cache (it holds the teacher on the training data only)", "pass --teacher for on-policy distillation",
+             code=CONFIG_ERROR)
+    if not 0.0 <= args.on_policy_ratio <= 1.0:
+        fail(f"--on-policy-ratio {args.on_policy_ratio}", "is a share of the micro-batches", "pass a value in [0, 1]",
+             code=CONFIG_ERROR)
+    if not args.on_policy_temperature > 0.0 or args.on_policy_max_new_tokens < 1:
+        fail(f"--on-policy-temperature {args.on_policy_temperature} / --on-policy-max-new-tokens "
+             f"{args.on_policy_max_new_tokens}", "the temperature must be > 0 and the length at least 1",
+             "pass positive values", code=CONFIG_ERROR)
     if args.early_stopping_min_epochs < 0:
         fail(f"--early-stopping-min-epochs {args.early_stopping_min_epochs}", "must not be negative", "pass 0 or more",
              code=CONFIG_ERROR)
@@ -613,6 +688,15 @@ def main(argv=None):
                      if valid_rows else None)
     except ValueError as error:
         fail_with(error, code=CONFIG_ERROR)
+    teacher_cache = None
+    if args.teacher_cache:  # checked against this run's data, tokenizer, template and max length
+        teacher_cache = TeacherCache(args.teacher_cache, run_fingerprint(args.train_file, tokenizer, args.max_length,
+                                                                         len(train_set)))
+        try:
+            vocab_size = shared_vocab_size(vocab_size, teacher_cache.vocab)
+        except ValueError as error:
+            fail(f"--teacher-cache {args.teacher_cache}", str(error), "pass a cache of a teacher of the student's family",
+                 code=CONFIG_ERROR)
     steps_per_epoch = len(train_set) // args.batch_size
     if steps_per_epoch == 0:
         fail(f"--batch-size {args.batch_size}", f"more than the {len(train_set)} usable examples of --train-file "
@@ -649,7 +733,10 @@ def main(argv=None):
         "zero_stage": zero_stage,
         "mixed_precision": accelerator.mixed_precision,
         "student_loss_path": "hidden" if lean_student else "logits",
-        "teacher_loss_path": None if not args.teacher else ("hidden" if lean_teacher else "logits"),
+        "teacher_loss_path": ("cache" if teacher_cache else None) if not args.teacher else (
+            "hidden" if lean_teacher else "logits"),
+        "teacher_cache_manifest": None if teacher_cache is None else {
+            k: teacher_cache.manifest[k] for k in ("teacher", "teacher_sha256", "top_k", "dtype", "vocab_size")},
         "vocab_size": vocab_size,
         "train_examples": len(train_set),
         "valid_examples": len(valid_set) if valid_set else 0,
@@ -715,8 +802,9 @@ def main(argv=None):
     teacher_weight = teacher.get_output_embeddings().weight if teacher is not None and lean_teacher else None
 
     # ------------------------------------------------------------------ 6. one micro-batch: forward passes and the loss
-    def micro_batch_loss(batch, beta):
-        """Summed loss over the micro-batch's response tokens, and per-direction stat sums [D, 4]."""
+    def micro_batch_loss(batch, beta, gamma, on_policy=False):
+        """Summed loss over the micro-batch's response tokens, per-direction stat sums [D, 4], and d of
+        each counted token (for --gamma auto)."""
         targets = shifted_targets(batch["labels"])
         counted = targets != IGNORE_INDEX
         keep = counted.any(0).nonzero().squeeze(1)
@@ -726,7 +814,11 @@ def main(argv=None):
         if teacher is not None:
             with accelerator.autocast():
                 teacher_kwargs = teacher_inputs(teacher, batch, counted, keep, teacher_weight)
-        step_config = dataclasses.replace(loss_config, beta=beta)
+        elif teacher_cache is not None:  # stored log-probabilities enter the losses as the teacher's logits
+            teacher_kwargs = {"teacher_logits": teacher_cache.log_probs(batch["index"], counted.sum(1), rows.device)}
+        step_config = dataclasses.replace(loss_config, beta=beta, gamma=gamma)
+        if on_policy:  # the divergence alone on the student's own sample (kd/onpolicy.py)
+            step_config = dataclasses.replace(step_config, kd_ratio=1.0)
         if weight is not None:
             loss_sum, stats = compute_loss_from_hidden(step_config, rows, weight, targets[counted],
                                                        **teacher_kwargs, token_stats=True)
@@ -740,7 +832,7 @@ def main(argv=None):
                                torch.where(has_difficulty, difficulty, torch.zeros_like(difficulty)),
                                has_difficulty.float()], dim=1)
         sums = torch.zeros(len(directions), 4, device=columns.device).index_add_(0, token_directions, columns)
-        return loss_sum, sums
+        return loss_sum, sums, difficulty
 
     # ------------------------------------------------------------------ 7. validation and saving (all writes stop in words)
     def save_model(folder):
@@ -768,7 +860,8 @@ def main(argv=None):
                     "args": run_args, "changed_args": changed_history,
                     "best_valid_loss": best_valid_loss, "best_step": best_step,
                     "validations_without_improvement": validations_without_improvement,
-                    "train_tokens": train_tokens, "train_seconds": train_seconds, "window": window_state(window)})
+                    "train_tokens": train_tokens, "train_seconds": train_seconds, "window": window_state(window),
+                    "auto_gamma": auto_gamma.state_dict() if auto_gamma else None})
         except (OSError, RuntimeError, WriteError) as error:
             stop_after_write_error(getattr(error, "error", error), f"checkpoint {folder}/", output_dir, incomplete=folder)
         if accelerator.is_main_process and args.save_total_limit > 0:
@@ -809,6 +902,7 @@ def main(argv=None):
     best_valid_loss, best_step, last_valid, last_valid_step = None, None, None, None
     validations_without_improvement, stopped_early = 0, False
     window = new_window(len(directions))
+    auto_gamma = AutoGamma(args.gamma_quantile, args.gamma_momentum) if args.gamma == "auto" else None
     if resume_path is not None:
         accelerator.print(f"resuming from {resume_path}")
         accelerator.load_state(str(resume_path))
@@ -819,6 +913,8 @@ def main(argv=None):
         best_valid_loss, best_step = state["best_valid_loss"], state["best_step"]
         validations_without_improvement = state.get("validations_without_improvement", 0)
         window = window_from_state(state.get("window"), len(directions))
+        if auto_gamma and state.get("auto_gamma"):  # else (resumed into --gamma auto) Γ starts afresh
+            auto_gamma.load_state_dict(state["auto_gamma"])
         metrics_file = output_dir / "metrics.jsonl"
         kept, _ = read_appended_jsonl(metrics_file, required=("type", "step"))
         kept = [row for row in kept if row["step"] <= global_step]  # rows written after the checkpoint go
@@ -857,18 +953,31 @@ def main(argv=None):
         for group in epoch_loader:
             step_start = time.perf_counter()
             beta = beta_at(global_step, total_steps, args.beta, args.beta_end)
+            gamma = auto_gamma.value if auto_gamma else loss_config.gamma  # one Γ for every micro-batch of the step
+            # on-policy micro-batches: the student's own responses, sampled before any forward pass of the
+            # step so that the token count below counts them (kd/onpolicy.py)
+            on_policy = [is_on_policy(args.seed, global_step, index, args.on_policy_ratio) for index in range(len(group))]
+            group = [sample_micro_batch(student, micro_batch, pad_token_id=tokenizer.pad_token_id,
+                                        eos_token_id=tokenizer.eos_token_id,
+                                        max_new_tokens=args.on_policy_max_new_tokens, max_length=args.max_length,
+                                        temperature=args.on_policy_temperature, synced_gpus=zero_stage == 3,
+                                        seed=sampling_seed(args.seed, global_step, index, accelerator.process_index))
+                     if sampled else micro_batch for index, (micro_batch, sampled) in enumerate(zip(group, on_policy))]
             local_tokens = sum(int((shifted_targets(mb["labels"]) != IGNORE_INDEX).sum()) for mb in group)
             step_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
             # Undo accelerate's 1/accumulation and DDP's mean over processes: sum / tokens of the effective batch.
             scale = num_processes * grad_accum / step_tokens
             loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
             stat_sums = torch.zeros(len(directions), 4, device=accelerator.device)
-            for micro_batch in group:
+            step_difficulties = []
+            for micro_batch, sampled in zip(group, on_policy):
                 with accelerator.accumulate(model):
-                    loss_sum, sums = micro_batch_loss(micro_batch, beta)
+                    loss_sum, sums, difficulty = micro_batch_loss(micro_batch, beta, gamma, sampled)
                     accelerator.backward(loss_sum * scale)
                     loss_total += loss_sum.detach().double()
                     stat_sums += sums
+                    if auto_gamma:
+                        step_difficulties.append(difficulty)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
             grad_norm = float(grad_norm) if grad_norm is not None else None
             step_loss = float(accelerator.reduce(loss_total, "sum")) / step_tokens
@@ -879,6 +988,10 @@ def main(argv=None):
                 bad_steps.append(global_step + 1)
                 warnings.warn(f"step {global_step + 1}: non-finite loss {step_loss} / grad norm {grad_norm}; "
                               "skipping the optimizer step")
+            if auto_gamma:  # Γ of the next step from d of every token of this one, all processes (kd/gamma.py)
+                local = torch.cat(step_difficulties)
+                gathered = accelerator.gather(accelerator.pad_across_processes(local, pad_index=math.nan))
+                auto_gamma.update(gathered)
             lr = lr_scheduler.get_last_lr()[0]
             lr_scheduler.step()
             optimizer.zero_grad()
@@ -900,9 +1013,15 @@ def main(argv=None):
                 window["tokens"] += step_tokens
                 window["steps"] += 1
                 window["stats"] += accelerator.reduce(stat_sums, "sum").cpu()
+                window["on_policy"] = window.get("on_policy", 0) + sum(on_policy)
+                window["micro_batches"] = window.get("micro_batches", 0) + len(on_policy)
             window["seconds"] += seconds
             if window["steps"] and (global_step % args.logging_steps == 0 or global_step == total_steps):
                 row = train_row(window, global_step, steps_per_epoch, lr, grad_norm, beta, args.method, directions)
+                if args.on_policy_ratio:
+                    row["on_policy_fraction"] = window["on_policy"] / window["micro_batches"]
+                if auto_gamma:
+                    row["gamma"] = gamma  # the Γ this step used (+inf at step 1: written as null)
                 write_metrics(row)
                 progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
                 window = new_window(len(directions))
@@ -934,10 +1053,11 @@ def main(argv=None):
     results = {
         "method": args.method,
         "hyperparameters": {k: config[k] for k in (
-            "student", "teacher", "teacher_dtype", "epochs", "max_steps", "batch_size", "micro_batch_size",
+            "student", "teacher", "teacher_cache", "teacher_dtype", "epochs", "max_steps", "batch_size", "micro_batch_size",
             "gradient_accumulation_steps", "num_processes", "lr", "warmup_ratio", "lr_scheduler", "weight_decay",
             "max_grad_norm", "max_length", "seed", "bf16", "kd_ratio", "target_mix", "beta", "beta_end", "gamma",
-            "top_k", "skew_beta")},
+            "gamma_quantile", "gamma_momentum", "top_k", "skew_beta", "jsd_beta", "on_policy_ratio",
+            "on_policy_temperature", "on_policy_max_new_tokens")},
         "changed_args": changed_history,
         "final_valid_loss": last_valid,
         "best_valid_loss": best_valid_loss,

@@ -4,7 +4,7 @@ Notation for one counted target position (label != ignore_index; prompt position
 z = student logits, q = softmax(z), p = softmax(teacher logits), t = the reference token,
 y = one-hot(t), KL(a‖b) = Σ_v a_v (log a_v − log b_v), a true divergence (entropy included, so d
 below is on the scale of the paper's Γ = 0.4). λ = `kd_ratio`, α = `target_mix`, β = `beta`,
-β' = `skew_beta`, Γ = `gamma`.
+β' = `skew_beta`, Γ = `gamma`, B = `jsd_beta`.
 
 | method         | per-token loss                                            | paper      |
 |----------------|-----------------------------------------------------------|------------|
@@ -17,6 +17,22 @@ below is on the scale of the paper's Γ = 0.4). λ = `kd_ratio`, α = `target_mi
 | `selfevo`+top_k| the round(top_k·N) tokens of largest d in the call are hard | Sec. 5.2.1 |
 | `skew_teacher` | (1−λ)(−log q_t) + λ KL(p‖β' q + (1−β') p)                 | Eq. 10     |
 | `selfevo_token`| as selfevo, but hard tokens: KL(sg(q̂)‖q), q̂ = βq + (1−β)ỹ  | NOT the paper |
+| `jsd`          | (1−λ)(−log q_t) + λ JSD_B(p‖q)                            | GKD (beyond) |
+| stored teacher | every row with p → p̃: p̃_v = p_v for the K stored v, and    | (cache)    |
+|  (any method)  | p̃_v = (1 − Σ_K p)/(V − K) for the other V − K tokens       |            |
+
+`jsd` is the generalized Jensen-Shannon divergence of GKD (Agarwal et al., 2024), as TRL's GKD
+trainer computes it: with M = B·p + (1−B)·q, JSD_B(p‖q) = B·KL(p‖M) + (1−B)·KL(q‖M) for 0 < B < 1,
+and at the ends the divergences it interpolates between: B = 0 is the forward KL(p‖q) (the limit of
+JSD_B/B), B = 1 the reverse KL(q‖p) (the limit of JSD_B/(1−B)), so jsd at B = 0 / 1 equals
+`forward` / `reverse`. Its derivative w.r.t. q_v is (1−B)(log q_v − log M_v) (the terms from M
+cancel), and M > 0 wherever q > 0, so masked teacher entries need no special case for 0 < B < 1.
+With λ = 1 (`--kd-ratio 1`) it is GKD's loss without the cross-entropy term.
+
+A stored teacher (train_kd.py --teacher-cache, kd/teacher_cache.py) is passed as teacher_logits =
+log p̃. log-softmax leaves log-probabilities as they are, so every formula here runs unchanged on p̃
+(a distribution with every p̃_v > 0: every KL stays finite); with the full distribution stored
+(`--top-k all`) p̃ = p and the loss is the live teacher's (tests/test_teacher_cache.py).
 
 `selfevo_token` is NOT the paper's Eq. 7. It is the token-level self-evolution target of the work
 the paper builds on (hard tokens learn toward the detached mixture, as a soft label), kept as a
@@ -74,7 +90,7 @@ from typing import Callable, Optional
 
 import torch
 
-METHODS = ("sft", "forward", "reverse", "noevo", "skew", "selfevo", "skew_teacher", "selfevo_token")
+METHODS = ("sft", "forward", "reverse", "noevo", "skew", "selfevo", "skew_teacher", "selfevo_token", "jsd")
 KD_METHODS = tuple(m for m in METHODS if m != "sft")
 # Methods that build the target mixture ỹ and therefore report the difficulty d = KL(ỹ‖q).
 TARGET_MIX_METHODS = ("noevo", "skew", "selfevo", "selfevo_token")
@@ -105,11 +121,12 @@ class LossConfig:
     ignore_index: int = -100
     chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE
     reduction: str = "mean"
+    jsd_beta: float = 0.5
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
-        for name in ("kd_ratio", "target_mix", "beta", "skew_beta"):
+        for name in ("kd_ratio", "target_mix", "beta", "skew_beta", "jsd_beta"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
@@ -219,6 +236,13 @@ def _select_hard(config: LossConfig, difficulty: torch.Tensor) -> torch.Tensor:
     return difficulty > config.gamma
 
 
+def _effective_method(config: LossConfig) -> str:
+    """The formula that computes config.method: jsd at B = 0 / 1 is forward / reverse (see above)."""
+    if config.method == "jsd" and config.jsd_beta in (0.0, 1.0):
+        return "forward" if config.jsd_beta == 0.0 else "reverse"
+    return config.method
+
+
 @dataclass
 class _TokenTerms:
     loss: torch.Tensor                   # [n] per-token loss
@@ -252,7 +276,7 @@ def _token_losses(config: LossConfig, log_q: torch.Tensor, log_p: Optional[torch
 
     log_q [n, V] carries the student's gradient; log_p [n, V] is the teacher's (no gradient).
     """
-    method, lam = config.method, config.kd_ratio
+    method, lam = _effective_method(config), config.kd_ratio
     no_hard = torch.zeros(log_q.shape[0], dtype=torch.bool, device=log_q.device)
     cross_entropy = -log_q.gather(1, targets[:, None]).squeeze(1)
     if method == "sft":
@@ -270,6 +294,12 @@ def _token_losses(config: LossConfig, log_q: torch.Tensor, log_p: Optional[torch
         log_m = _log_mixture(config.skew_beta, log_q, log_p, teacher_support)  # m = β'q + (1−β')p
         skew_kl = _kl_sum(log_p.exp(), log_p, log_m, teacher_support)
         return _TokenTerms((1 - lam) * cross_entropy + lam * skew_kl, None, no_hard)
+    if method == "jsd":  # 0 < B < 1: B·KL(p‖M) + (1−B)·KL(q‖M), M = B·p + (1−B)·q
+        b = config.jsd_beta
+        log_m = torch.logaddexp(log_p + _log(b), log_q + _log(1 - b))
+        jsd = (b * _kl_sum(log_p.exp(), log_p, log_m, teacher_support)
+               + (1 - b) * (log_q.exp() * (log_q - log_m)).sum(-1))
+        return _TokenTerms((1 - lam) * cross_entropy + lam * jsd, None, no_hard)
 
     # noevo, skew, selfevo: the target mixture ỹ (no gradient) and the difficulty d = KL(ỹ‖q).
     log_y = _log_target_mix_(log_p, targets, config.target_mix)
@@ -328,7 +358,7 @@ def _token_losses_and_grads(config: LossConfig, log_q: torch.Tensor, log_p: Opti
     nonnegative "pull" r (p for KL(p‖q), ỹ for KL(ỹ‖q), ỹ·βq/q̂ for KL(ỹ‖q̂), ...); then
     g = −r − ce_weight·y and ∂L/∂z = q·(Σr + ce_weight) − r − ce_weight·y.
     """
-    method, lam = config.method, config.kd_ratio
+    method, lam = _effective_method(config), config.kd_ratio
     target_col = targets[:, None]
     cross_entropy = -log_q.gather(1, target_col).squeeze(1)
     no_hard = torch.zeros(log_q.shape[0], dtype=torch.bool, device=log_q.device)
@@ -368,6 +398,18 @@ def _token_losses_and_grads(config: LossConfig, log_q: torch.Tensor, log_p: Opti
         skew_kl = p_log_p - _row_dot(p, log_m)
         pull = student_part.sub_(log_m).exp_().mul_(p).mul_(lam)            # λ·p·β'q/m
         loss = (1 - lam) * cross_entropy + lam * skew_kl
+        return _TokenTerms(loss, None, no_hard, grad_logits(pull, 1 - lam))
+
+    if method == "jsd":  # B·KL(p‖M) + (1−B)·KL(q‖M); ∂/∂q_v = (1−B)(log q_v − log M_v): r_v = −(1−B)·q_v·(that)
+        b = config.jsd_beta
+        p = log_p.exp()
+        p_log_p = _row_dot(p, _finite_floor_(log_p))
+        log_m = torch.logaddexp(log_p.add_(_log(b)), log_q + _log(1 - b), out=log_p)  # log M
+        q = log_q.exp()
+        log_ratio = torch.sub(log_q, log_m)                                               # log q − log M
+        jsd = b * (p_log_p - _row_dot(p, log_m)) + (1 - b) * _row_dot(q, log_ratio)
+        pull = log_ratio.mul_(q).mul_(-(1 - b) * lam)
+        loss = (1 - lam) * cross_entropy + lam * jsd
         return _TokenTerms(loss, None, no_hard, grad_logits(pull, 1 - lam))
 
     # noevo, skew, selfevo. KL(ỹ‖q) = Σ ỹ log ỹ − Σ ỹ log q;  r = ỹ
@@ -622,11 +664,11 @@ def compute_loss(method: str, student_logits: torch.Tensor, teacher_logits: Opti
                  beta: float = 0.5, gamma: float = 0.4, top_k: Optional[float] = None,
                  skew_beta: float = 0.9, ignore_index: int = -100,
                  chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE, reduction: str = "mean",
-                 token_stats: bool = False):
+                 token_stats: bool = False, jsd_beta: float = 0.5):
     """Loss of `method` (one of METHODS) over the counted positions, and its stats.
 
     `method` may also be a LossConfig (train_kd.py builds one from its arguments); then it holds
-    every hyperparameter and the keyword arguments kd_ratio ... reduction are not used.
+    every hyperparameter and the keyword arguments kd_ratio ... reduction, jsd_beta are not used.
 
     student_logits / teacher_logits: [..., V] (teacher may be None for "sft" only; a teacher
     vocabulary that differs by padding rows is cut to the shared size, see shared_vocab_size);
@@ -640,7 +682,7 @@ def compute_loss(method: str, student_logits: torch.Tensor, teacher_logits: Opti
     difficulty at counted positions for methods without ỹ).
     """
     config = method if isinstance(method, LossConfig) else LossConfig(
-        method, kd_ratio, target_mix, beta, gamma, top_k, skew_beta, ignore_index, chunk_size, reduction)
+        method, kd_ratio, target_mix, beta, gamma, top_k, skew_beta, ignore_index, chunk_size, reduction, jsd_beta)
     method, ignore_index, chunk_size = config.method, config.ignore_index, config.chunk_size
     if not torch.is_tensor(student_logits) or not student_logits.is_floating_point() or student_logits.dim() < 1:
         raise ValueError("student_logits must be a floating-point tensor [..., V]")
@@ -677,7 +719,7 @@ def compute_loss_from_hidden(method: str, student_hidden: torch.Tensor, student_
                              kd_ratio: float = 0.5, target_mix: float = 0.5, beta: float = 0.5,
                              gamma: float = 0.4, top_k: Optional[float] = None, skew_beta: float = 0.9,
                              ignore_index: int = -100, chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
-                             reduction: str = "mean", token_stats: bool = False):
+                             reduction: str = "mean", token_stats: bool = False, jsd_beta: float = 0.5):
     """Same loss as compute_loss(method, student_hidden @ student_weight.T, teacher, labels, ...).
 
     student_hidden: [..., H], the student's final hidden states (after the final norm) at the
@@ -688,7 +730,7 @@ def compute_loss_from_hidden(method: str, student_hidden: torch.Tensor, student_
     Unless chunk_size == 0, the full [N, V] student logits are never built.
     """
     config = method if isinstance(method, LossConfig) else LossConfig(
-        method, kd_ratio, target_mix, beta, gamma, top_k, skew_beta, ignore_index, chunk_size, reduction)
+        method, kd_ratio, target_mix, beta, gamma, top_k, skew_beta, ignore_index, chunk_size, reduction, jsd_beta)
     method, ignore_index, chunk_size = config.method, config.ignore_index, config.chunk_size
     if student_hidden.dim() < 1 or student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1]:
         raise ValueError(f"student_hidden [..., H] and student_weight [V, H] do not fit: "

@@ -11,12 +11,13 @@
 #   2. both pretrained on the monolingual corpus: base models that know the languages, not the task
 #      (the paper distils into a pretrained Llama-7B);
 #   3. the SFT teacher, then the student systems (student SFT and the KD methods forward, reverse,
-#      skew, selfevo at the paper's λ = α = β = 0.5, Γ = 0.4) from the student's base model, each
-#      trained to convergence (up to EPOCHS epochs, stopped after PATIENCE epochs without a better
-#      validation loss but not before MIN_EPOCHS) and kept at its best validation checkpoint; two
-#      trainings at once (LANES, one per core). NoEvo KD is not run: at λ = α it has exactly forward
-#      KD's gradient, so its row would repeat forward's (a first run of this quickstart showed it to
-#      the last digit; the study runs it once in R1);
+#      skew, selfevo at the paper's λ = α = β = 0.5, Γ = 0.4) from the student's base model, and
+#      sequence-level KD (seqkd: the student's SFT on the teacher's greedy translations of the
+#      training set, Kim & Rush 2016), each trained to convergence (up to EPOCHS epochs, stopped
+#      after PATIENCE epochs without a better validation loss but not before MIN_EPOCHS) and kept at
+#      its best validation checkpoint; two trainings at once (LANES, one per core). NoEvo KD is not
+#      run: at λ = α it has exactly forward KD's gradient, so its row would repeat forward's (a
+#      first run of this quickstart showed it to the last digit; the study runs it once in R1);
 #   4. greedy translation of the 4 test directions, BLEU/chrF (COMET when COMET_MODEL is set),
 #      BLEU against the teacher (Fig. 4), significance against forward KD (summarize_study.py), the
 #      table and the training curves (validation loss, hard-token fraction, mean difficulty).
@@ -135,7 +136,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/regimes.sh"
 {
   MICRO_BATCH_SIZE="$BATCH_SIZE" EVAL_STEPS="" MAX_STEPS="" SEEDS="$SEED"
   STUDY_EXP="$EXP" STUDY_DATA="$OUT/data/$EXP" STUDY_RESULTS="$OUT/results"
-  SYSTEMS=(student_sft forward reverse skew selfevo)   # noevo: see the header
+  SYSTEMS=(student_sft forward reverse skew selfevo seqkd)   # noevo: see the header
   CHECKPOINT=best
 }
 run_regime R1

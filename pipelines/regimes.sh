@@ -38,16 +38,20 @@ regime_settings() {
 }
 
 # system_spec SYSTEM: "method flags..." of a student system: the paper's systems at the paper's
-# λ = α = β = 0.5 and Γ = 0.4, the ablations, and the sweep points selfevo_{beta,gamma,topk}<x>.
+# λ = α = β = 0.5 and Γ = 0.4, the ablations, the sweep points selfevo_{beta,gamma,topk}<x>, and
+# the systems beyond the paper: seqkd (sequence-level KD) and selfevo_gammaauto (Γ without tuning).
 system_spec() {
   local name="$1" x
   case "$name" in
     student_sft) echo "sft" ;;
+    seqkd) echo "sft" ;;  # on the teacher's translations of the training set (student_job)
     forward | reverse) echo "$name --kd-ratio $KD_RATIO" ;;
     noevo) echo "noevo --target-mix $TARGET_MIX" ;;
     skew) echo "skew --target-mix $TARGET_MIX --beta $BETA" ;;
     selfevo | selfevo_token) echo "$name --target-mix $TARGET_MIX --beta $BETA --gamma $GAMMA" ;;
     selfevo_topk) echo "selfevo --target-mix $TARGET_MIX --beta $BETA --top-k $TOP_K" ;;
+    # Γ without tuning (train_kd.py --gamma auto, kd/gamma.py), against the paper's Γ = 0.4
+    selfevo_gammaauto) echo "selfevo --target-mix $TARGET_MIX --beta $BETA --gamma auto" ;;
     selfevo_beta*) x="${name#selfevo_beta}"; echo "selfevo --target-mix $TARGET_MIX --beta $x --gamma $GAMMA" ;;
     selfevo_gamma*) x="${name#selfevo_gamma}"; echo "selfevo --target-mix $TARGET_MIX --beta $BETA --gamma $x" ;;
     selfevo_topk*) x="${name#selfevo_topk}"; echo "selfevo --target-mix $TARGET_MIX --beta $BETA --top-k $x" ;;
@@ -98,11 +102,14 @@ student_job() {
   local system="$1" seed="$2" run spec=()
   run="$system-s$seed"
   read -r -a spec <<<"$(system_spec "$system")"
-  local method="${spec[0]}" teacher="$TEACHER_MODEL_DIR"
+  local method="${spec[0]}" teacher="$TEACHER_MODEL_DIR" train_file="$DATA/train.jsonl"
   [[ "$method" == sft ]] && teacher=""
+  if [[ "$system" == seqkd ]]; then  # sequence-level KD: SFT on the teacher's translations (run_regime)
+    train_file="${SEQKD_TRAIN_FILE:?seqkd: no teacher-translated training file (pipeline bug)}"
+  fi
   local flags=()
   read -r -a flags <<<"$(converge_flags)"
-  SEED="$seed" train "$run" "$method" "$STUDENT_INIT_MODEL" "$teacher" "$DATA/train.jsonl" "$DATA/valid.jsonl" \
+  SEED="$seed" train "$run" "$method" "$STUDENT_INIT_MODEL" "$teacher" "$train_file" "$DATA/valid.jsonl" \
     "${spec[@]:1}" "${flags[@]}"
   generate "$run" "$RUNS/$run/best" "$TEST_DIR"
   evaluate "$run" "$TEST_DIR" teacher
@@ -171,6 +178,11 @@ run_regime() {
   run_lanes shared_job "${jobs[@]}"
   shared_job teacher
   TEACHER_MODEL_DIR="$shared_runs/teacher/best"
+  # once per data set: the shared teacher translates its training set (for the seqkd system, also
+  # when study.sh runs it as one of R1's extra systems)
+  if [[ " ${SYSTEMS[*]} ${R1_EXTRA_SYSTEMS:-} " == *" seqkd "* ]]; then
+    seqkd_data teacher "$TEACHER_MODEL_DIR" "$DATA/train.jsonl"
+  fi
 
   use_experiment "${STUDY_EXP}_$REGIME"
   # the teacher's run and translations by link, its scores by copy (evaluate.py and the summary read

@@ -37,7 +37,7 @@ def ref_log_mix(weight, log_a, log_b):
 
 
 def reference(method, student, teacher, labels, *, kd_ratio=0.5, target_mix=0.5, beta=0.5,
-              gamma=0.4, top_k=None, skew_beta=0.9, reduction="mean"):
+              gamma=0.4, top_k=None, skew_beta=0.9, reduction="mean", jsd_beta=0.5):
     """(loss, grad w.r.t. student, per-position d (None for methods without ỹ), hard set)."""
     student = student.detach().to(torch.float64).requires_grad_(True)
     teacher = None if teacher is None else teacher.detach().to(torch.float64)
@@ -93,6 +93,16 @@ def reference(method, student, teacher, labels, *, kd_ratio=0.5, target_mix=0.5,
         elif method == "skew_teacher":
             log_m = ref_log_mix(skew_beta, log_q, log_p)  # β' q + (1−β') p
             loss = (1 - lam) * ce + lam * ref_kl(log_p, log_m)
+        elif method == "jsd":  # GKD: B=0 forward KL(p‖q), B=1 reverse KL(q‖p) (teacher's support), else
+            if jsd_beta == 0:  # B·KL(p‖M) + (1−B)·KL(q‖M) with M = B p + (1−B) q
+                divergence = ref_kl(log_p, log_q)
+            elif jsd_beta == 1:
+                on_teacher_support = log_p > NEG_INF
+                divergence = (log_q.exp()[on_teacher_support] * (log_q - log_p)[on_teacher_support]).sum()
+            else:
+                log_m = ref_log_mix(jsd_beta, log_p, log_q)
+                divergence = jsd_beta * ref_kl(log_p, log_m) + (1 - jsd_beta) * ref_kl(log_q, log_m)
+            loss = (1 - lam) * ce + lam * divergence
         total = total + loss
     if reduction == "mean" and positions:
         total = total / len(positions)
@@ -184,6 +194,8 @@ def test_batched_shape_and_sum_reduction(method):
 #   skew:    q̂ = ½q + ½ỹ = [11/16, 5/16]; KL(ỹ‖q̂) = ⅞ ln(14/11) + ⅛ ln(2/5)
 #   skew_teacher: m = 0.9q + 0.1p = [0.525, 0.475]; ½ ln 2 + ½ (¾ ln(0.75/0.525) + ¼ ln(0.25/0.475))
 #   selfevo: d = KL(ỹ‖q) = 0.31638 < Γ = 0.4 -> easy -> the noevo value.
+#   jsd (B = ½): M = ½p + ½q = [5/8, 3/8]; KL(p‖M) = ¾ ln(6/5) + ¼ ln(2/3), KL(q‖M) = ½ ln(4/5) + ½ ln(4/3);
+#            ½ ln 2 + ½ (½ KL(p‖M) + ½ KL(q‖M))
 CASE_A = dict(student=[[0.0, 0.0]], teacher=[[math.log(3.0), 0.0]], label=[0])
 EXPECTED_A = {
     "sft": 0.6931471805599453,
@@ -194,6 +206,7 @@ EXPECTED_A = {
     "selfevo": 0.3163770193035085,
     "skew_teacher": 0.40009495848544796,
     "selfevo_token": 0.3163770193035085,  # easy, as selfevo: the noevo value
+    "jsd": 0.36348462806427523,
 }
 # Case B, V = 3 with a masked teacher entry: student logits [ln 2, 0, 0] -> q = [1/2, 1/4, 1/4];
 # teacher logits [0, 0, −inf] -> p = [1/2, 1/2, 0]; label 1.
@@ -205,6 +218,8 @@ EXPECTED_A = {
 #   selfevo: d = 0.6507 > 0.4 -> hard -> the skew value
 #   skew_teacher: m = [1/2, 0.275, 0.225]; ½ ln 4 + ½ (½ ln 1 + ½ ln(0.5/0.275)) = ln 2 + ¼ ln(20/11)
 #   selfevo_token: hard; m = sg(q̂) = [3/8, 1/2, 1/8]; KL(m‖q) = ⅜ ln(3/4) + ½ ln 2 + ⅛ ln(1/2) = ⅜ ln(3/2)
+#   jsd (B = ½): M = [1/2, 3/8, 1/8] (> 0 at the masked entry); KL(p‖M) = ½ ln(4/3),
+#            KL(q‖M) = ¼ ln(2/3) + ¼ ln 2 = ¼ ln(4/3); JSD = ⅜ ln(4/3); ½ ln 4 + ½ JSD = ln 2 + (3/16) ln(4/3)
 CASE_B = dict(student=[[math.log(2.0), 0.0, 0.0]], teacher=[[0.0, 0.0, NEG_INF]], label=[1])
 EXPECTED_B = {
     "sft": 1.3862943611198906,
@@ -215,6 +230,7 @@ EXPECTED_B = {
     "selfevo": 0.2027325540540822,
     "skew_teacher": 0.8426064307488503,
     "selfevo_token": 0.375 * math.log(1.5),
+    "jsd": math.log(2.0) + 3 / 16 * math.log(4 / 3),
 }
 
 
@@ -234,11 +250,14 @@ def test_hand_computed_values(method, case, expected, chunk_size):
 # Gradients w.r.t. the student logits in case A (∂L/∂z = g − q Σg with g = ∂L/∂log q):
 #   sft: q − y = [−1/2, 1/2]; forward: q − ½y − ½p = [−3/8, 3/8]; noevo: q − ỹ = [−3/8, 3/8];
 #   skew: g_v = −ỹ_v β q_v / q̂_v = [−7/22, −1/10], Σg = −23/55, so ∂L/∂z = g + q·23/55 = [−6/55, 6/55].
+#   jsd (B = ½): ∂JSD/∂q_v = (1−B)(ln q_v − ln M_v), g = q·that = [¼ ln(4/5), ¼ ln(4/3)], Σg = ¼ ln(16/15),
+#        ∂JSD/∂z_0 = ¼ ln(4/5) − ⅛ ln(16/15) = ⅛ ln(3/5); total ½(q − y) + ½·[⅛ ln(3/5), −⅛ ln(3/5)].
 HAND_GRADS_A = {
     "sft": [-0.5, 0.5],
     "forward": [-0.375, 0.375],
     "noevo": [-0.375, 0.375],
     "skew": [-6 / 55, 6 / 55],
+    "jsd": [-0.25 + math.log(0.6) / 16, 0.25 - math.log(0.6) / 16],
 }
 
 
@@ -294,6 +313,55 @@ def test_special_mixing_weights():
             torch.testing.assert_close(grad, other_grad, rtol=1e-12, atol=1e-12)
         loss, grad = loss_and_grad("skew", beta=0.0)
         assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("chunk_size", [0, 4, None])
+@pytest.mark.parametrize("jsd_beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_jsd_matches_reference_and_its_ends_are_forward_and_reverse(jsd_beta, chunk_size):
+    """jsd for every B against the float64 reference (masked teacher entries included); B = 0 is
+    forward KL and B = 1 reverse KL exactly (GKD's convention), also on the hidden-state entry."""
+    student, teacher, labels = make_batch()
+    for kd_ratio in (0.5, 1.0):
+        loss, grad, stats = run("jsd", student, teacher, labels, jsd_beta=jsd_beta, kd_ratio=kd_ratio,
+                                chunk_size=chunk_size)
+        ref_loss, ref_grad, _, _ = reference("jsd", student, teacher, labels, jsd_beta=jsd_beta, kd_ratio=kd_ratio)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-12)
+        assert stats["hard_fraction"] == 0.0 and math.isnan(stats["mean_difficulty"])
+        if jsd_beta in (0.0, 1.0):
+            other = run("forward" if jsd_beta == 0.0 else "reverse", student, teacher, labels, kd_ratio=kd_ratio,
+                        chunk_size=chunk_size)
+            assert torch.equal(loss, other[0]) and torch.equal(grad, other[1])
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    loss, _ = compute_loss_from_hidden("jsd", hidden, weight, labels, teacher_logits=teacher, jsd_beta=jsd_beta,
+                                       chunk_size=chunk_size)
+    loss.backward()
+    ref_loss, ref_grad_logits, _, _ = reference("jsd", (hidden @ weight.T).detach(), teacher, labels, jsd_beta=jsd_beta)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(hidden.grad, ref_grad_logits @ weight.detach(), rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(weight.grad, ref_grad_logits.T @ hidden.detach(), rtol=1e-6, atol=1e-12)
+
+
+def test_jsd_is_symmetric_at_one_half_and_zero_when_equal():
+    """B = ½ is the symmetric Jensen-Shannon divergence (swapping p and q leaves it unchanged); it is
+    0 with zero gradient when q = p, and never above ln 2 (its bound)."""
+    student, teacher, labels = make_batch(masked_teacher=False)
+    both = run("jsd", student, teacher, labels, jsd_beta=0.5, kd_ratio=1.0, chunk_size=0)[0]
+    swapped = run("jsd", teacher, student, labels, jsd_beta=0.5, kd_ratio=1.0, chunk_size=0)[0]
+    torch.testing.assert_close(both, swapped, rtol=1e-12, atol=0)
+    assert 0.0 < both.item() <= math.log(2.0)
+    for chunk_size in (0, None):
+        loss, grad, _ = run("jsd", teacher, teacher, labels, jsd_beta=0.3, kd_ratio=1.0, chunk_size=chunk_size)
+        assert abs(loss.item()) < 1e-12 and grad.abs().max().item() < 1e-12
+
+
+def test_jsd_beta_out_of_range_is_refused():
+    student, teacher, labels = make_batch(n=4, ignored=())
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ValueError, match="jsd_beta"):
+            compute_loss("jsd", student, teacher, labels, jsd_beta=bad)
 
 
 # ----------------------------------------------------------------------------- hard / easy selection
