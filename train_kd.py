@@ -28,6 +28,11 @@ and on 8 GPUs with DeepSpeed ZeRO-3; only the accelerate config changes.
         --output-dir runs/selfevo-13b-7b --bf16 --gradient-checkpointing --micro-batch-size 4 \\
         --epochs 3 --batch-size 128 --lr 2e-5 --warmup-ratio 0.03 --max-length 512
 
+    # a stored teacher (cache_teacher.py: one teacher pass for every KD run of a sweep) in place of --teacher
+    python cache_teacher.py --teacher runs/sft-teacher-13b/best --train-file data/alma/train.jsonl \\
+        --out cache/teacher-13b-k128 --top-k 128 --dtype fp16 --teacher-dtype bf16
+    accelerate launch ... train_kd.py --method selfevo --teacher-cache cache/teacher-13b-k128 <other arguments>
+
     # continue a stopped run exactly where it stopped
     accelerate launch ... train_kd.py <same arguments> --resume-from-checkpoint latest
 
@@ -36,7 +41,8 @@ What one optimizer step does
     gradient accumulation = batch-size / (micro-batch-size x processes), checked for divisibility.
     The last incomplete batch of an epoch is dropped (a different remainder each epoch).
   * Student forward (train mode) and, for KD methods, teacher forward (eval, no_grad, frozen) on the
-    same micro-batch. The lm_head runs only at response positions (the positions whose shifted
+    same micro-batch, or with --teacher-cache the teacher's stored log-probabilities of the micro-batch's
+    examples (kd/teacher_cache.py; no teacher is loaded). The lm_head runs only at response positions (the positions whose shifted
     label is counted): no [B, T, V] logits over the prompt.
       - "hidden" path (single device, DDP, DeepSpeed ZeRO-1/2): the prepared model's forward with
         logits_to_keep=1 and output_hidden_states=True (hidden_states[-1] is after the final norm
@@ -111,6 +117,7 @@ from kd.losses import (KD_METHODS, METHODS, SELECTING_METHODS, TARGET_MIX_METHOD
                        compute_loss_from_hidden, shared_vocab_size)
 from kd.models import DTYPES, check_model_path, load_model, load_tokenizer, tokenizer_mismatch
 from kd.onpolicy import ON_POLICY_METHODS, is_on_policy, sample_micro_batch, sampling_seed
+from kd.teacher_cache import TeacherCache, run_fingerprint
 
 CHECKPOINT_NAME = re.compile(r"^(step|epoch)_(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -136,6 +143,9 @@ def parse_args(argv=None):
                        help="training objective: sft (Eq. 2) or a distillation method of kd/losses.py")
     group.add_argument("--student", required=True, help="student model: save_pretrained folder or hub name")
     group.add_argument("--teacher", help="teacher model (required for every method but sft); never trained or saved")
+    group.add_argument("--teacher-cache",
+                       help="in place of --teacher: a stored teacher made by cache_teacher.py for this --train-file "
+                            "(no teacher is loaded; kd/teacher_cache.py says how the stored top-K enter the losses)")
     group.add_argument("--teacher-dtype", choices=sorted(DTYPES),
                        help="precision of the frozen teacher (default bf16 with --bf16, else fp32); "
                             "under DeepSpeed the teacher follows the mixed precision of the run")
@@ -314,12 +324,14 @@ def build_loss_config(args):
 def check_args(args):
     """Every check of the command line that needs no model and no data: one message, exit status 2.
     Returns the LossConfig."""
-    if args.method in KD_METHODS and not args.teacher:
-        fail(f"--method {args.method}", "distils from a teacher", "pass --teacher PATH (only sft runs without one)",
-             code=CONFIG_ERROR)
-    if args.method not in KD_METHODS and args.teacher:
-        warnings.warn("--teacher is ignored by --method sft")
-        args.teacher = None
+    if args.teacher and args.teacher_cache:
+        fail("--teacher-cache", "replaces --teacher", "pass one of the two", code=CONFIG_ERROR)
+    if args.method in KD_METHODS and not (args.teacher or args.teacher_cache):
+        fail(f"--method {args.method}", "distils from a teacher", "pass --teacher PATH or --teacher-cache DIR "
+             "(only sft runs without one)", code=CONFIG_ERROR)
+    if args.method not in KD_METHODS and (args.teacher or args.teacher_cache):
+        warnings.warn("--teacher / --teacher-cache is ignored by --method sft")
+        args.teacher = args.teacher_cache = None
     loss_config = build_loss_config(args)
     if args.gamma == "auto":
         if args.method not in SELECTING_METHODS or args.top_k is not None:
@@ -340,6 +352,10 @@ def check_args(args):
              "needs a loss that is defined on sampled tokens: " + ", ".join(ON_POLICY_METHODS) +
              " (the methods built on the reference token mix it into their target, and a sampled response has none)",
              "pass one of those methods, or --on-policy-ratio 0", code=CONFIG_ERROR)
+    if args.on_policy_ratio and args.teacher_cache:
+        fail(f"--on-policy-ratio {args.on_policy_ratio} with --teacher-cache", "the student's own samples are not in "
+             "the cache (it holds the teacher on the training data only)", "pass --teacher for on-policy distillation",
+             code=CONFIG_ERROR)
     if not 0.0 <= args.on_policy_ratio <= 1.0:
         fail(f"--on-policy-ratio {args.on_policy_ratio}", "is a share of the micro-batches", "pass a value in [0, 1]",
              code=CONFIG_ERROR)
@@ -694,6 +710,15 @@ def main(argv=None):
                      if valid_rows else None)
     except ValueError as error:
         fail_with(error, code=CONFIG_ERROR)
+    teacher_cache = None
+    if args.teacher_cache:  # checked against this run's data, tokenizer, template and max length
+        teacher_cache = TeacherCache(args.teacher_cache, run_fingerprint(args.train_file, tokenizer, args.max_length,
+                                                                         len(train_set)))
+        try:
+            vocab_size = shared_vocab_size(vocab_size, teacher_cache.vocab)
+        except ValueError as error:
+            fail(f"--teacher-cache {args.teacher_cache}", str(error), "pass a cache of a teacher of the student's family",
+                 code=CONFIG_ERROR)
     steps_per_epoch = len(train_set) // args.batch_size
     if steps_per_epoch == 0:
         fail(f"--batch-size {args.batch_size}", f"more than the {len(train_set)} usable examples of --train-file "
@@ -730,7 +755,10 @@ def main(argv=None):
         "zero_stage": zero_stage,
         "mixed_precision": accelerator.mixed_precision,
         "student_loss_path": "hidden" if lean_student else "logits",
-        "teacher_loss_path": None if not args.teacher else ("hidden" if lean_teacher else "logits"),
+        "teacher_loss_path": ("cache" if teacher_cache else None) if not args.teacher else (
+            "hidden" if lean_teacher else "logits"),
+        "teacher_cache_manifest": None if teacher_cache is None else {
+            k: teacher_cache.manifest[k] for k in ("teacher", "teacher_sha256", "top_k", "dtype", "vocab_size")},
         "vocab_size": vocab_size,
         "train_examples": len(train_set),
         "valid_examples": len(valid_set) if valid_set else 0,
@@ -820,6 +848,8 @@ def main(argv=None):
         if teacher is not None:
             with accelerator.autocast():
                 teacher_kwargs = teacher_inputs(teacher, batch, counted, keep, teacher_weight)
+        elif teacher_cache is not None:  # stored log-probabilities enter the losses as the teacher's logits
+            teacher_kwargs = {"teacher_logits": teacher_cache.log_probs(batch["index"], counted.sum(1), rows.device)}
         step_config = dataclasses.replace(loss_config, beta=beta, gamma=gamma)
         if on_policy:  # the divergence alone on the student's own sample (kd/onpolicy.py)
             step_config = dataclasses.replace(step_config, kd_ratio=1.0)
@@ -1062,7 +1092,7 @@ def main(argv=None):
     results = {
         "method": args.method,
         "hyperparameters": {k: config[k] for k in (
-            "student", "teacher", "teacher_dtype", "epochs", "max_steps", "batch_size", "micro_batch_size",
+            "student", "teacher", "teacher_cache", "teacher_dtype", "epochs", "max_steps", "batch_size", "micro_batch_size",
             "gradient_accumulation_steps", "num_processes", "lr", "warmup_ratio", "lr_scheduler", "weight_decay",
             "max_grad_norm", "max_length", "seed", "bf16", "kd_ratio", "target_mix", "beta", "beta_end", "gamma",
             "gamma_quantile", "gamma_momentum", "top_k", "skew_beta", "jsd_beta", "on_policy_ratio",

@@ -57,6 +57,7 @@ class TranslationDataset(torch.utils.data.Dataset):
                 self.dropped_too_long += 1
                 continue
             encoded["direction"] = direction_index[row["direction"]]
+            encoded["index"] = len(self.examples)  # where a stored teacher (kd/teacher_cache.py) finds it
             self.examples.append(encoded)
         if not self.examples:
             raise ValueError(
@@ -75,7 +76,8 @@ class TranslationDataset(torch.utils.data.Dataset):
 
 
 class TrainCollator:
-    """Right-pads a list of examples into input_ids, attention_mask, labels and direction tensors."""
+    """Right-pads a list of examples into input_ids, attention_mask, labels, direction and index tensors
+    (index: the example's place in its TranslationDataset, -1 for examples without one)."""
 
     def __init__(self, pad_token_id, pad_to_multiple_of=None):
         self.pad_token_id = pad_token_id
@@ -94,7 +96,9 @@ class TrainCollator:
             labels[i, :n] = torch.tensor(example["labels"])
             attention_mask[i, :n] = 1
         direction = torch.tensor([example.get("direction", 0) for example in examples], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "direction": direction}
+        index = torch.tensor([example.get("index", -1) for example in examples], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "direction": direction,
+                "index": index}
 
 
 def left_pad(sequences, pad_token_id):

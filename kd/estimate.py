@@ -284,16 +284,40 @@ def split_command(command):
     return config, processes, command[at + 1:]
 
 
+def estimate_cache_build(command, planned_runs, gpu, utilisation, name, text):
+    """GPU-hours of a cache_teacher.py step (one teacher forward pass over the training data, 2 P_t per
+    token), with its lines appended to `text`; 0 for any other command. The KD runs that read the
+    cache then count no teacher (train_kd.py --teacher-cache loads none)."""
+    names = [Path(word).name for word in command]
+    if "cache_teacher.py" not in names:
+        return 0.0
+    argv = command[names.index("cache_teacher.py") + 1:]
+    teacher_path = argv[argv.index("--teacher") + 1] if "--teacher" in argv else None
+    train_file = argv[argv.index("--train-file") + 1] if "--train-file" in argv else ""
+    teacher = model_size(teacher_path, planned_runs) if teacher_path else None
+    examples, mean_tokens, data_source = data_size(train_file)
+    text.append(f"  {name}")
+    if teacher is None:
+        text.append(f"    estimate: model size unknown ({teacher_path}); not counted")
+        return 0.0
+    hours = gpu_hours(2.0 * teacher.compute_parameters * examples * mean_tokens, GPU_PEAK_FLOPS[gpu], utilisation)
+    text.append(f"    compute: one teacher forward pass over {examples} examples x {mean_tokens:.0f} tokens "
+                f"({data_source}), P_teacher {teacher.parameters / 1e9:.2f}B -> {hours:.1f} GPU-hours on {gpu}")
+    return hours
+
+
 def plan(lines, gpu=DEFAULT_GPU, utilisation=DEFAULT_UTILISATION):
     """Estimates of the training steps among a dry run's steps ("NAME<TAB>shell-quoted command" lines),
     in order, and the text to print."""
     import shlex
 
     planned_runs, estimates, text = {}, [], []
+    cache_hours = 0.0
     for line in lines:
         if not line.strip():
             continue
         name, quoted = line.rstrip("\n").split("\t", 1)
+        cache_hours += estimate_cache_build(shlex.split(quoted), planned_runs, gpu, utilisation, name, text)
         split = split_command(shlex.split(quoted))
         if split is None:
             continue
@@ -303,7 +327,7 @@ def plan(lines, gpu=DEFAULT_GPU, utilisation=DEFAULT_UTILISATION):
         estimates.append(estimate)
         text += [f"  {name}"] + describe(estimate)
     known = [e for e in estimates if e["gpu_hours"] is not None]
-    hours = sum(e["gpu_hours"] for e in known)
+    hours = sum(e["gpu_hours"] for e in known) + cache_hours
     wall = sum(e["wall_hours"] for e in known)
     peak = max((e["memory"]["total"] for e in known), default=0.0)
     unknown = len(estimates) - len(known)

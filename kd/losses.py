@@ -18,6 +18,8 @@ below is on the scale of the paper's Γ = 0.4). λ = `kd_ratio`, α = `target_mi
 | `skew_teacher` | (1−λ)(−log q_t) + λ KL(p‖β' q + (1−β') p)                 | Eq. 10     |
 | `selfevo_token`| as selfevo, but hard tokens: KL(sg(q̂)‖q), q̂ = βq + (1−β)ỹ  | NOT the paper |
 | `jsd`          | (1−λ)(−log q_t) + λ JSD_B(p‖q)                            | GKD (beyond) |
+| stored teacher | every row with p → p̃: p̃_v = p_v for the K stored v, and    | (cache)    |
+|  (any method)  | p̃_v = (1 − Σ_K p)/(V − K) for the other V − K tokens       |            |
 
 `jsd` is the generalized Jensen-Shannon divergence of GKD (Agarwal et al., 2024), as TRL's GKD
 trainer computes it: with M = B·p + (1−B)·q, JSD_B(p‖q) = B·KL(p‖M) + (1−B)·KL(q‖M) for 0 < B < 1,
@@ -26,6 +28,11 @@ JSD_B/B), B = 1 the reverse KL(q‖p) (the limit of JSD_B/(1−B)), so jsd at B 
 `forward` / `reverse`. Its derivative w.r.t. q_v is (1−B)(log q_v − log M_v) (the terms from M
 cancel), and M > 0 wherever q > 0, so masked teacher entries need no special case for 0 < B < 1.
 With λ = 1 (`--kd-ratio 1`) it is GKD's loss without the cross-entropy term.
+
+A stored teacher (train_kd.py --teacher-cache, kd/teacher_cache.py) is passed as teacher_logits =
+log p̃. log-softmax leaves log-probabilities as they are, so every formula here runs unchanged on p̃
+(a distribution with every p̃_v > 0: every KL stays finite); with the full distribution stored
+(`--top-k all`) p̃ = p and the loss is the live teacher's (tests/test_teacher_cache.py).
 
 `selfevo_token` is NOT the paper's Eq. 7. It is the token-level self-evolution target of the work
 the paper builds on (hard tokens learn toward the detached mixture, as a soft label), kept as a

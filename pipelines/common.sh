@@ -23,7 +23,11 @@
 #   GEN_ACCELERATE_CONFIG (the same for generate.py), NUM_PROCESSES (empty: the config's),
 #   LAUNCHER (accelerate, or python to run train_kd.py/generate.py in one plain process);
 #   training: EPOCHS BATCH_SIZE MICRO_BATCH_SIZE LR WARMUP_RATIO MAX_LENGTH MAX_STEPS EVAL_STEPS
-#   SAVE_STEPS BF16 SEED KD_RATIO TARGET_MIX BETA GAMMA SKEW_BETA TRAIN_EXTRA_ARGS KD_STUDENT_INIT; generation: GEN_BATCH_SIZE MAX_NEW_TOKENS NUM_BEAMS GEN_EXTRA_ARGS;
+#   SAVE_STEPS BF16 SEED KD_RATIO TARGET_MIX BETA GAMMA SKEW_BETA TRAIN_EXTRA_ARGS KD_STUDENT_INIT;
+#   the stored teacher: TEACHER_CACHE (1: every KD run reads the teacher's distributions from a cache
+#   built once per teacher and train file by cache_teacher.py; 0, the default here: the live teacher;
+#   table1/fig2/fig3/fig5 set 1) TEACHER_CACHE_TOP_K TEACHER_CACHE_DTYPE;
+#   generation: GEN_BATCH_SIZE MAX_NEW_TOKENS NUM_BEAMS GEN_EXTRA_ARGS;
 #   evaluation: COMET_MODEL (a hub name, a local path, or none).
 
 # Run from the repository root so the scripts are found; relative paths given by the user are
@@ -59,6 +63,11 @@ if [[ "$GEN_ACCELERATE_CONFIG" != none ]]; then GEN_ACCELERATE_CONFIG="$(abspath
 : "${KD_STUDENT_INIT:=base}"
 
 KD_METHODS=(forward reverse noevo skew selfevo)
+
+# The stored teacher (cache_teacher.py; README "A stored teacher"): K and the storage precision.
+: "${TEACHER_CACHE:=0}"
+: "${TEACHER_CACHE_TOP_K:=128}"
+: "${TEACHER_CACHE_DTYPE:=fp16}"
 
 # ---------------------------------------------------------------------------------------------
 # Messages and the step runner
@@ -311,7 +320,12 @@ train() {
     --output-dir "$RUNS/$name" --epochs "$EPOCHS" --batch-size "$BATCH_SIZE"
     --micro-batch-size "$MICRO_BATCH_SIZE" --lr "$LR" --warmup-ratio "$WARMUP_RATIO"
     --max-length "$MAX_LENGTH" --seed "$SEED" --resume-from-checkpoint latest)
-  if [[ -n "$teacher" ]]; then args+=(--teacher "$teacher"); fi
+  if [[ -n "$teacher" && "$TEACHER_CACHE" == 1 ]]; then
+    if [[ ! -f "$RUNS/$name/COMPLETED" ]]; then teacher_cache "$teacher" "$train_file"; fi
+    args+=(--teacher-cache "$(teacher_cache_dir "$teacher" "$train_file")")
+  elif [[ -n "$teacher" ]]; then
+    args+=(--teacher "$teacher")
+  fi
   if [[ -n "$valid_file" ]]; then args+=(--valid-file "$valid_file"); fi
   if [[ -n "$MAX_STEPS" ]]; then args+=(--max-steps "$MAX_STEPS"); fi
   if [[ -n "$EVAL_STEPS" ]]; then args+=(--eval-steps "$EVAL_STEPS"); fi
@@ -323,6 +337,30 @@ train() {
   # --resume-from-checkpoint latest: a run that crashed after a checkpoint continues from it (fresh otherwise)
   step "train $name" "$LOGS/train_$name.log" test -f "$RUNS/$name/COMPLETED" -- \
     launch "$ACCELERATE_CONFIG" train_kd.py "${args[@]}" "$@" "${extra[@]}"
+}
+
+# teacher_cache_dir TEACHER TRAIN_FILE: the cache folder of a teacher, train file, K, precision and
+#   max length, $OUT/teacher_cache/<teacher folder name>-<checksum of those>.
+teacher_cache_dir() {
+  local key
+  key="$(printf '%s\n' "$1" "$2" "$TEACHER_CACHE_TOP_K" "$TEACHER_CACHE_DTYPE" "$MAX_LENGTH" | cksum | cut -d' ' -f1)"
+  printf '%s\n' "$OUT/teacher_cache/$(basename "$(dirname "$1")")-$(basename "$1")-k$TEACHER_CACHE_TOP_K-$key"
+}
+
+# teacher_cache TEACHER TRAIN_FILE: build the teacher's cache once (skipped when its manifest.json is
+#   there: every later KD run of the table or sweep reuses it); a killed build resumes its shards.
+#   Runs under GEN_ACCELERATE_CONFIG (each process holds the whole teacher, as in generation).
+teacher_cache() {
+  local teacher="$1" train_file="$2" dir extra=()
+  dir="$(teacher_cache_dir "$teacher" "$train_file")"
+  if [[ "$DRY_RUN" == 1 ]]; then  # a dry run writes no manifest: plan each cache once
+    case " ${PLANNED_CACHES:-} " in *" $dir "*) return 0 ;; esac
+    PLANNED_CACHES="${PLANNED_CACHES:-} $dir"
+  fi
+  if [[ "$BF16" == 1 ]]; then extra+=(--teacher-dtype bf16); fi
+  step "cache teacher $(basename "$dir")" "$LOGS/cache_teacher_$(basename "$dir").log" test -f "$dir/manifest.json" -- \
+    launch "$GEN_ACCELERATE_CONFIG" cache_teacher.py --teacher "$teacher" --train-file "$train_file" --out "$dir" \
+    --top-k "$TEACHER_CACHE_TOP_K" --dtype "$TEACHER_CACHE_DTYPE" --max-length "$MAX_LENGTH" "${extra[@]}"
 }
 
 # kd_flags METHOD: the paper's hyperparameters of a KD method, as train_kd.py flags.

@@ -37,3 +37,15 @@ def test_bench_generate_runs(tiny_models, tmp_path):
     run_bench("bench_generate.py", "--model", tiny_models["teacher"], "--inputs", "4", "--batch-size", "2",
               "--max-new-tokens", "4", "--out", out)
     assert json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_bench_teacher_cache_runs(tiny_models, demo_data, tmp_path):
+    out = tmp_path / "teacher_cache.json"
+    run_bench("bench_teacher_cache.py", "--teacher", tiny_models["teacher"], "--student", tiny_models["student"],
+              "--train-file", demo_data / "train.jsonl", "--top-k", "8", "--default-k", "8", "--examples", "8",
+              "--steps", "1", "--sweep-steps", "1", "--gammas", "0.4", "--batch-size", "8", "--out", out)
+    report = json.loads(out.read_text())
+    trained = report["setups"][f"trained teacher {tiny_models['teacher']}"]
+    assert {row["top_k"] for row in trained["truncation"]} == {8}
+    assert trained["cost"]["cache_step_over_sft"] > 0 and trained["sweep"]["runs"] == 1

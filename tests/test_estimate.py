@@ -121,10 +121,11 @@ def test_table1_dry_run_lists_the_papers_systems_and_settings(tmp_path):
     assert not out.exists(), "a dry run wrote files"
     steps = re.findall(r"step (.+?): would run\n +(.+)\n", result.stdout)
     commands = dict(steps)
-    systems = ["teacher", "student_sft", "forward", "reverse", "noevo", "skew", "selfevo"]
+    systems = ["teacher", "student_sft", "forward", "reverse", "noevo", "skew", "selfevo", "seqkd"]
     trained = [name[len("train "):] for name, _ in steps if name.startswith("train ")]
-    assert trained == ["teacher_sft", "student_sft", "forward", "reverse", "noevo", "skew", "selfevo"]
-    assert [name[len("generate "):] for name, _ in steps if name.startswith("generate ")] == systems
+    assert trained == ["teacher_sft", "student_sft", "forward", "reverse", "noevo", "skew", "selfevo", "seqkd"]
+    # the teacher also translates the training set first: SeqKD's training file (make_seqkd_data.py)
+    assert [name[len("generate "):] for name, _ in steps if name.startswith("generate ")] == ["teacher_train"] + systems
     assert [name[len("evaluate "):] for name, _ in steps if name.startswith("evaluate ")] == systems
     assert "--hub" in commands["prepare data"]
     paper = ["--epochs 3", "--batch-size 128", "--lr 2e-5", "--warmup-ratio 0.03", "--max-length 512", "--bf16",
@@ -136,18 +137,36 @@ def test_table1_dry_run_lists_the_papers_systems_and_settings(tmp_path):
         command = commands[f"train {run}"]
         for flag in paper + method_flags.get(run, []):
             assert flag in command, (run, flag, command)
-        method = "sft" if run.endswith("_sft") else run
+        method = "sft" if run.endswith("_sft") or run == "seqkd" else run  # SeqKD: SFT on the teacher's outputs
         assert f"--method {method} " in command
+    assert re.search(r"--train-file \S+/seqkd/train.jsonl", commands["train seqkd"])
     assert "--student huggyllama/llama-13b" in commands["train teacher_sft"]
-    for run in ["student_sft", *method_flags]:
+    for run in ["student_sft", *method_flags, "seqkd"]:
         assert "--student huggyllama/llama-7b" in commands[f"train {run}"]
+    # The stored teacher (TEACHER_CACHE=1, table1.sh's default): one cache step, read by every KD run.
+    caches = [name for name, _ in steps if name.startswith("cache teacher ")]
+    assert len(caches) == 1 and caches[0].startswith("cache teacher teacher_sft-best-k128-"), caches
+    cache_command = commands[caches[0]]
+    assert re.search(r"cache_teacher.py --teacher \S+/runs/table1/teacher_sft/best --train-file \S+/train.jsonl", cache_command)
+    assert "--top-k 128 --dtype fp16 --max-length 512 --teacher-dtype bf16" in cache_command
+    cache_dir = re.search(r"--out (\S+)", cache_command).group(1)
     for run in method_flags:
-        assert re.search(r"--teacher \S+/runs/table1/teacher_sft/best", commands[f"train {run}"])
+        assert f"--teacher-cache {cache_dir} " in commands[f"train {run}"] and "--teacher " not in commands[f"train {run}"]
     assert all("--num-beams 1" in commands[f"generate {s}"] for s in systems)
     assert "Unbabel/wmt22-comet-da" in commands["evaluate selfevo"]
     # The estimates: one block per training run (the 13B teacher found through its SFT run), and the total.
     selfevo = result.stdout[result.stdout.index("  train selfevo\n"):]
     assert "zero3 over 8 GPU(s), micro-batch 4 x 512 tokens, bf16" in selfevo
-    assert "P_student 6.74B, P_teacher 13.02B" in selfevo
+    assert "P_student 6.74B, P_teacher 0.00B" in selfevo  # the cache replaces the teacher's forward passes
     assert "52574 examples" in selfevo
-    assert re.search(r"dry run total: 7 training run\(s\), [\d.]+ GPU-hours", result.stdout)
+    assert re.search(r"one teacher forward pass over 52574 examples x \d+ tokens .*P_teacher 13.02B", result.stdout)
+    assert re.search(r"dry run total: 8 training run\(s\), [\d.]+ GPU-hours", result.stdout)
+
+    live = subprocess.run(["bash", "pipelines/table1.sh"], cwd=REPO_ROOT, env=dict(env, TEACHER_CACHE="0"),
+                          capture_output=True, text=True, timeout=300)
+    assert live.returncode == 0, (live.stdout + live.stderr)[-3000:]
+    live_commands = dict(re.findall(r"step (.+?): would run\n +(.+)\n", live.stdout))
+    assert not any(name.startswith("cache teacher") for name in live_commands)
+    for run in method_flags:
+        assert re.search(r"--teacher \S+/runs/table1/teacher_sft/best", live_commands[f"train {run}"])
+    assert "P_student 6.74B, P_teacher 13.02B" in live.stdout[live.stdout.index("  train selfevo\n"):]

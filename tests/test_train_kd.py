@@ -345,7 +345,7 @@ def test_configuration_error_is_one_line_with_exit_code_2(tiny_models, files, tm
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip() == ("train_kd.py: --method forward: distils from a teacher; "
-                                     "pass --teacher PATH (only sft runs without one)")
+                                     "pass --teacher PATH or --teacher-cache DIR (only sft runs without one)")
     result = subprocess.run(
         [sys.executable, str(repo_root / "train_kd.py"), "--method", "sft", "--student", tiny_models["student"],
          "--train-file", str(files["train12"]), "--output-dir", str(tmp_path / "out"), "--kd-ratio", "1.5"],
