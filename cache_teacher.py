@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: f
 import torch
 import torch.nn.functional as F
 
-from kd.compat import quiet_cpu_runs
+from kd.compat import attention_mask_for, quiet_cpu_runs
 from kd.data import IGNORE_INDEX, REQUIRED_FIELDS, TrainCollator, TranslationDataset
 from kd.io import fail, fail_with, read_json, read_jsonl, replacing, write_json
 from kd.models import DTYPES, check_model_path, load_model, load_tokenizer
@@ -154,7 +154,8 @@ def main(argv=None):
             counted = targets != IGNORE_INDEX
             keep = counted.any(0).nonzero().squeeze(1)
             with torch.no_grad():
-                logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                logits = teacher(input_ids=batch["input_ids"],
+                                 attention_mask=attention_mask_for(teacher, batch["attention_mask"]),
                                  logits_to_keep=keep, use_cache=False).logits
             for row in range(len(examples)):
                 log_p = torch.log_softmax(logits[row][counted[row, keep]].float(), dim=-1)

@@ -107,7 +107,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: f
 import torch
 import torch.nn.functional as F
 
-from kd.compat import quiet_cpu_runs
+from kd.compat import attention_mask_for, quiet_cpu_runs
 from kd.data import IGNORE_INDEX, REQUIRED_FIELDS, TrainCollator, TranslationDataset, length_grouped_order
 from kd.gamma import DEFAULT_MOMENTUM, DEFAULT_QUANTILE, AutoGamma
 from kd.io import (WriteError, describe_os_error, fail, fail_with, jsonl_text, read_appended_jsonl, read_json,
@@ -524,25 +524,25 @@ def shifted_targets(labels):
 def student_rows(model, batch, counted, keep, weight=None):
     """Student at the response positions: (hidden [N, H], weight) on the lean path (weight = its lm_head
     weight), else (logits [N, V], None)."""
+    mask = attention_mask_for(model, batch["attention_mask"])
     if weight is not None:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    logits_to_keep=1, output_hidden_states=True, use_cache=False)
+        out = model(input_ids=batch["input_ids"], attention_mask=mask, logits_to_keep=1,
+                    output_hidden_states=True, use_cache=False)
         return out.hidden_states[-1][counted].to(weight.dtype), weight
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                logits_to_keep=keep, use_cache=False)
+    out = model(input_ids=batch["input_ids"], attention_mask=mask, logits_to_keep=keep, use_cache=False)
     return out.logits[counted[:, keep]], None
 
 
 def teacher_inputs(teacher, batch, counted, keep, weight=None):
     """Teacher at the response positions: hidden + its lm_head weight (lean path: weight given) or
     logits [N, V'] (rows as counted)."""
+    mask = attention_mask_for(teacher, batch["attention_mask"])
     with torch.no_grad():
         if weight is not None:
-            out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          logits_to_keep=1, output_hidden_states=True, use_cache=False)
+            out = teacher(input_ids=batch["input_ids"], attention_mask=mask, logits_to_keep=1,
+                          output_hidden_states=True, use_cache=False)
             return {"teacher_hidden": out.hidden_states[-1][counted], "teacher_weight": weight}
-        out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      logits_to_keep=keep, use_cache=False)
+        out = teacher(input_ids=batch["input_ids"], attention_mask=mask, logits_to_keep=keep, use_cache=False)
         return {"teacher_logits": out.logits[counted[:, keep]]}
 
 
