@@ -744,7 +744,10 @@ def main(argv=None):
     sampler = EpochSampler(train_set.lengths(), args.seed, args.micro_batch_size if args.group_by_length else None)
     train_dataloader = torch.utils.data.DataLoader(
         train_set, batch_size=args.micro_batch_size * grad_accum, sampler=sampler, drop_last=True,
-        collate_fn=MicroBatchCollator(tokenizer.pad_token_id, args.micro_batch_size), num_workers=args.num_workers)
+        collate_fn=MicroBatchCollator(tokenizer.pad_token_id, args.micro_batch_size), num_workers=args.num_workers,
+        # its own generator: a DataLoader without one draws its workers' base seed from the global RNG at
+        # every iter(), so a resumed epoch would shift the stream that dropout and on-policy sampling use
+        generator=torch.Generator().manual_seed(args.seed))
 
     config = {
         **vars(args),
