@@ -22,43 +22,20 @@ from kd.gamma import AutoGamma, quantile
 from kd.io import read_jsonl
 from kd.losses import compute_loss
 from kd.models import load_tokenizer
+from run_helpers import metric_rows, small_files, weights
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_subset(source, dest, per_direction):
-    kept, counts = [], {}
-    for row in read_jsonl(source):
-        if counts.get(row["direction"], 0) < per_direction:
-            counts[row["direction"]] = counts.get(row["direction"], 0) + 1
-            kept.append(row)
-    Path(dest).write_text("".join(json.dumps(row) + "\n" for row in kept))
-    return str(dest)
-
-
 @pytest.fixture(scope="module")
 def files(demo_data, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gamma_files")
-    return {"train8": write_subset(demo_data / "train.jsonl", folder / "train8.jsonl", 2),
-            "train16": write_subset(demo_data / "train.jsonl", folder / "train16.jsonl", 4),
-            "valid": write_subset(demo_data / "valid.jsonl", folder / "valid.jsonl", 2)}
+    return small_files(demo_data, tmp_path_factory.mktemp("gamma_files"))
 
 
 def argv(models, train_file, out, *extra, method="selfevo"):
     return ["--method", method, "--student", models["student"], "--teacher", models["teacher"],
             "--train-file", str(train_file), "--output-dir", str(out), "--logging-steps", "1", "--seed", "3",
             "--gamma", "auto", *map(str, extra)]
-
-
-def train_rows(out):
-    return [row for row in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())
-            if row["type"] == "train"]
-
-
-def weights(folder):
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(folder) / "model.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +79,7 @@ def test_gamma_auto_learns_and_gamma_2_is_the_median_of_step_1(tiny_models, file
     train_kd.main(argv(tiny_models, files["train8"], out, "--batch-size", 8, "--micro-batch-size", 4, "--epochs", 8,
                        "--lr", 3e-3, "--warmup-ratio", 0, "--lr-scheduler", "constant_with_warmup",
                        "--gamma-momentum", 0.5))
-    rows = train_rows(out)
+    rows = metric_rows(out)
     losses = [row["loss"] for row in rows]
     assert sum(losses[-2:]) < sum(losses[:2]) and losses[-1] < losses[0], losses  # one fixed batch: it learns
     assert rows[0]["gamma"] is None and rows[0]["hard_fraction"] == 0.0  # Γ_1 = +inf: every token easy
@@ -131,7 +108,7 @@ def test_gamma_auto_does_not_depend_on_micro_batching(tiny_models, files, tmp_pa
     for micro in (8, 2):
         out = tmp_path / f"m{micro}"
         train_kd.main(argv(tiny_models, files["train16"], out, *run, "--micro-batch-size", micro))
-        gammas[micro] = [row["gamma"] for row in train_rows(out)]
+        gammas[micro] = [row["gamma"] for row in metric_rows(out)]
         finals[micro] = weights(out / "final")
     assert gammas[8][0] is None and gammas[2][0] is None
     assert gammas[2][1:] == pytest.approx(gammas[8][1:], rel=1e-5)
@@ -153,8 +130,8 @@ def test_gamma_auto_resume_is_exact(tiny_models, files, tmp_path):
     resumed, uninterrupted = weights(stopped / "final"), weights(full / "final")
     for name, value in uninterrupted.items():
         assert torch.equal(resumed[name], value), name
-    full_rows = {row["step"]: row["gamma"] for row in train_rows(full)}
-    assert {row["step"]: row["gamma"] for row in train_rows(stopped)} == {s: full_rows[s] for s in (3, 4, 5)}
+    full_rows = {row["step"]: row["gamma"] for row in metric_rows(full)}
+    assert {row["step"]: row["gamma"] for row in metric_rows(stopped)} == {s: full_rows[s] for s in (3, 4, 5)}
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -200,6 +177,6 @@ def test_gamma_auto_two_ddp_processes_match_one(tiny_models, files, tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     single = tmp_path / "single"
     train_kd.main(argv(tiny_models, files["train16"], single, *run, "--micro-batch-size", 8))
-    ddp_gammas = [row["gamma"] for row in train_rows(ddp)]
-    single_gammas = [row["gamma"] for row in train_rows(single)]
+    ddp_gammas = [row["gamma"] for row in metric_rows(ddp)]
+    single_gammas = [row["gamma"] for row in metric_rows(single)]
     assert ddp_gammas[0] is None and ddp_gammas[1:] == pytest.approx(single_gammas[1:], rel=1e-5)

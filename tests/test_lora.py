@@ -5,7 +5,6 @@ adapters only, resume is exact, bad values are refused, and DDP / DeepSpeed ZeRO
     pytest tests/test_lora.py
 """
 
-import json
 import os
 import shutil
 import subprocess
@@ -19,43 +18,20 @@ import generate
 import train_kd
 from kd.io import read_jsonl
 from kd.lora import merged_state_dict
+from run_helpers import metric_rows, small_files, weights
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_subset(source, dest, per_direction):
-    kept, counts = [], {}
-    for row in read_jsonl(source):
-        if counts.get(row["direction"], 0) < per_direction:
-            counts[row["direction"]] = counts.get(row["direction"], 0) + 1
-            kept.append(row)
-    Path(dest).write_text("".join(json.dumps(row) + "\n" for row in kept))
-    return str(dest)
-
-
 @pytest.fixture(scope="module")
 def files(demo_data, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("lora_files")
-    return {"train8": write_subset(demo_data / "train.jsonl", folder / "train8.jsonl", 2),
-            "train16": write_subset(demo_data / "train.jsonl", folder / "train16.jsonl", 4),
-            "valid": write_subset(demo_data / "valid.jsonl", folder / "valid.jsonl", 2)}
+    return small_files(demo_data, tmp_path_factory.mktemp("lora_files"))
 
 
 def argv(models, train_file, out, *extra, method="forward"):
     return ["--method", method, "--student", models["student"], "--teacher", models["teacher"],
             "--train-file", str(train_file), "--output-dir", str(out), "--logging-steps", "1", "--seed", "3",
             "--lora-r", "4", *map(str, extra)]
-
-
-def train_rows(out):
-    return [row for row in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())
-            if row["type"] == "train"]
-
-
-def weights(folder, name="model.safetensors"):
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(folder) / name))
 
 
 def test_merge_by_hand():
@@ -78,7 +54,7 @@ def test_lora_learns_and_final_is_a_merged_plain_checkpoint(tiny_models, files, 
     results = train_kd.main(argv(tiny_models, files["train8"], out, "--batch-size", 8, "--micro-batch-size", 4,
                                  "--epochs", 8, "--lr", 1e-2, "--warmup-ratio", 0, "--lr-scheduler",
                                  "constant_with_warmup", "--save-total-limit", 1, valid_file_args(files)))
-    losses = [row["loss"] for row in train_rows(out)]
+    losses = [row["loss"] for row in metric_rows(out)]
     assert sum(losses[-2:]) < sum(losses[:2]) and losses[-1] < losses[0], losses
     assert 0 < results["trainable_parameters"] < results["total_parameters"] / 4
     assert results["hyperparameters"]["lora_alpha"] == 8.0  # default 2r
@@ -165,7 +141,7 @@ def test_lora_under_ddp_and_deepspeed(config, processes, tiny_models, files, tmp
                      "--lr", 1e-2, "--save-steps", 2)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    assert [row["step"] for row in train_rows(out)] == [1, 2, 3]
+    assert [row["step"] for row in metric_rows(out)] == [1, 2, 3]
     merged, info = AutoModelForCausalLM.from_pretrained(out / "final", output_loading_info=True)
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     base = AutoModelForCausalLM.from_pretrained(tiny_models["student"])

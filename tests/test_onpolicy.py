@@ -5,7 +5,6 @@ learning on an over-fit batch, exact resume, refusals, and the launch paths (DDP
     pytest tests/test_onpolicy.py
 """
 
-import json
 import os
 import shutil
 import subprocess
@@ -21,42 +20,20 @@ from kd.io import read_jsonl
 from kd.losses import compute_loss
 from kd.models import load_tokenizer
 from kd.onpolicy import is_on_policy, prompt_lengths, sample_micro_batch, sampling_seed
+from run_helpers import metric_rows, small_files, weights
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_subset(source, dest, per_direction):
-    kept, counts = [], {}
-    for row in read_jsonl(source):
-        if counts.get(row["direction"], 0) < per_direction:
-            counts[row["direction"]] = counts.get(row["direction"], 0) + 1
-            kept.append(row)
-    Path(dest).write_text("".join(json.dumps(row) + "\n" for row in kept))
-    return str(dest)
-
-
 @pytest.fixture(scope="module")
 def files(demo_data, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("onpolicy_files")
-    return {"train8": write_subset(demo_data / "train.jsonl", folder / "train8.jsonl", 2),
-            "train16": write_subset(demo_data / "train.jsonl", folder / "train16.jsonl", 4)}
+    return small_files(demo_data, tmp_path_factory.mktemp("onpolicy_files"))
 
 
 def argv(models, train_file, out, *extra, method="jsd"):
     return ["--method", method, "--student", models["student"], "--teacher", models["teacher"],
             "--train-file", str(train_file), "--output-dir", str(out), "--logging-steps", "1", "--seed", "3",
             "--on-policy-max-new-tokens", "12", *map(str, extra)]
-
-
-def train_rows(out):
-    return [row for row in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())
-            if row["type"] == "train"]
-
-
-def weights(folder):
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(folder) / "model.safetensors"))
 
 
 def first_batch(models, train_file, size):
@@ -116,7 +93,7 @@ def test_one_on_policy_step_equals_an_independent_recomputation(tiny_models, fil
     out = tmp_path / "one"
     train_kd.main(argv(tiny_models, files["train8"], out, "--batch-size", 4, "--micro-batch-size", 4, "--max-steps", 1,
                        "--on-policy-ratio", 1.0, "--kd-ratio", 0.5, "--jsd-beta", 0.3))
-    row = train_rows(out)[0]
+    row = metric_rows(out)[0]
     assert row["on_policy_fraction"] == 1.0
 
     tokenizer, batch = first_batch(tiny_models, files["train8"], 4)
@@ -143,7 +120,7 @@ def test_on_policy_learns_on_an_over_fit_batch(method, tiny_models, files, tmp_p
     train_kd.main(argv(tiny_models, files["train8"], out, "--batch-size", 8, "--micro-batch-size", 4, "--epochs", 10,
                        "--lr", 3e-3, "--warmup-ratio", 0, "--lr-scheduler", "constant_with_warmup",
                        "--on-policy-ratio", 1.0, method=method))
-    losses = [row["loss"] for row in train_rows(out)]
+    losses = [row["loss"] for row in metric_rows(out)]
     assert sum(losses[-3:]) < sum(losses[:3]), losses
 
 
@@ -152,7 +129,7 @@ def test_on_policy_resume_is_exact(tiny_models, files, tmp_path):
            "--save-total-limit", 0, "--on-policy-ratio", 0.5, "--on-policy-temperature", 0.8)
     full = tmp_path / "full"
     train_kd.main(argv(tiny_models, files["train16"], full, *run, method="skew_teacher"))
-    fractions = [row["on_policy_fraction"] for row in train_rows(full)]
+    fractions = [row["on_policy_fraction"] for row in metric_rows(full)]
     assert 0.0 < sum(fractions) / len(fractions) < 1.0, fractions  # both kinds of micro-batches ran
     stopped = tmp_path / "stopped"
     stopped.mkdir()
@@ -162,8 +139,8 @@ def test_on_policy_resume_is_exact(tiny_models, files, tmp_path):
     resumed, uninterrupted = weights(stopped / "final"), weights(full / "final")
     for name, value in uninterrupted.items():
         assert torch.equal(resumed[name], value), name
-    full_rows = {row["step"]: (row["loss"], row["tokens"]) for row in train_rows(full)}
-    assert {row["step"]: (row["loss"], row["tokens"]) for row in train_rows(stopped)} == {s: full_rows[s] for s in (3, 4, 5)}
+    full_rows = {row["step"]: (row["loss"], row["tokens"]) for row in metric_rows(full)}
+    assert {row["step"]: (row["loss"], row["tokens"]) for row in metric_rows(stopped)} == {s: full_rows[s] for s in (3, 4, 5)}
 
 
 @pytest.mark.parametrize("extra, method, message", [
@@ -208,6 +185,6 @@ def test_on_policy_under_ddp_and_zero3(config, processes, tiny_models, files, tm
                     tmp_path / "log.txt")
     if config.startswith("deepspeed"):
         assert "loss path: student logits" in output  # ZeRO-3: generation with synced_gpus
-    rows = train_rows(out)
+    rows = metric_rows(out)
     assert [row["step"] for row in rows] == [1, 2] and all(row["loss"] == row["loss"] for row in rows)
     assert (out / "COMPLETED").is_file()

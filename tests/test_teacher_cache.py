@@ -18,7 +18,7 @@ import cache_teacher
 import train_kd
 from kd.losses import KD_METHODS, compute_loss
 from kd.teacher_cache import MANIFEST, compress_rows, dense_log_probs, shard_name
-from test_train_kd import weights, write_subset
+from run_helpers import weights, write_subset
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from kd.data import IGNORE_INDEX, TrainCollator, TranslationDataset
 from kd.io import read_jsonl
 from kd.losses import KD_METHODS, METHODS, TARGET_MIX_METHODS
 from kd.models import load_tokenizer, tiny_llama, train_tokenizer
+from run_helpers import metric_rows, small_files, weights
 
 TRAIN_KEYS = {"type", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "steps_in_window"}
 RESULT_KEYS = {"method", "hyperparameters", "changed_args", "final_valid_loss", "best_valid_loss", "best_step", "steps", "epochs",
@@ -22,26 +23,10 @@ RESULT_KEYS = {"method", "hyperparameters", "changed_args", "final_valid_loss", 
                "stopped_early", "trainable_parameters", "total_parameters"}
 
 
-def write_subset(source, dest, per_direction):
-    """The first `per_direction` rows of each direction of a prepared JSONL file."""
-    kept, counts = [], {}
-    for row in read_jsonl(source):
-        if counts.get(row["direction"], 0) < per_direction:
-            counts[row["direction"]] = counts.get(row["direction"], 0) + 1
-            kept.append(row)
-    Path(dest).write_text("".join(json.dumps(row) + "\n" for row in kept))
-    return dest
-
-
 @pytest.fixture(scope="module")
 def files(demo_data, tmp_path_factory):
     """Small train/valid files: 8 training examples (one fixed batch), 12, and 8 validation examples."""
-    folder = tmp_path_factory.mktemp("train_kd_files")
-    return {
-        "train8": write_subset(demo_data / "train.jsonl", folder / "train8.jsonl", 2),
-        "train12": write_subset(demo_data / "train.jsonl", folder / "train12.jsonl", 3),
-        "valid": write_subset(demo_data / "valid.jsonl", folder / "valid.jsonl", 2),
-    }
+    return small_files(demo_data, tmp_path_factory.mktemp("train_kd_files"))
 
 
 def train(models, train_file, output_dir, method="sft", *extra, valid_file=None):
@@ -54,19 +39,8 @@ def train(models, train_file, output_dir, method="sft", *extra, valid_file=None)
     return train_kd.main(argv)
 
 
-def rows(output_dir, kind):
-    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
-    return [row for row in map(json.loads, lines) if row["type"] == kind]
-
-
 def checkpoints(output_dir):
     return sorted(p.name for p in Path(output_dir).iterdir() if train_kd.CHECKPOINT_NAME.match(p.name))
-
-
-def weights(folder):
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(folder) / "model.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +57,7 @@ def test_method_trains_and_writes_outputs(method, tiny_models, files, tmp_path):
                     "--epochs", 8, "--lr", 3e-3, "--warmup-ratio", 0, "--lr-scheduler", "constant_with_warmup",
                     "--save-total-limit", 2, valid_file=files["valid"])
 
-    train_rows = rows(out, "train")
+    train_rows = metric_rows(out, "train")
     assert [row["step"] for row in train_rows] == list(range(1, 9))
     losses = [row["loss"] for row in train_rows]
     assert sum(losses[-2:]) < sum(losses[:2]) and losses[-1] < losses[0], losses
@@ -103,7 +77,7 @@ def test_method_trains_and_writes_outputs(method, tiny_models, files, tmp_path):
     if method in ("forward", "reverse", "noevo", "skew_teacher"):
         assert all(row["hard_fraction"] == 0.0 for row in train_rows)
 
-    valid_rows = rows(out, "valid")  # one per epoch end (8 epochs of one step)
+    valid_rows = metric_rows(out, "valid")  # one per epoch end (8 epochs of one step)
     assert [row["step"] for row in valid_rows] == list(range(1, 9))
     valid_directions = sorted({row["direction"] for row in read_jsonl(files["valid"])})
     assert set(valid_rows[0]) == {"type", "step", "epoch", "valid_loss"} | {f"valid_loss/{d}" for d in valid_directions}
@@ -142,7 +116,7 @@ def test_progressive_beta_schedule(tiny_models, files, tmp_path):
     out = tmp_path / "beta"
     train(tiny_models, files["train8"], out, "selfevo", "--batch-size", 4, "--micro-batch-size", 4, "--epochs", 2,
           "--beta", 0.5, "--beta-end", 0.0)
-    assert [row["beta"] for row in rows(out, "train")] == pytest.approx([0.5, 1 / 3, 1 / 6, 0.0])
+    assert [row["beta"] for row in metric_rows(out, "train")] == pytest.approx([0.5, 1 / 3, 1 / 6, 0.0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,8 +194,8 @@ def test_resume_gives_the_uninterrupted_weights(tiny_models, files, tmp_path):
     assert set(resumed) == set(uninterrupted)
     for name, value in uninterrupted.items():
         assert torch.equal(resumed[name], value), name
-    full_rows = {row["step"]: row["loss"] for row in rows(full, "train")}
-    assert {row["step"]: row["loss"] for row in rows(stopped, "train")} == {s: full_rows[s] for s in (3, 4, 5)}
+    full_rows = {row["step"]: row["loss"] for row in metric_rows(full, "train")}
+    assert {row["step"]: row["loss"] for row in metric_rows(stopped, "train")} == {s: full_rows[s] for s in (3, 4, 5)}
 
     # `latest` on a completed run does nothing and returns its results
     again = train(tiny_models, files["train12"], stopped, "selfevo", *args, "--resume-from-checkpoint", "latest")
@@ -236,7 +210,7 @@ def test_early_stopping_stops_after_patience_validations_and_stays_stopped(tiny_
     out = tmp_path / "stopped"
     results = train(tiny_models, files["train12"], out, "selfevo_token", *args, valid_file=files["valid"])
     assert (results["steps"], results["stopped_early"], results["best_step"]) == (3, True, 1)
-    assert [row["step"] for row in rows(out, "valid")] == [1, 2, 3]
+    assert [row["step"] for row in metric_rows(out, "valid")] == [1, 2, 3]
     # killed after the stopping epoch's checkpoint: the resumed run stops again at once
     shutil.rmtree(out / "final")
     (out / "COMPLETED").unlink()
@@ -324,8 +298,8 @@ def test_resume_with_changed_arguments_is_an_error_unless_allowed(tiny_models, f
     assert json.loads((stopped / "config.json").read_text())["changed_args"] == record
     assert results["changed_args"] == record
     assert "--lr 0.003 -> 0.001 from step 2 on" in capsys.readouterr().out
-    assert [row["lr"] for row in rows(stopped, "train")] == [1e-3, 1e-3]  # steps 3 and 4 used the new lr
-    assert [row["lr"] for row in rows(full_run, "train")] == [3e-3, 3e-3]
+    assert [row["lr"] for row in metric_rows(stopped, "train")] == [1e-3, 1e-3]  # steps 3 and 4 used the new lr
+    assert [row["lr"] for row in metric_rows(full_run, "train")] == [3e-3, 3e-3]
 
 
 def test_default_keeps_only_the_latest_checkpoint(tiny_models, files, tmp_path):
@@ -368,7 +342,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_models, files, tmp_
     assert checkpoints(out) == ["step_1"]  # no checkpoint after a bad step
     assert (out / "step_1" / train_kd.TRAINER_STATE).is_file()
     assert not (out / "COMPLETED").exists() and not (out / "final").exists()
-    assert [row["step"] for row in rows(out, "train")] == [1]
+    assert [row["step"] for row in metric_rows(out, "train")] == [1]
 
 
 @pytest.fixture
