@@ -112,12 +112,7 @@ if [[ -n "$DATA_DIR" ]]; then
     TEST_DIR="$DATA/test_first$TEST_LIMIT"
   fi
   MODELS="$OUT/models/${EXP}_tiny"
-  read -r T_LAYERS T_HIDDEN T_HEADS <<<"$TEACHER_SIZE"
-  read -r S_LAYERS S_HIDDEN S_HEADS <<<"$STUDENT_SIZE"
-  step "tiny models" "$LOGS/tiny_models.log" all_exist "$MODELS/teacher/config.json" "$MODELS/student/config.json" -- \
-    "$PYTHON" make_tiny_models.py --data "$DATA" --out "$MODELS" --vocab-size "$VOCAB_SIZE" --seed "$SEED" \
-    --teacher-layers "$T_LAYERS" --teacher-hidden "$T_HIDDEN" --teacher-heads "$T_HEADS" \
-    --student-layers "$S_LAYERS" --student-hidden "$S_HIDDEN" --student-heads "$S_HEADS"
+  tiny_models "$DATA" "$MODELS" "$TEACHER_SIZE" "$STUDENT_SIZE" "$VOCAB_SIZE" "$SEED"
   table_pipeline "$DATA" "$TEST_DIR" "$MODELS/teacher" "$MODELS/student"
   plot figures "curves,fig4" "$FIGURES/curves.png $FIGURES/fig4.png" --runs "$RUNS" --results "$RESULTS"
   say "quickstart finished in $((SECONDS - QUICKSTART_START))s"

@@ -141,15 +141,8 @@ regime_data() {
 # data's tokenizer; sets MODELS. The tokenizer is trained on train.jsonl, deterministically, so
 # every student size of one data set gets the same one (tests/test_study.py checks it).
 regime_models() {
-  local size="$1" t_layers t_hidden t_heads s_layers s_hidden s_heads
-  MODELS="$STUDY_DATA/${REGIME_DATA}_models_${size// /x}"
-  read -r t_layers t_hidden t_heads <<<"$TEACHER_SIZE"
-  read -r s_layers s_hidden s_heads <<<"$size"
-  step "tiny models ($(basename "$MODELS"))" "$LOGS/tiny_models_$(basename "$MODELS").log" \
-    all_exist "$MODELS/teacher/config.json" "$MODELS/student/config.json" -- \
-    "$PYTHON" make_tiny_models.py --data "$DATA" --out "$MODELS" --vocab-size "$VOCAB_SIZE" --seed "$MODEL_SEED" \
-    --teacher-layers "$t_layers" --teacher-hidden "$t_hidden" --teacher-heads "$t_heads" \
-    --student-layers "$s_layers" --student-hidden "$s_hidden" --student-heads "$s_heads"
+  MODELS="$STUDY_DATA/${REGIME_DATA}_models_${1// /x}"
+  tiny_models "$DATA" "$MODELS" "$TEACHER_SIZE" "$1" "$VOCAB_SIZE" "$MODEL_SEED"
 }
 
 # shared_job KIND: a job of the data set's shared experiment: the teacher's base model, the

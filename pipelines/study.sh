@@ -101,13 +101,7 @@ run_r0() {
   step "prepare data (R0)" "$LOGS/prepare_data.log" all_exist "$data/stats.json" -- \
     "$PYTHON" prepare_data.py --demo --out "$data" --demo-train-pairs "$R0_TRAIN_PAIRS" \
     --demo-eval-pairs "$EVAL_PAIRS" --template "$TEMPLATE" --seed "$DATA_SEED"
-  local t_layers t_hidden t_heads s_layers s_hidden s_heads
-  read -r t_layers t_hidden t_heads <<<"$R0_TEACHER_SIZE"
-  read -r s_layers s_hidden s_heads <<<"$R0_STUDENT_SIZE"
-  step "tiny models (R0)" "$LOGS/tiny_models.log" all_exist "$models/teacher/config.json" "$models/student/config.json" -- \
-    "$PYTHON" make_tiny_models.py --data "$data" --out "$models" --vocab-size "$R0_VOCAB_SIZE" --seed "$MODEL_SEED" \
-    --teacher-layers "$t_layers" --teacher-hidden "$t_hidden" --teacher-heads "$t_heads" \
-    --student-layers "$s_layers" --student-hidden "$s_hidden" --student-heads "$s_heads"
+  tiny_models "$data" "$models" "$R0_TEACHER_SIZE" "$R0_STUDENT_SIZE" "$R0_VOCAB_SIZE" "$MODEL_SEED"
   # the first quickstart's settings: lr 1e-3, batch 32, a step cut, no early stopping
   EPOCHS=100 LR=1e-3 BATCH_SIZE="$R0_BATCH_SIZE" MICRO_BATCH_SIZE="$R0_BATCH_SIZE" MAX_STEPS="$R0_TEACHER_STEPS" \
     EVAL_STEPS=50 train teacher sft "$models/teacher" "" "$data/train.jsonl" "$data/valid.jsonl" --save-total-limit 1
