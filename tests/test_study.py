@@ -85,14 +85,17 @@ def test_mean_std_is_the_sample_std():
 @pytest.mark.slow
 def test_study_quick_mode_runs_every_regime_then_skips(tmp_path):
     env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1",
-           "STUDY_SYSTEMS": "student_sft forward selfevo", "REGIMES": "R1 R0 R2 R3 R4"}
+           "STUDY_SYSTEMS": "student_sft forward selfevo", "OTHER_SYSTEMS": "forward selfevo",
+           "REGIMES": "R1 R0 R2 R3 R4"}
     first = subprocess.run(["bash", "pipelines/study.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=1800)  # a hang guard, not a timing
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for regime in ("R0", "R1", "R2", "R3", "R4"):
         summary = json.loads((tmp_path / "study" / regime / "summary.json").read_text())
         assert summary["regime"] == regime
-        expected = {"student_sft", "forward", "selfevo"} | ({"noevo", "selfevo_beta0.9"} if regime == "R1" else set())
+        # R1: STUDY_SYSTEMS, noevo and the sweep; the other regimes: OTHER_SYSTEMS
+        expected = ({"student_sft", "forward", "selfevo", "noevo", "selfevo_beta0.9"} if regime == "R1"
+                    else {"forward", "selfevo"})
         assert set(summary["systems"]) == expected, regime
         for name, entry in summary["systems"].items():
             assert entry["seeds"] == [1]
@@ -110,7 +113,7 @@ def test_study_quick_mode_runs_every_regime_then_skips(tmp_path):
     assert len(models) == 2
     vocabularies = [(m / "student" / "tokenizer.json").read_text() for m in models]
     assert vocabularies[0] == vocabularies[1]
-    r3 = json.loads((tmp_path / "runs" / "study_R3" / "student_sft-s1" / "config.json").read_text())
+    r3 = json.loads((tmp_path / "runs" / "study_R3" / "selfevo-s1" / "config.json").read_text())
     assert "clean_models_1x16x2" in r3["student"] or "study_R3/student_base" in r3["student"]
     r4 = json.loads((tmp_path / "runs" / "study_R4" / "forward-s1" / "config.json").read_text())
     assert r4["student"].endswith("clean_models_1x32x2/student")
