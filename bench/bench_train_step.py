@@ -19,6 +19,11 @@ and transformers themselves are ~0.4 GiB of it).
 The models: a teacher of 4 layers x 256 and a student of 4 layers x 192 (P_t/P_s ~ 1.7, like the
 paper's 13B/7B), a 2000-token BPE vocabulary, on the demo data (prepare_data.py --demo).
 Results: a markdown table on stdout and JSON in bench/results/bench_train_step.json.
+Variants: an entry of --methods may carry train_kd.py flags after the method, e.g.
+    python bench/bench_train_step.py --methods "forward,forward --lora-r 8,forward --on-policy-ratio 0.5"
+measures a LoRA student (kd/lora.py) and on-policy distillation (kd/onpolicy.py) against plain forward
+KD; their rows also give × forward and the optimizer state (2 fp32 AdamW moments per trainable parameter).
+The goal applies to the plain methods only.
 This is not a test; CPU timings on a shared machine are noisy (--threads 1 by default steadies them).
 """
 
@@ -53,7 +58,8 @@ def parse_args(argv):
     parser.add_argument("--micro-batch-size", type=int, default=8, help="examples per forward pass (default 8)")
     parser.add_argument("--vocab-size", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (sft always runs)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated methods, each optionally with train_kd.py flags (sft always runs)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_train_step.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one method's run, JSON on stdout
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -83,27 +89,30 @@ def run_child(args):
     def run(name, max_steps):
         out = work / "runs" / f"{args.child}-{name}"
         shutil.rmtree(out, ignore_errors=True)
-        argv = ["--method", args.child, "--student", str(work / "models" / "student"),
+        method, *flags = args.child.split()
+        argv = ["--method", method, *flags, "--student", str(work / "models" / "student"),
                 "--train-file", str(work / "data" / "train.jsonl"), "--output-dir", str(out),
                 "--batch-size", str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size),
                 "--max-steps", str(max_steps), "--logging-steps", "1", "--lr", "1e-4", "--seed", "0"]
-        if args.child != "sft":
+        if method != "sft":
             argv += ["--teacher", str(work / "models" / "teacher")]
         start = time.process_time()
-        train_kd.main(argv)
+        result = train_kd.main(argv)
         seconds = time.process_time() - start
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        return seconds, [row for row in rows if row["type"] == "train"]
+        return seconds, [row for row in rows if row["type"] == "train"], result
 
     run("imports", args.warmup)
-    short, _ = run("short", args.warmup)
-    long, rows = run("long", args.warmup + args.steps)
+    short, _, _ = run("short", args.warmup)
+    long, rows, result = run("long", args.warmup + args.steps)
     wall = [row["tokens"] / row["tokens_per_s"] for row in rows][args.warmup:]
     print("BENCH " + json.dumps({
         "step_seconds": (long - short) / args.steps,
         "wall_step_seconds": wall,
         "tokens_per_step": statistics.mean(row["tokens"] for row in rows),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "trainable_parameters": result["trainable_parameters"],
+        "optimizer_state_mib": result["trainable_parameters"] * 2 * 4 / 2**20,  # AdamW: 2 fp32 moments
     }))
 
 
@@ -127,7 +136,7 @@ def main(argv=None):
     import prepare_data
     from kd.models import build_tiny_models
 
-    methods = ["sft"] + [m for m in args.methods.split(",") if m and m != "sft"]
+    methods = ["sft"] + [" ".join(m.split()) for m in args.methods.split(",") if m.strip() and m.strip() != "sft"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         prepare_data.main(["--demo", "--out", str(work / "data"), "--demo-train-pairs", "500", "--seed", "0"])
@@ -142,8 +151,9 @@ def main(argv=None):
             print(f"{method}: {measured[method]['step_seconds']:.3f} CPU s/step", file=sys.stderr)
 
     sft = measured["sft"]["step_seconds"]
-    table = ["| method | CPU s / step | × sft | ideal × sft | ratio to ideal | peak RSS (MiB) |",
-             "|---|---|---|---|---|---|"]
+    table = ["| method | CPU s / step | × sft | × forward | ideal × sft | ratio to ideal | trainable params | "
+             "optimizer state (MiB) | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
+    forward = measured.get("forward", {}).get("step_seconds")
     rows = {}
     for method in methods:
         step = measured[method]["step_seconds"]
@@ -151,9 +161,13 @@ def main(argv=None):
         method_ideal = 1.0 if method == "sft" else ideal
         rows[method] = {**measured[method], "times_sft": times_sft, "ideal_times_sft": method_ideal,
                         "ratio_to_ideal": times_sft / method_ideal}
-        table.append(f"| {method} | {step:.3f} | {times_sft:.2f} | {method_ideal:.2f} | "
-                     f"{times_sft / method_ideal:.2f} | {measured[method]['peak_rss_mib']:.0f} |")
-    kd_ratios = [rows[m]["ratio_to_ideal"] for m in methods if m != "sft"]
+        if forward:
+            rows[method]["times_forward"] = step / forward
+        table.append(f"| {method} | {step:.3f} | {times_sft:.2f} | {f'{step / forward:.2f}' if forward else '–'} | "
+                     f"{method_ideal:.2f} | {times_sft / method_ideal:.2f} | "
+                     f"{measured[method]['trainable_parameters']:,} | {measured[method]['optimizer_state_mib']:.2f} | "
+                     f"{measured[method]['peak_rss_mib']:.0f} |")
+    kd_ratios = [rows[m]["ratio_to_ideal"] for m in methods if m != "sft" and " " not in m]  # plain methods
     met = all(r <= GOAL_RATIO for r in kd_ratios)
     report = {
         "benchmark": "train_kd.py seconds per optimizer step, KD methods vs sft and the ideal 1 + 2 P_t / (6 P_s)",
