@@ -24,6 +24,22 @@ TINY_TEACHER = ("--teacher-layers", "2", "--teacher-hidden", "64", "--teacher-he
 TINY_STUDENT = ("--student-layers", "1", "--student-hidden", "32", "--student-heads", "2")
 
 
+# .ci/run runs the suite once per stack (KD_STACK=pinned, KD_STACK=latest). A test marked
+# one_stack("pinned") or one_stack("latest") does not depend on the stack (bash pipeline logic over
+# scripts that every other test runs on both stacks; torch-only code): CI runs it on one stack only,
+# to keep CI short. Without KD_STACK every test runs.
+def pytest_collection_modifyitems(config, items):
+    stack = os.environ.get("KD_STACK")
+    if not stack:
+        return
+    for item in items:
+        marker = item.get_closest_marker("one_stack")
+        if marker and marker.args[0] != stack:
+            why = marker.kwargs.get("why", "bash pipeline logic over scripts tested on both stacks")
+            item.add_marker(pytest.mark.skip(reason=f"one stack is enough ({why}): .ci/run runs it on the "
+                                                    f"{marker.args[0]} stack (KD_STACK={stack})"))
+
+
 @pytest.fixture(scope="session")
 def repo_root():
     return REPO_ROOT

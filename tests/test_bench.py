@@ -24,6 +24,7 @@ def run_bench(script, *argv):
 
 
 @pytest.mark.slow
+@pytest.mark.one_stack("pinned", why="torch only: no transformers or numpy in the losses")
 def test_bench_losses_runs(tmp_path):
     out = tmp_path / "losses.json"
     run_bench("bench_losses.py", "--tokens", "32", "--vocab", "64", "--hidden", "16", "--repeat", "1",

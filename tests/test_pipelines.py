@@ -194,6 +194,7 @@ def file_times(root):
 
 
 @pytest.mark.slow
+@pytest.mark.one_stack("pinned")
 def test_quickstart_reduced_then_rerun_skips(tmp_path):
     missing = [s for s in ("prepare_data.py", "make_tiny_models.py", "train_kd.py", "generate.py", "evaluate.py")
                if not (REPO_ROOT / s).is_file()]

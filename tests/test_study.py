@@ -83,6 +83,7 @@ def test_mean_std_is_the_sample_std():
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.one_stack("latest")
 def test_study_quick_mode_runs_every_regime_then_skips(tmp_path):
     env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1",
            "STUDY_SYSTEMS": "student_sft forward selfevo", "OTHER_SYSTEMS": "forward selfevo",
