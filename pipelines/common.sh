@@ -196,13 +196,13 @@ all_exist() {
 # random-init teacher and student ("LAYERS HIDDEN HEADS" each) sharing a tokenizer trained on DATA's
 # training set, in MODELS/teacher and MODELS/student; skipped when both exist.
 tiny_models() {
-  local data="$1" models="$2" teacher_size="$3" student_size="$4" vocab_size="$5" seed="$6"
+  local data="$1" models="$2" teacher_size="$3" student_size="$4" vocab_size="$5" init_seed="$6"
   local t_layers t_hidden t_heads s_layers s_hidden s_heads
   read -r t_layers t_hidden t_heads <<<"$teacher_size"
   read -r s_layers s_hidden s_heads <<<"$student_size"
   step "tiny models ($(basename "$models"))" "$LOGS/tiny_models_$(basename "$models").log" \
     all_exist "$models/teacher/config.json" "$models/student/config.json" -- \
-    "$PYTHON" make_tiny_models.py --data "$data" --out "$models" --vocab-size "$vocab_size" --seed "$seed" \
+    "$PYTHON" make_tiny_models.py --data "$data" --out "$models" --vocab-size "$vocab_size" --seed "$init_seed" \
     --teacher-layers "$t_layers" --teacher-hidden "$t_hidden" --teacher-heads "$t_heads" \
     --student-layers "$s_layers" --student-hidden "$s_hidden" --student-heads "$s_heads"
 }
