@@ -26,7 +26,7 @@ def train_file(demo_data, tmp_path_factory):
     """80 training examples (20 per direction of the demo): 10 shards of 8."""
     folder = tmp_path_factory.mktemp("cache_files")
     shutil.copy(demo_data / "stats.json", folder / "stats.json")  # the template travels with the data
-    return write_subset(demo_data / "train.jsonl", folder / "train.jsonl", 20)
+    return Path(write_subset(demo_data / "train.jsonl", folder / "train.jsonl", 20))
 
 
 def build(tiny_models, train_file, out, *extra, top_k="all"):
