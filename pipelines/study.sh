@@ -2,7 +2,7 @@
 # The fidelity study: does Self-Evolution KD do what the paper says, and when? Pre-registered
 # regimes on the demo task, every regime varying one factor from R1, at least 3 seeds a cell.
 #
-#   bash pipelines/study.sh                     # every regime (about 3 hours on 2 CPU cores)
+#   bash pipelines/study.sh                     # every regime (projected: about 3 hours on 2 CPU cores)
 #   REGIMES="R1" bash pipelines/study.sh        # one regime
 #   QUICK=1 OUT=/tmp/s bash pipelines/study.sh  # a few steps, 1 seed: what the tests run
 #
