@@ -97,7 +97,8 @@ train_base() {
     train "$name" sft "$model" "" "$DATA/mono.jsonl" "$DATA/mono_valid.jsonl" --save-total-limit 1
 }
 
-# student_job SYSTEM SEED: train, translate and score one student system.
+# student_job SYSTEM SEED [unscored]: train, translate and score one student system (unscored: not
+# scored yet: a system that trains alongside the teacher is scored after it, against its translations).
 student_job() {
   local system="$1" seed="$2" run spec=()
   run="$system-s$seed"
@@ -112,7 +113,7 @@ student_job() {
   SEED="$seed" train "$run" "$method" "$STUDENT_INIT_MODEL" "$teacher" "$train_file" "$DATA/valid.jsonl" \
     "${spec[@]:1}" "${flags[@]}"
   generate "$run" "$RUNS/$run/best" "$TEST_DIR"
-  evaluate "$run" "$TEST_DIR" teacher
+  [[ "${3:-}" == unscored ]] || evaluate "$run" "$TEST_DIR" teacher
 }
 
 # teacher_job: the SFT teacher from its base model, its translations and scores.
@@ -155,49 +156,87 @@ shared_job() {
   esac
 }
 
+# regime_job KIND ARGS...: one job of run_regime's lanes, in its own experiment (each lane is a
+# subshell, so setting RUNS, LOGS, ... there leaves the other lanes alone):
+#   shared teacher_base|student_base|teacher   the data set's shared experiment
+#   own_base                                   R3's small student's base model (the regime's experiment)
+#   student SYSTEM SEED [unscored]             a student system (the regime's experiment)
+regime_job() {
+  local kind="$1"
+  shift
+  case "$kind" in
+    shared) use_experiment "$SHARED_EXP"; MODELS="$SHARED_MODELS"; shared_job "$@" ;;
+    own_base) use_experiment "$REGIME_EXP"; train_base student_base "$REGIME_MODELS/student" ;;
+    student) use_experiment "$REGIME_EXP"; student_job "$@" ;;
+    *) die "regime_job $kind: unknown (pipeline bug)" ;;
+  esac
+}
+
+# needs_teacher SYSTEM: the system learns from the teacher (every KD method, and seqkd from its
+# translations); student SFT does not, so it trains while the teacher does.
+needs_teacher() {
+  [[ "$1" == seqkd || "$(system_spec "$1")" != sft ]]
+}
+
 # run_regime REGIME: the whole regime for the systems of the array SYSTEMS and the seeds SEEDS.
 #   Shared by the regimes of one data set (experiment ${STUDY_EXP}_<data>): the base models and
 #   the SFT teacher. Per regime (experiment ${STUDY_EXP}_<regime>): the student systems, links to
 #   the teacher's run, hypotheses and scores, and R3's small student base.
+#   Three rounds of LANES-wide lanes: the base models; the teacher with the systems that need no
+#   teacher beside it; the other systems (their order in SYSTEMS is the order they start in: put
+#   the slowest first so that no lane idles at the end).
 run_regime() {
   regime_settings "$1"
-  use_experiment "${STUDY_EXP}_$REGIME_DATA"
+  SHARED_EXP="${STUDY_EXP}_$REGIME_DATA" REGIME_EXP="${STUDY_EXP}_$REGIME"
+  use_experiment "$SHARED_EXP"
   regime_data
   regime_models "$STUDENT_SIZE"
+  SHARED_MODELS="$MODELS"
   local shared_runs="$RUNS" shared_hyps="$HYPS" shared_results="$RESULTS"
-  say "== $REGIME: base models and the SFT teacher ($shared_runs)"
-  local jobs=(teacher_base)
-  if [[ "$REGIME_STUDENT_INIT" == base && "$REGIME_STUDENT" == "$STUDENT_SIZE" ]]; then jobs+=(student_base); fi
-  run_lanes shared_job "${jobs[@]}"
-  shared_job teacher
   TEACHER_MODEL_DIR="$shared_runs/teacher/best"
+  local base_jobs=("shared teacher_base")
+  if [[ "$REGIME_STUDENT_INIT" == random ]]; then
+    STUDENT_INIT_MODEL="$MODELS/student"
+  elif [[ "$REGIME_STUDENT" == "$STUDENT_SIZE" ]]; then
+    base_jobs+=("shared student_base")
+    STUDENT_INIT_MODEL="$shared_runs/student_base/final"
+  else
+    use_experiment "$REGIME_EXP"
+    regime_models "$REGIME_STUDENT"
+    REGIME_MODELS="$MODELS"
+    base_jobs+=(own_base)
+    STUDENT_INIT_MODEL="$RUNS/student_base/final"
+  fi
+  say "== $REGIME: base models and the SFT teacher ($shared_runs)"
+  run_lanes regime_job "${base_jobs[@]}"
+  local untaught=() taught=() seed system
+  for seed in $SEEDS; do
+    for system in "${SYSTEMS[@]}"; do
+      if needs_teacher "$system"; then taught+=("student $system $seed"); else untaught+=("student $system $seed unscored"); fi
+    done
+  done
+  run_lanes regime_job "shared teacher" "${untaught[@]}"
+
+  use_experiment "$SHARED_EXP"
   # once per data set: the shared teacher translates its training set (for the seqkd system, also
-  # when study.sh runs it as one of R1's extra systems)
+  # when study.sh runs it as one of R1's extra systems), and, with TEACHER_CACHE=1, stores its
+  # distributions over it (built here, before the lanes that read it)
   if [[ " ${SYSTEMS[*]} ${R1_EXTRA_SYSTEMS:-} " == *" seqkd "* ]]; then
     seqkd_data teacher "$TEACHER_MODEL_DIR" "$DATA/train.jsonl"
   fi
+  if [[ "$TEACHER_CACHE" == 1 ]]; then teacher_cache "$TEACHER_MODEL_DIR" "$DATA/train.jsonl"; fi
 
-  use_experiment "${STUDY_EXP}_$REGIME"
+  use_experiment "$REGIME_EXP"
   # the teacher's run and translations by link, its scores by copy (evaluate.py and the summary read
   # them here); kept as they are on a re-run, so that nothing looks newer than it is
   [[ -e "$RUNS/teacher" ]] || ln -s "$shared_runs/teacher" "$RUNS/teacher"
   [[ -e "$HYPS/teacher" ]] || ln -s "$shared_hyps/teacher" "$HYPS/teacher"
   [[ "$RESULTS/teacher.json" -nt "$shared_results/teacher.json" ]] || cp -p "$shared_results/teacher.json" "$RESULTS/"
-  if [[ "$REGIME_STUDENT_INIT" == random ]]; then
-    STUDENT_INIT_MODEL="$MODELS/student"
-  elif [[ "$REGIME_STUDENT" == "$STUDENT_SIZE" ]]; then
-    STUDENT_INIT_MODEL="$shared_runs/student_base/final"
-  else
-    regime_models "$REGIME_STUDENT"
-    train_base student_base "$MODELS/student"
-    STUDENT_INIT_MODEL="$RUNS/student_base/final"
-  fi
   say "== $REGIME: ${#SYSTEMS[@]} systems x seeds ($SEEDS), $LANES at a time, from $STUDENT_INIT_MODEL"
-  local job_list=() seed system
-  for seed in $SEEDS; do
-    for system in "${SYSTEMS[@]}"; do job_list+=("$system $seed"); done
-  done
-  run_lanes student_job "${job_list[@]}"
+  # first the scores of the systems that trained beside the teacher (their training and translation
+  # are skipped as complete), then the others
+  local untaught_scores=("${untaught[@]/% unscored/}")
+  run_lanes regime_job "${untaught_scores[@]}" "${taught[@]}"
 }
 
 # summarize REGIME: $STUDY_RESULTS/<regime>/{summary.json,table.md,curves.png} and the settings it

@@ -207,6 +207,17 @@ def test_quickstart_reduced_then_rerun_skips(tmp_path):
     ran = [m.group(1) for m in STEP_LINE.finditer(first.stdout) if m.group(2) == "running"]
     assert "train selfevo-s1" in ran and "generate teacher" in ran and "evaluate forward-s1" in ran, first.stdout
     assert "train teacher_base" in ran and "train student_base" in ran, first.stdout  # R1: base models first
+    # student SFT needs no teacher: it starts beside the teacher, before the teacher's training ends
+    assert first.stdout.index("step train student_sft-s1: running") < first.stdout.index("step train teacher: done")
+    # the KD runs read the teacher's full distributions from the one cache built after the teacher
+    caches = list((tmp_path / "teacher_cache").glob("teacher-best-kall-*"))
+    assert len(caches) == 1 and json.loads((caches[0] / "manifest.json").read_text())["top_k"] is None
+    for name in ("forward", "reverse", "skew", "selfevo"):
+        config = json.loads((tmp_path / "runs" / "quickstart_R1" / f"{name}-s1" / "config.json").read_text())
+        assert config["teacher_cache"] == str(caches[0]) and config["teacher"] is None, name
+    for name in ("student_sft", "seqkd"):
+        config = json.loads((tmp_path / "runs" / "quickstart_R1" / f"{name}-s1" / "config.json").read_text())
+        assert config["teacher_cache"] is None and config["teacher"] is None, name
 
     table = tmp_path / "results" / "quickstart" / "table.md"
     text = table.read_text()
