@@ -59,6 +59,10 @@ set -euo pipefail
 : "${NUM_PROCESSES:=1}"
 : "${BF16:=0}"
 : "${SEED:=1}"
+# the student systems (regimes.sh: system_spec), in the order they start: the slowest first (student
+# SFT trains beside the teacher); noevo: see the header. pipelines/beyond.sh sets others.
+: "${QUICKSTART_SYSTEMS:=selfevo skew reverse forward seqkd student_sft}"
+: "${QUICKSTART_SEEDS:=$SEED}"
 : "${LANES:=2}"                 # trainings at once (one per core)
 : "${THREADS:=1}"               # torch threads per process (OMP_NUM_THREADS): tiny matrices gain
                                 # little from a second thread, and oversubscribed OpenMP threads on a
@@ -141,10 +145,10 @@ fi
 source "$(dirname "${BASH_SOURCE[0]}")/regimes.sh"
 # shellcheck disable=SC2034  # read by regimes.sh and common.sh
 {
-  MICRO_BATCH_SIZE="$BATCH_SIZE" EVAL_STEPS="" MAX_STEPS="" SEEDS="$SEED"
+  MICRO_BATCH_SIZE="$BATCH_SIZE" EVAL_STEPS="" MAX_STEPS=""
   STUDY_EXP="$EXP" STUDY_DATA="$OUT/data/$EXP" STUDY_RESULTS="$OUT/results"
-  # the order they start in, slowest first (student SFT trains beside the teacher); noevo: see the header
-  SYSTEMS=(selfevo skew reverse forward seqkd student_sft)
+  read -r -a SYSTEMS <<<"$QUICKSTART_SYSTEMS"
+  SEEDS="$QUICKSTART_SEEDS"
   CHECKPOINT=best
 }
 run_regime R1

@@ -37,12 +37,18 @@ regime_settings() {
   esac
 }
 
+# the systems beyond the paper (README, "Beyond the paper"): GKD's β (0.5: the symmetric JSD), the
+# share of on-policy batches, the LoRA rank and scale (alpha = 2r, peft's common choice)
+: "${JSD_BETA:=0.5}" "${ON_POLICY_RATIO:=0.5}" "${LORA_R:=8}" "${LORA_ALPHA:=16}"
+
 # system_spec SYSTEM: "method flags..." of a student system: the paper's systems at the paper's
 # λ = α = β = 0.5 and Γ = 0.4, the ablations, the sweep points selfevo_{beta,gamma,topk}<x>, and
-# the systems beyond the paper: seqkd (sequence-level KD) and selfevo_gammaauto (Γ without tuning).
+# the systems beyond the paper: seqkd (sequence-level KD), selfevo_gammaauto (Γ without tuning), jsd
+# and jsd_onpolicy (GKD), and <system>_lora (the system with a LoRA student).
 system_spec() {
   local name="$1" x
   case "$name" in
+    *_lora) echo "$(system_spec "${name%_lora}") --lora-r $LORA_R --lora-alpha $LORA_ALPHA" ;;
     student_sft) echo "sft" ;;
     seqkd) echo "sft" ;;  # on the teacher's translations of the training set (student_job)
     forward | reverse) echo "$name --kd-ratio $KD_RATIO" ;;
@@ -52,6 +58,10 @@ system_spec() {
     selfevo_topk) echo "selfevo --target-mix $TARGET_MIX --beta $BETA --top-k $TOP_K" ;;
     # Γ without tuning (train_kd.py --gamma auto, kd/gamma.py), against the paper's Γ = 0.4
     selfevo_gammaauto) echo "selfevo --target-mix $TARGET_MIX --beta $BETA --gamma auto" ;;
+    # GKD's generalized JSD, on the references and on the student's own samples (a share
+    # ON_POLICY_RATIO of the batches), and any system with a LoRA student (<system>_lora)
+    jsd) echo "jsd --jsd-beta $JSD_BETA" ;;
+    jsd_onpolicy) echo "jsd --jsd-beta $JSD_BETA --on-policy-ratio $ON_POLICY_RATIO --on-policy-max-new-tokens $MAX_NEW_TOKENS" ;;
     selfevo_beta*) x="${name#selfevo_beta}"; echo "selfevo --target-mix $TARGET_MIX --beta $x --gamma $GAMMA" ;;
     selfevo_gamma*) x="${name#selfevo_gamma}"; echo "selfevo --target-mix $TARGET_MIX --beta $BETA --gamma $x" ;;
     selfevo_topk*) x="${name#selfevo_topk}"; echo "selfevo --target-mix $TARGET_MIX --beta $BETA --top-k $x" ;;
@@ -105,7 +115,7 @@ student_job() {
   read -r -a spec <<<"$(system_spec "$system")"
   local method="${spec[0]}" teacher="$TEACHER_MODEL_DIR" train_file="$DATA/train.jsonl"
   [[ "$method" == sft ]] && teacher=""
-  if [[ "$system" == seqkd ]]; then  # sequence-level KD: SFT on the teacher's translations (run_regime)
+  if [[ "${system%_lora}" == seqkd ]]; then  # sequence-level KD: SFT on the teacher's translations (run_regime)
     train_file="${SEQKD_TRAIN_FILE:?seqkd: no teacher-translated training file (pipeline bug)}"
   fi
   local flags=()
@@ -175,7 +185,7 @@ regime_job() {
 # needs_teacher SYSTEM: the system learns from the teacher (every KD method, and seqkd from its
 # translations); student SFT does not, so it trains while the teacher does.
 needs_teacher() {
-  [[ "$1" == seqkd || "$(system_spec "$1")" != sft ]]
+  [[ "${1%_lora}" == seqkd || "$(system_spec "$1" | cut -d' ' -f1)" != sft ]]
 }
 
 # run_regime REGIME: the whole regime for the systems of the array SYSTEMS and the seeds SEEDS.
@@ -187,6 +197,8 @@ needs_teacher() {
 #   the slowest first so that no lane idles at the end).
 run_regime() {
   regime_settings "$1"
+  local system
+  for system in "${SYSTEMS[@]}"; do system_spec "$system" >/dev/null; done   # an unknown name stops here
   SHARED_EXP="${STUDY_EXP}_$REGIME_DATA" REGIME_EXP="${STUDY_EXP}_$REGIME"
   use_experiment "$SHARED_EXP"
   regime_data
@@ -209,7 +221,7 @@ run_regime() {
   fi
   say "== $REGIME: base models and the SFT teacher ($shared_runs)"
   run_lanes regime_job "${base_jobs[@]}"
-  local untaught=() taught=() seed system
+  local untaught=() taught=() seed
   for seed in $SEEDS; do
     for system in "${SYSTEMS[@]}"; do
       if needs_teacher "$system"; then taught+=("student $system $seed"); else untaught+=("student $system $seed unscored"); fi
@@ -221,7 +233,7 @@ run_regime() {
   # once per data set: the shared teacher translates its training set (for the seqkd system, also
   # when study.sh runs it as one of R1's extra systems), and, with TEACHER_CACHE=1, stores its
   # distributions over it (built here, before the lanes that read it)
-  if [[ " ${SYSTEMS[*]} ${R1_EXTRA_SYSTEMS:-} " == *" seqkd "* ]]; then
+  if [[ " ${SYSTEMS[*]} ${R1_EXTRA_SYSTEMS:-} " == *" seqkd "* || " ${SYSTEMS[*]} " == *" seqkd_lora "* ]]; then
     seqkd_data teacher "$TEACHER_MODEL_DIR" "$DATA/train.jsonl"
   fi
   if [[ "$TEACHER_CACHE" == 1 ]]; then teacher_cache "$TEACHER_MODEL_DIR" "$DATA/train.jsonl"; fi

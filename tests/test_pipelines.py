@@ -244,3 +244,33 @@ def test_quickstart_reduced_then_rerun_skips(tmp_path):
     after = file_times(tmp_path / "runs") | file_times(tmp_path / "hyps") | file_times(tmp_path / "results") \
         | file_times(tmp_path / "figures")
     assert after == before
+
+
+@pytest.mark.slow
+@pytest.mark.one_stack("latest", why="the pinned stack runs the quickstart itself; both share run_regime")
+def test_beyond_reduced_runs_onpolicy_live_and_lora_cached(tmp_path):
+    env = {"QUICK": "1", "OUT": str(tmp_path), "COMET_MODEL": "none", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "BEYOND_SYSTEMS": "jsd_onpolicy selfevo_lora"}
+    result = run_bash("bash pipelines/beyond.sh", env, timeout=1200)  # a hang guard, not a timing
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = tmp_path / "runs" / "quickstart_R1"
+    assert sorted(p.name for p in runs.iterdir()) == ["jsd_onpolicy-s1", "selfevo_lora-s1", "teacher"]
+    # on-policy batches hold the student's own samples, which no cache has: the live teacher
+    onpolicy = json.loads((runs / "jsd_onpolicy-s1" / "config.json").read_text())
+    assert onpolicy["method"] == "jsd" and onpolicy["on_policy_ratio"] == 0.5 and onpolicy["jsd_beta"] == 0.5
+    assert onpolicy["teacher"].endswith("quickstart_clean/teacher/best") and onpolicy["teacher_cache"] is None
+    # the LoRA student reads the cache and its best checkpoint is a merged model generate.py loaded
+    lora = json.loads((runs / "selfevo_lora-s1" / "config.json").read_text())
+    assert lora["method"] == "selfevo" and lora["lora_r"] == 8 and lora["lora_alpha"] == 16
+    assert lora["teacher"] is None and "teacher-best-kall-" in lora["teacher_cache"]
+    best = runs / "selfevo_lora-s1" / "best"
+    assert (best / "model.safetensors").is_file() and (best / "adapter" / "adapter_config.json").is_file()
+    hyps = sorted(p.name for p in (tmp_path / "hyps" / "quickstart_R1" / "selfevo_lora-s1").glob("*.jsonl"))
+    assert hyps == ["cs-en.jsonl", "de-en.jsonl", "en-cs.jsonl", "en-de.jsonl"]
+    summary = json.loads((tmp_path / "results" / "quickstart" / "summary.json").read_text())
+    assert set(summary["systems"]) == {"jsd_onpolicy", "selfevo_lora"}
+
+    unknown = run_bash("bash pipelines/beyond.sh", {**env, "BEYOND_SYSTEMS": "selfevo_typo"}, timeout=240)
+    assert unknown.returncode != 0 and "system selfevo_typo: unknown" in unknown.stdout + unknown.stderr
+    assert "train selfevo_typo" not in unknown.stdout
