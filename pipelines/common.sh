@@ -335,10 +335,8 @@ train() {
     --output-dir "$RUNS/$name" --epochs "$EPOCHS" --batch-size "$BATCH_SIZE"
     --micro-batch-size "$MICRO_BATCH_SIZE" --lr "$LR" --warmup-ratio "$WARMUP_RATIO"
     --max-length "$MAX_LENGTH" --seed "$SEED" --resume-from-checkpoint latest)
-  local live_teacher=0
   # on-policy runs score the student's own samples, which no cache holds: they keep the live teacher
-  if [[ " $* " == *" --on-policy-ratio "* ]]; then live_teacher=1; fi
-  if [[ -n "$teacher" && "$TEACHER_CACHE" == 1 && $live_teacher == 0 ]]; then
+  if [[ -n "$teacher" && "$TEACHER_CACHE" == 1 && " $* " != *" --on-policy-ratio "* ]]; then
     if [[ ! -f "$RUNS/$name/COMPLETED" ]]; then teacher_cache "$teacher" "$train_file"; fi
     args+=(--teacher-cache "$(teacher_cache_dir "$teacher" "$train_file")")
   elif [[ -n "$teacher" ]]; then
