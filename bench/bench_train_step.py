@@ -3,6 +3,8 @@ against the ideal cost of distillation.
 
     python bench/bench_train_step.py                    # tiny teacher/student built here, CPU, 1 thread
     python bench/bench_train_step.py --steps 20 --batch-size 32 --threads 0
+    python bench/bench_train_step.py --teacher-size 2 48 2 --student-size 1 32 2 --vocab-size 300 --train-pairs 20
+                                                        # toy size, seconds (tests/test_bench.py)
 
 A KD step adds a teacher forward to the student's forward + backward. Counting FLOPs per token as
 2·P for a forward and 6·P for forward + backward (P = parameters without the input embedding, which
@@ -57,6 +59,10 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step (default 16)")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="examples per forward pass (default 8)")
     parser.add_argument("--vocab-size", type=int, default=2000)
+    parser.add_argument("--teacher-size", type=int, nargs=3, default=TEACHER_SIZE, metavar=("LAYERS", "HIDDEN", "HEADS"),
+                        help="the teacher built here (default %(default)s: P_t/P_s ~ 1.7, like 13B/7B)")
+    parser.add_argument("--student-size", type=int, nargs=3, default=STUDENT_SIZE, metavar=("LAYERS", "HIDDEN", "HEADS"))
+    parser.add_argument("--train-pairs", type=int, default=500, help="demo pairs per language pair (default 500)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="comma-separated methods, each optionally with train_kd.py flags (sft always runs)")
@@ -139,9 +145,10 @@ def main(argv=None):
     methods = ["sft"] + [" ".join(m.split()) for m in args.methods.split(",") if m.strip() and m.strip() != "sft"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        prepare_data.main(["--demo", "--out", str(work / "data"), "--demo-train-pairs", "500", "--seed", "0"])
+        prepare_data.main(["--demo", "--out", str(work / "data"), "--demo-train-pairs", str(args.train_pairs),
+                           "--seed", "0"])
         build_tiny_models(work / "data" / "train.jsonl", work / "models", vocab_size=args.vocab_size,
-                          teacher_size=TEACHER_SIZE, student_size=STUDENT_SIZE)
+                          teacher_size=tuple(args.teacher_size), student_size=tuple(args.student_size))
         p_teacher = non_embedding_parameters(work / "models" / "teacher")
         p_student = non_embedding_parameters(work / "models" / "student")
         ideal = 1 + 2 * p_teacher / (6 * p_student)
@@ -172,7 +179,8 @@ def main(argv=None):
     report = {
         "benchmark": "train_kd.py seconds per optimizer step, KD methods vs sft and the ideal 1 + 2 P_t / (6 P_s)",
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
-        "setup": {"teacher_size": TEACHER_SIZE, "student_size": STUDENT_SIZE, "vocab_size": args.vocab_size,
+        "setup": {"teacher_size": tuple(args.teacher_size), "student_size": tuple(args.student_size),
+                  "vocab_size": args.vocab_size, "train_pairs": args.train_pairs,
                   "p_teacher_non_embedding": p_teacher, "p_student_non_embedding": p_student,
                   "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
                   "steps": args.steps, "warmup": args.warmup},

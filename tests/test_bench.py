@@ -1,6 +1,6 @@
 """The bench scripts run on the installed stack (the pinned one and the newest: .ci/run runs both):
-smallest settings, real scripts, a results JSON. Not timings. (bench_train_step.py is left out: even
-at one step it builds and trains its own models per method, over 10 minutes on a busy 2-core machine.)
+smallest settings, real scripts, a results JSON. Not timings: the checks are on what the numbers are
+made of (parameter counts, the ideal's formula, the ratios' bases).
 
     pytest tests/test_bench.py
 """
@@ -50,3 +50,43 @@ def test_bench_teacher_cache_runs(tiny_models, demo_data, tmp_path):
     trained = report["setups"][f"trained teacher {tiny_models['teacher']}"]
     assert {row["top_k"] for row in trained["truncation"]} == {8}
     assert trained["cost"]["cache_step_over_sft"] > 0 and trained["sweep"]["runs"] == 1
+
+
+@pytest.mark.slow
+def test_bench_train_step_counts_and_ratios(tmp_path):
+    """bench_train_step.py at toy size: sft, forward and a LoRA forward, each in its own process.
+
+    The ideal is 1 + 2 P_t / (6 P_s) of the non-embedding counts it reports; full fine-tuning trains
+    the student's every parameter (non-embedding + vocabulary x hidden); a rank-r LoRA on every linear
+    layer but the lm_head trains r (11 h + 3 I) per layer (q, k, v, o: r (h + h) each; gate, up,
+    down: r (h + I) each), and its optimizer state is 2 fp32 moments per trainable parameter.
+    """
+    out = tmp_path / "train_step.json"
+    layers, hidden, intermediate, rank = 1, 32, 64, 4   # kd/models.tiny_llama: I = hidden * 8 // 3 // 32 * 32
+    done = run_bench("bench_train_step.py", "--steps", "2", "--warmup", "1", "--batch-size", "4",
+                     "--micro-batch-size", "2", "--vocab-size", "300", "--train-pairs", "20",
+                     "--teacher-size", "2", "48", "2", "--student-size", layers, hidden, "2",
+                     "--methods", f"forward,forward --lora-r {rank}", "--out", out)
+    report = json.loads(out.read_text())
+    setup, rows = report["setup"], report["methods"]
+    assert setup["teacher_size"] == [2, 48, 2] and setup["student_size"] == [layers, hidden, 2]
+    p_t, p_s = setup["p_teacher_non_embedding"], setup["p_student_non_embedding"]
+    assert report["ideal_kd_times_sft"] == pytest.approx(1 + 2 * p_t / (6 * p_s), rel=1e-12)
+    assert list(rows) == ["sft", "forward", f"forward --lora-r {rank}"]
+
+    full = rows["sft"]["trainable_parameters"]
+    assert rows["forward"]["trainable_parameters"] == full
+    embedding = full - p_s                      # the input embedding: vocabulary x hidden
+    assert embedding > 0 and embedding % hidden == 0 and embedding // hidden <= 300
+    lora = rows[f"forward --lora-r {rank}"]
+    assert lora["trainable_parameters"] == layers * rank * (11 * hidden + 3 * intermediate)
+    for row in rows.values():
+        assert row["optimizer_state_mib"] == pytest.approx(row["trainable_parameters"] * 8 / 2**20)
+        assert row["step_seconds"] > 0 and len(row["wall_step_seconds"]) == 2
+        assert row["times_forward"] == pytest.approx(row["step_seconds"] / rows["forward"]["step_seconds"])
+        assert row["times_sft"] == pytest.approx(row["step_seconds"] / rows["sft"]["step_seconds"])
+    assert rows["sft"]["ratio_to_ideal"] == 1.0 and rows["sft"]["ideal_times_sft"] == 1.0
+    assert rows["forward"]["ratio_to_ideal"] == pytest.approx(rows["forward"]["times_sft"] / report["ideal_kd_times_sft"])
+    # the goal is judged on the plain methods only (the LoRA row is a variant)
+    assert report["goal_met"] == (rows["forward"]["ratio_to_ideal"] <= 1.1)
+    assert "| forward --lora-r 4 |" in done.stdout and "goal (every KD method" in done.stdout
