@@ -151,6 +151,13 @@ def fmt(entry, digits=2):
     return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
 
 
+def stuck_at_first_epoch(entry):
+    """Seeds stopped by early stopping whose best validation loss is their first epoch's."""
+    best = (entry.get("best_epoch") or {}).get("values") or []
+    return sum(stopped is True and epoch is not None and epoch <= 1.0
+               for stopped, epoch in zip(entry["stopped_early"], best))
+
+
 def make_table(summary):
     directions = summary["directions"]
     baseline = summary["baseline"]
@@ -177,6 +184,9 @@ def make_table(summary):
         at_cap = sum(stopped is False for stopped in entry["stopped_early"])
         if at_cap:  # ran to --epochs without early stopping: possibly not converged
             epochs += f" ({at_cap}/{len(entry['seeds'])} at the cap)"
+        stuck = stuck_at_first_epoch(entry)
+        if stuck:  # stopped early without ever beating its first epoch: kept an almost untrained model
+            epochs += f" ({stuck}/{len(entry['seeds'])} best at epoch 1)"
         cells = ([name, str(len(entry["seeds"]))] + [fmt(entry["bleu"].get(d)) for d in directions]
                  + [fmt(entry["bleu"]["avg"]), fmt(entry["chrf"]["avg"]), fmt(entry.get("teacher_bleu")), delta, wins,
                     fmt(entry.get("best_valid_loss"), 4), fmt(entry.get("best_epoch"), 1), epochs, hard])
@@ -186,7 +196,9 @@ def make_table(summary):
             f"seed-averaged BLEU against {baseline} (two-sided, {BOOTSTRAP_SAMPLES} samples); wins: seeds in "
             f"which the system's average BLEU beats {baseline}'s of the same seed; 'at the cap': seeds that ran "
             f"to the epoch limit without stopping early (their validation loss was still improving within "
-            f"the patience: not shown to have converged).\n")
+            f"the patience: not shown to have converged); 'best at epoch 1': seeds stopped by early stopping "
+            f"whose validation loss never went below its first epoch's (they keep an almost untrained model: "
+            f"stopped, not converged).\n")
     return "\n".join(lines) + "\n" + note
 
 

@@ -84,6 +84,25 @@ def test_mean_std_is_the_sample_std():
 
 @pytest.mark.slow
 @pytest.mark.one_stack("latest")
+def test_table_flags_seeds_at_the_cap_and_seeds_that_never_beat_epoch_one():
+    def system(best_epochs, stopped):
+        entry = {"seeds": list(range(1, len(stopped) + 1)), "stopped_early": stopped,
+                 "best_epoch": summarize_study.mean_std(best_epochs),
+                 "epochs_trained": summarize_study.mean_std([15.0] * len(stopped))}
+        entry["bleu"] = {"avg": summarize_study.mean_std([20.0] * len(stopped)), "en-de": None}
+        entry["chrf"] = {"avg": summarize_study.mean_std([40.0] * len(stopped))}
+        return entry
+
+    summary = {"regime": "R1", "baseline": "forward", "checkpoint": "best", "directions": ["en-de"],
+               "systems": {"stuck": system([1.0, 30.0, 1.0], [True, True, True]),
+                           "capped": system([80.0, 40.0], [False, True]),
+                           "fine": system([2.0], [True])}}
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in summarize_study.make_table(summary).splitlines()}
+    assert "(2/3 best at epoch 1)" in rows["stuck"] and "at the cap" not in rows["stuck"]
+    assert "(1/2 at the cap)" in rows["capped"] and "epoch 1)" not in rows["capped"]
+    assert "epoch 1)" not in rows["fine"] and "at the cap" not in rows["fine"]
+
+
 def test_study_quick_mode_runs_every_regime_then_skips(tmp_path):
     env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1",
            "STUDY_SYSTEMS": "student_sft forward selfevo", "OTHER_SYSTEMS": "forward selfevo",
