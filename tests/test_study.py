@@ -78,12 +78,6 @@ def test_mean_std_is_the_sample_std():
     assert summarize_study.mean_std([None]) is None
 
 
-# ---------------------------------------------------------------------------------------------
-# the pipeline, QUICK mode
-# ---------------------------------------------------------------------------------------------
-
-@pytest.mark.slow
-@pytest.mark.one_stack("latest")
 def test_table_flags_seeds_at_the_cap_and_seeds_that_never_beat_epoch_one():
     def system(best_epochs, stopped):
         entry = {"seeds": list(range(1, len(stopped) + 1)), "stopped_early": stopped,
@@ -103,6 +97,12 @@ def test_table_flags_seeds_at_the_cap_and_seeds_that_never_beat_epoch_one():
     assert "epoch 1)" not in rows["fine"] and "at the cap" not in rows["fine"]
 
 
+# ---------------------------------------------------------------------------------------------
+# the pipeline, QUICK mode
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.one_stack("latest")
 def test_study_quick_mode_runs_every_regime_then_skips(tmp_path):
     env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1",
            "STUDY_SYSTEMS": "student_sft forward selfevo", "OTHER_SYSTEMS": "forward selfevo",
