@@ -45,7 +45,7 @@ import torch
 import train_kd
 from kd.data import IGNORE_INDEX, TrainCollator, TranslationDataset
 from kd.io import replacing, write_text
-from kd.losses import METHODS, LossConfig, compute_loss
+from kd.losses import KD_METHODS, METHODS, LossConfig, compute_loss
 from kd.models import check_model_path, load_model, load_tokenizer, tokenizer_mismatch
 
 # The methods measured by default: the three of the paper's argument, forward KD as the usual
@@ -85,10 +85,10 @@ def parse_args(argv):
 
 def check_args(args):
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS or m == "sft"]
+    unknown = [m for m in methods if m not in KD_METHODS]
     if unknown or not methods:
         raise SystemExit(f"mechanism.py: --methods {args.methods}: {', '.join(unknown) or 'empty'}; "
-                         f"choose among {', '.join(m for m in METHODS if m != 'sft')}")
+                         f"choose among {', '.join(KD_METHODS)}")
     if args.steps < 0:
         raise SystemExit(f"mechanism.py: --steps must be >= 0, got {args.steps}")
     for name in ("batches", "batch_size", "max_length"):
@@ -97,7 +97,7 @@ def check_args(args):
     if not args.gamma > 0:
         raise SystemExit(f"mechanism.py: --gamma must be > 0 (the d bins are log-spaced around it), got {args.gamma}")
     try:
-        LossConfig("selfevo", args.kd_ratio, args.target_mix, args.beta, args.gamma)
+        LossConfig("selfevo", kd_ratio=args.kd_ratio, target_mix=args.target_mix, beta=args.beta, gamma=args.gamma)
     except ValueError as error:
         raise SystemExit(f"mechanism.py: {error}") from None
     try:

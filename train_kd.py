@@ -1,9 +1,9 @@
 """Train a student translator by supervised fine-tuning or by one of the paper's distillation methods.
 
 One hand-written accelerate loop (no HF Trainer) trains every system of the paper: the SFT teacher
-and student baselines (`--method sft`) and the six distillation methods of kd/losses.py (forward,
-reverse, noevo, skew, selfevo, skew_teacher), and beyond the paper selfevo_token, GKD's generalized
-JSD (jsd) and a tuning-free Γ (--gamma auto). The same script runs on one CPU, on 8 GPUs with DDP
+and student baselines (`--method sft`) and every distillation method of the registry in
+kd/methods.py (the paper's forward, reverse, noevo, skew, selfevo, skew_teacher and the methods
+beyond it), and a tuning-free Γ (--gamma auto). The same script runs on one CPU, on 8 GPUs with DDP
 and on 8 GPUs with DeepSpeed ZeRO-3; only the accelerate config changes.
 
     # CPU quick run (tiny models from make_tiny_models.py, seconds per step)
@@ -70,8 +70,8 @@ Outputs in --output-dir (every file and folder appears complete or not at all: k
   metrics.jsonl      {"type": "train", step, epoch, loss, lr, grad_norm, tokens, tokens_per_s, steps_in_window,
                      beta, hard_fraction, mean_difficulty, hard_fraction/<dir>, mean_difficulty/<dir>} per
                      --logging-steps window (loss, tokens, tokens/s and the stats over the window's
-                     steps_in_window good steps; mean_difficulty only for the methods with ỹ: noevo, skew,
-                     selfevo; gamma, the Γ of the row's last step, with --gamma auto);
+                     steps_in_window good steps; mean_difficulty only for the methods that build ỹ,
+                     kd.losses.TARGET_MIX_METHODS; gamma, the Γ of the row's last step, with --gamma auto);
                      {"type": "valid", step, epoch, valid_loss, valid_loss/<dir>}
   step_{n}/ epoch_{n}/  accelerator.save_state (student, optimizer, scheduler, RNG; the teacher is never
                      saved) and trainer_state.json (with the running Γ of --gamma auto), written last: only the newest --save-total-limit
@@ -113,10 +113,11 @@ from kd.gamma import DEFAULT_MOMENTUM, DEFAULT_QUANTILE, AutoGamma
 from kd.io import (WriteError, describe_os_error, fail, fail_with, jsonl_text, read_appended_jsonl, read_json,
                    read_jsonl, replacing_folder, write_json, write_jsonl, write_text)
 from kd.lora import ALPHA_PER_RANK, add_adapters, merged_state_dict, trainable_parameters
-from kd.losses import (KD_METHODS, METHODS, SELECTING_METHODS, TARGET_MIX_METHODS, LossConfig, compute_loss,
-                       compute_loss_from_hidden, shared_vocab_size)
+from kd.losses import (KD_METHODS, METHODS, ON_POLICY_METHODS, SELECTING_METHODS, TARGET_MIX_METHODS, LossConfig,
+                       compute_loss, compute_loss_from_hidden, shared_vocab_size)
+from kd.methods import HYPERPARAMETERS, methods_reading, range_problem
 from kd.models import DTYPES, check_model_path, load_model, load_tokenizer, tokenizer_mismatch
-from kd.onpolicy import ON_POLICY_METHODS, is_on_policy, sample_micro_batch, sampling_seed
+from kd.onpolicy import is_on_policy, sample_micro_batch, sampling_seed
 from kd.teacher_cache import TeacherCache, run_fingerprint
 
 CHECKPOINT_NAME = re.compile(r"^(step|epoch)_(\d+)$")
@@ -140,7 +141,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("models and data")
     group.add_argument("--method", required=True, choices=METHODS,
-                       help="training objective: sft (Eq. 2) or a distillation method of kd/losses.py")
+                       help="training objective: sft (Eq. 2) or a distillation method of kd/methods.py")
     group.add_argument("--student", required=True, help="student model: save_pretrained folder or hub name")
     group.add_argument("--teacher", help="teacher model (required for every method but sft); never trained or saved")
     group.add_argument("--teacher-cache",
@@ -174,32 +175,21 @@ def parse_args(argv=None):
                        help="micro-batches of similar length (less padding); the order stays random")
     group.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
 
-    group = parser.add_argument_group("distillation (symbols of the paper)")
-    group.add_argument("--kd-ratio", type=float, default=0.5,
-                       help="λ of Eq. 3: weight of the KL term against the SFT loss (forward, reverse, skew_teacher)")
-    group.add_argument("--target-mix", type=float, default=0.5,
-                       help="λ (α) of Eq. 4: teacher share of the target mixture ỹ = (1-α)·y + α·p (noevo, skew, selfevo)")
-    group.add_argument("--beta", type=float, default=0.5,
-                       help="β of Eq. 6: weight of the student q in q̂ = β·q + (1-β)·ỹ (skew, selfevo). Follows the "
-                            "equation; the paper's prose calls β the share of the target distribution, which is 1-β here")
+    group = parser.add_argument_group("distillation (symbols of the paper; the methods that read each in brackets)")
+    for name, field in HYPERPARAMETERS.items():  # one flag per hyperparameter of kd/methods.py's LossConfig
+        text = f"{field.metadata['help']} [{', '.join(methods_reading(name))}]"
+        if name == "gamma":
+            group.add_argument("--gamma", type=gamma_arg, default=field.default,
+                               help=text + "; 'auto': set from the student's own learning state every step (kd/gamma.py)")
+        else:
+            group.add_argument(f"--{name.replace('_', '-')}", type=float, default=field.default, help=text)
     group.add_argument("--beta-end", type=float,
                        help="progressive β (Fig. 3): β moves linearly from --beta to --beta-end over the optimizer steps")
-    group.add_argument("--gamma", type=gamma_arg, default=0.4,
-                       help="Γ of Eq. 8: a token is hard when d = KL(ỹ‖q) > Γ (selfevo, selfevo_token); 'auto': "
-                            "set from the student's own learning state every step (kd/gamma.py)")
     group.add_argument("--gamma-quantile", type=float,
                        help=f"--gamma auto: Γ follows the Q-quantile of d over each step's tokens (default "
                             f"{DEFAULT_QUANTILE}: about half of the recent tokens are hard)")
     group.add_argument("--gamma-momentum", type=float,
                        help=f"--gamma auto: momentum M of Γ's moving average over steps (default {DEFAULT_MOMENTUM})")
-    group.add_argument("--top-k", type=float,
-                       help="selfevo with top-K (Sec. 5.2.1): the top K fraction of each micro-batch's tokens by d are "
-                            "hard, instead of d > Γ")
-    group.add_argument("--skew-beta", type=float, default=0.9,
-                       help="β' of Eq. 10: weight of q in β'·q + (1-β')·p (skew_teacher)")
-    group.add_argument("--jsd-beta", type=float, default=0.5,
-                       help="B of GKD's generalized JSD (--method jsd): B·KL(p‖M) + (1-B)·KL(q‖M), M = B·p + (1-B)·q; "
-                            "B = 0 is forward KL(p‖q), B = 1 reverse KL(q‖p)")
 
     group = parser.add_argument_group("on-policy distillation (GKD; kd/onpolicy.py)")
     group.add_argument("--on-policy-ratio", type=float, default=0.0,
@@ -308,17 +298,22 @@ def resolve_checkpoint(resume, output_dir):
 
 
 def build_loss_config(args):
-    """kd.losses.LossConfig of the arguments: the one place where the loss hyperparameters are checked."""
-    fields = {field.name for field in dataclasses.fields(LossConfig)}
-    values = {name: value for name, value in vars(args).items() if name in fields}
-    if values.get("gamma") == "auto":  # the per-step Γ replaces this (kd/gamma.py); step 1 has none: +inf
+    """kd.losses.LossConfig of the arguments; each hyperparameter is checked against its range in
+    kd/methods.py, the message naming the flag."""
+    values = {name: getattr(args, name) for name in HYPERPARAMETERS}
+    if values["gamma"] == "auto":  # the per-step Γ replaces this (kd/gamma.py); step 1 has none: +inf
         values["gamma"] = math.inf
+    for name, value in values.items():
+        problem = range_problem(name, value)
+        if problem:
+            fail("arguments", problem.replace(name, "--" + name.replace("_", "-"), 1), "see train_kd.py --help",
+                 code=CONFIG_ERROR)
     try:
-        return LossConfig(**values, reduction="sum")
-    except ValueError as error:  # name the flag, not the dataclass field
-        text = re.sub(r"\b(" + "|".join(sorted(fields - {"method"})) + r")\b",
-                      lambda match: "--" + match.group(1).replace("_", "-"), str(error))
-        fail("arguments", text, "see train_kd.py --help", code=CONFIG_ERROR)
+        return LossConfig(args.method, **values, reduction="sum")
+    except ValueError as error:
+        fail("arguments", re.sub(r"\b(" + "|".join(HYPERPARAMETERS) + r")\b",
+                                 lambda match: "--" + match.group(1).replace("_", "-"), str(error)),
+             "see train_kd.py --help", code=CONFIG_ERROR)
 
 
 def check_args(args):

@@ -9,6 +9,10 @@ For every method two comparisons:
           lean  = compute_loss(...) with its default chunked path (gradient computed in forward).
 - hidden: naive = logits = hidden @ W.T, then compute_loss(..., chunk_size=0);
           lean  = compute_loss_from_hidden(...), which never builds the [N, V] student logits.
+and for every method with a hand-derived fast path (kd/fast_paths.py) a third one:
+          autograd = the lean entry with fast_path=False: each chunk's gradient by autograd of the
+          method's formula (kd/methods.py), what a new method without a fast path runs. Its goals:
+          memory <= 0.25x naive on the hidden path, time <= 1.5x the fast path (the lean row).
 Inputs: teacher logits ~ 2·N(0,1) with one boosted token per row (the label, p ≈ 0.1-0.99),
 student logits = teacher + 0.7·N(0,1), so selfevo finds a realistic share of hard tokens
 (Γ = 0.4: about a third); hidden path: hidden ~ N(0,1), W ~ 2/sqrt(H)·N(0,1).
@@ -43,10 +47,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from kd.losses import METHODS, compute_loss, compute_loss_from_hidden  # noqa: E402
+from kd.methods import REGISTRY  # noqa: E402
 
 GOAL_MEMORY_RATIO = 0.2
 GOAL_TIME_RATIO = 1.0
 GOAL_SELFEVO_OVER_FORWARD = 1.15
+GOAL_AUTOGRAD_MEMORY_RATIO = 0.25   # autograd lean path / naive, hidden path
+GOAL_AUTOGRAD_OVER_FAST = 1.5       # autograd lean path / fast path, time
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -102,7 +109,7 @@ def run_worker(spec: dict) -> dict:
                 return compute_loss(method, student, teacher, labels, chunk_size=0)
         else:
             def loss_fn():
-                return compute_loss(method, student, teacher, labels)
+                return compute_loss(method, student, teacher, labels, fast_path=spec["impl"] == "lean")
     else:
         hidden = torch.randn(tokens, hidden_size, generator=generator, device=device).requires_grad_(True)
         weight = torch.randn(vocab, hidden_size, generator=generator, device=device)
@@ -113,7 +120,8 @@ def run_worker(spec: dict) -> dict:
                 return compute_loss(method, hidden @ weight.T, teacher, labels, chunk_size=0)
         else:
             def loss_fn():
-                return compute_loss_from_hidden(method, hidden, weight, labels, teacher_logits=teacher)
+                return compute_loss_from_hidden(method, hidden, weight, labels, teacher_logits=teacher,
+                                                fast_path=spec["impl"] == "lean")
 
     def step():
         for leaf in leaves:
@@ -168,6 +176,8 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--paths", nargs="+", default=["logits", "hidden"], choices=["logits", "hidden"])
+    parser.add_argument("--no-autograd", action="store_true",
+                        help="skip the autograd rows (the lean entries with fast_path=False)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "bench_losses.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -182,7 +192,8 @@ def main():
     for path in args.paths:
         for method in args.methods:
             results = {}
-            for impl in ("naive", "lean"):
+            autograd = not args.no_autograd and REGISTRY[method].fast is not None
+            for impl in ("naive", "lean") + (("autograd",) if autograd else ()):
                 spec = dict(method=method, path=path, impl=impl, tokens=args.tokens, vocab=args.vocab,
                             hidden=args.hidden, device=args.device, repeat=args.repeat)
                 results[impl] = {**run_in_subprocess({**spec, "measure": "memory"}),
@@ -198,6 +209,12 @@ def main():
                        loss_naive=naive["loss"], loss_lean=lean["loss"],
                        naive_wall_s=naive["wall_s"], lean_wall_s=lean["wall_s"],
                        naive_cpu_s=naive["cpu_s"], lean_cpu_s=lean["cpu_s"])
+            if autograd:
+                auto = results["autograd"]
+                row.update(autograd_time_s=auto["time_s"], autograd_peak_extra_mb=auto["peak_extra_bytes"] / 2**20,
+                           autograd_memory_ratio=auto["peak_extra_bytes"] / naive["peak_extra_bytes"],
+                           autograd_over_fast=auto["time_s"] / lean["time_s"], loss_autograd=auto["loss"],
+                           autograd_wall_s=auto["wall_s"], autograd_cpu_s=auto["cpu_s"])
             rows.append(row)
             print(f"  {method:13s} {path:6s} time {row['time_ratio']:.2f}x  memory {row['memory_ratio']:.3f}x",
                   file=sys.stderr, flush=True)
@@ -227,6 +244,23 @@ def write_results(args, rows, final=False):
         for r in rows if r["time_ratio"] > GOAL_TIME_RATIO or r["memory_ratio"] > GOAL_MEMORY_RATIO]
     lines.append(f"\ngoals: memory <= {GOAL_MEMORY_RATIO}x, time <= {GOAL_TIME_RATIO}x naive; missed: "
                  + ("; ".join(missed) if missed else "none"))
+    auto_rows = [r for r in rows if "autograd_time_s" in r]
+    if auto_rows:
+        lines += ["", "Autograd of the formula (the lean entries with fast_path=False), against the fast path and naive:",
+                  "", f"| method | path | fast s ({time_kind}) | autograd s ({time_kind}) | time autograd/fast "
+                  "| autograd peak MB | memory autograd/naive |", "|---|---|---|---|---|---|---|"]
+        for r in auto_rows:
+            lines.append(f"| {r['method']} | {r['path']} | {r['lean_time_s']:.3f} | {r['autograd_time_s']:.3f} "
+                         f"| {r['autograd_over_fast']:.2f} | {r['autograd_peak_extra_mb']:.0f} "
+                         f"| {r['autograd_memory_ratio']:.3f} |")
+        auto_missed = [f"{r['method']}/{r['path']}: " + ", ".join(
+            what for what, bad in (("time", r["autograd_over_fast"] > GOAL_AUTOGRAD_OVER_FAST),
+                                   ("memory", r["path"] == "hidden"
+                                    and r["autograd_memory_ratio"] > GOAL_AUTOGRAD_MEMORY_RATIO)) if bad)
+            for r in auto_rows if r["autograd_over_fast"] > GOAL_AUTOGRAD_OVER_FAST
+            or (r["path"] == "hidden" and r["autograd_memory_ratio"] > GOAL_AUTOGRAD_MEMORY_RATIO)]
+        lines.append(f"\nautograd goals: memory <= {GOAL_AUTOGRAD_MEMORY_RATIO}x naive (hidden path), time <= "
+                     f"{GOAL_AUTOGRAD_OVER_FAST}x the fast path; missed: " + ("; ".join(auto_missed) or "none"))
     table = "\n".join(lines)
     if final:
         print(table)

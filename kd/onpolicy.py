@@ -16,10 +16,11 @@ train/inference mismatch of learning only on reference prefixes.
     same samples after a resume, and the training RNG is not advanced. Under DeepSpeed ZeRO-3 with
     synced_gpus=True as generate.py does.
   * Loss on a sampled response: the divergence alone, with weight 1 (λ = 1: a cross-entropy term on
-    the student's own sample would teach it to repeat itself), for forward KL(p‖q), reverse KL(q‖p),
-    skew_teacher KL(p‖β'q + (1−β')p) and jsd. The methods built on the reference (noevo, skew,
-    selfevo, selfevo_token: ỹ = (1−α)y + αp mixes in the reference token y) are refused: a sampled
-    token is not a reference, and taking it as y would pull the student toward its own sample.
+    the student's own sample would teach it to repeat itself), for the methods whose registry entry
+    says on_policy=True (kd/methods.py: forward KL(p‖q), reverse KL(q‖p), ...). The methods built on
+    the reference (ỹ = (1−α)y + αp mixes in the reference token y: noevo, skew, selfevo, ...) are
+    refused: a sampled token is not a reference, and taking it as y would pull the student toward
+    its own sample.
   * Exact token weighting: the responses of a step are sampled before any of its forward passes, so
     its token count (the divisor of every micro-batch's summed loss) counts the sampled tokens.
 """
@@ -32,8 +33,6 @@ import zlib
 import torch
 
 from kd.data import IGNORE_INDEX, TrainCollator, left_pad
-
-ON_POLICY_METHODS = ("forward", "reverse", "skew_teacher", "jsd")
 
 
 def is_on_policy(seed: int, step: int, index: int, ratio: float) -> bool:

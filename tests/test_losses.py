@@ -665,3 +665,148 @@ def test_bad_inputs_fail_loudly():
         compute_loss("sft", student, None, labels.double())
     with pytest.raises(ValueError, match="exactly one"):
         compute_loss_from_hidden("forward", torch.zeros(4, 3), torch.zeros(7, 3), labels)
+
+
+# ----------------------------------------------------------------------------- the registry (kd/methods.py)
+# The lean paths take a chunk's gradient by autograd of the entry's formula unless the entry has a
+# hand-derived fast path; each fast path must equal its autograd twin, and the autograd form alone
+# must match the independent reference above.
+
+from kd import methods as registry  # noqa: E402
+
+FAST_CASES = ([(m, {}) for m, entry in registry.REGISTRY.items() if entry.fast is not None]
+              + [("selfevo", dict(top_k=0.3)), ("selfevo_token", dict(top_k=0.3)), ("selfevo", dict(gamma=0.0)),
+                 ("selfevo", dict(beta=0.0)), ("skew", dict(beta=1.0)), ("skew_teacher", dict(skew_beta=0.3)),
+                 ("jsd", dict(jsd_beta=0.0)), ("jsd", dict(jsd_beta=1.0)), ("jsd", dict(jsd_beta=0.2, kd_ratio=1.0)),
+                 ("forward", dict(kd_ratio=0.0)), ("noevo", dict(target_mix=1.0))])
+
+
+@pytest.mark.parametrize("method,settings", FAST_CASES, ids=[f"{m}-{s}" for m, s in FAST_CASES])
+def test_fast_path_equals_autograd_of_the_formula(method, settings):
+    """float64, both lean entries, chunked so that chunks have mixed hard/easy rows: loss, gradient,
+    d and the hard set of the hand-derived path equal those of autograd through the formula."""
+    assert registry.REGISTRY[method].fast is not None
+    student, teacher, labels = make_batch(n=23, vocab=11, seed=5)
+    for chunk_size in (4, None):
+        fast = run(method, student, teacher, labels, chunk_size=chunk_size, token_stats=True, **settings)
+        auto = run(method, student, teacher, labels, chunk_size=chunk_size, token_stats=True, fast_path=False,
+                   **settings)
+        torch.testing.assert_close(auto[0], fast[0], rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(auto[1], fast[1], rtol=1e-6, atol=1e-12)
+        assert torch.equal(auto[2]["token_hard"], fast[2]["token_hard"])
+        torch.testing.assert_close(auto[2]["token_difficulty"], fast[2]["token_difficulty"], rtol=1e-9, atol=1e-12,
+                                   equal_nan=True)
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(23, 5, generator=g, dtype=torch.float64)
+    weight = torch.randn(11, 5, generator=g, dtype=torch.float64)
+    grads = []
+    for fast_path in (True, False):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        loss, _ = compute_loss_from_hidden(method, h, w, labels, teacher_logits=teacher, chunk_size=4,
+                                           fast_path=fast_path, **settings)
+        loss.backward()
+        grads.append((loss.detach(), h.grad, w.grad))
+    for fast_value, auto_value in zip(*grads):
+        torch.testing.assert_close(auto_value, fast_value, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [4, None])
+@pytest.mark.parametrize("method,top_k", CASES)
+def test_autograd_lean_path_matches_float64_reference(method, top_k, chunk_size):
+    """Every method with its fast path switched off: the lean path is then autograd of the formula."""
+    student, teacher, labels = make_batch()
+    loss, grad, stats = run(method, student, teacher, labels, top_k=top_k, chunk_size=chunk_size, fast_path=False)
+    ref_loss, ref_grad, ref_difficulty, ref_hard = reference(method, student, teacher, labels, top_k=top_k)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-12)
+    assert stats["hard_tokens"] == len(ref_hard)
+    if ref_difficulty:
+        assert stats["mean_difficulty"] == pytest.approx(sum(ref_difficulty.values()) / len(ref_difficulty), rel=1e-9)
+
+
+def test_method_lists_and_flags_come_from_the_registry():
+    entries = registry.REGISTRY
+    assert registry.METHODS == tuple(entries) and "sft" in entries
+    assert registry.KD_METHODS == tuple(m for m in entries if m != "sft")
+    assert set(registry.TARGET_MIX_METHODS) >= {"noevo", "skew", "selfevo", "selfevo_token"}
+    assert registry.SELECTING_METHODS == ("selfevo", "selfevo_token")
+    assert {"forward", "reverse", "skew_teacher", "jsd"} <= set(registry.ON_POLICY_METHODS)
+    assert not set(registry.ON_POLICY_METHODS) & set(registry.TARGET_MIX_METHODS)  # a sample has no reference
+    for name, entry in entries.items():
+        assert set(entry.hyperparameters) <= set(registry.HYPERPARAMETERS), name
+        assert entry.equation and entry.source, name
+    assert registry.methods_reading("jsd_beta") == ("jsd",)
+    assert set(registry.methods_reading("kd_ratio")) >= {"forward", "reverse", "skew_teacher", "jsd"}
+    import train_kd  # the command line: one flag per hyperparameter, --method choices from the registry
+    defaults = vars(train_kd.parse_args(["--method", "sft", "--student", "s", "--train-file", "t",
+                                         "--output-dir", "o"]))
+    for name, field in registry.HYPERPARAMETERS.items():
+        assert defaults[name] == field.default, name
+    with pytest.raises(SystemExit):
+        train_kd.parse_args(["--method", "kl", "--student", "s", "--train-file", "t", "--output-dir", "o"])
+
+
+def test_a_hyperparameter_out_of_range_names_the_method_the_parameter_and_the_range():
+    student, teacher, labels = make_batch(n=4, ignored=())
+    with pytest.raises(ValueError, match=r"method 'skew': beta must be a number in \[0, 1\], got 1\.5"):
+        compute_loss("skew", student, teacher, labels, beta=1.5)
+    with pytest.raises(ValueError, match=r"method 'selfevo': top_k must be a number in \(0, 1\], got 0"):
+        compute_loss("selfevo", student, teacher, labels, top_k=0)
+    with pytest.raises(ValueError, match=r"method 'selfevo': gamma must be a number, got nan"):
+        compute_loss("selfevo", student, teacher, labels, gamma=math.nan)
+    with pytest.raises(ValueError, match="unknown method 'kl'; choose one of .*selfevo"):
+        registry.LossConfig("kl")
+    with pytest.raises(ValueError, match="inside the LossConfig"):
+        compute_loss(registry.LossConfig("forward"), student, teacher, labels, kd_ratio=0.3)
+
+
+def _broken_formula(log_q, log_p, target, hard, c):
+    """KL(p‖q) written with a bug: log of a difference that can be negative gives NaN."""
+    return (log_p.exp() * torch.log(log_p - log_q)).sum(-1)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 4])
+def test_a_broken_formula_is_an_error_naming_the_method(monkeypatch, chunk_size):
+    monkeypatch.setitem(registry.REGISTRY, "broken_kl",
+                        registry.Method("broken_kl", "KL(p‖q), with a bug", "a test", _broken_formula))
+    student, teacher, labels = make_batch(masked_teacher=False)
+    with pytest.raises(ValueError, match="method 'broken_kl': its formula gave a non-finite loss .*on finite inputs"):
+        compute_loss("broken_kl", student.clone().requires_grad_(True), teacher, labels, chunk_size=chunk_size)
+    with pytest.raises(ValueError, match="method 'broken_kl': its formula gave a non-finite loss"):
+        compute_loss_from_hidden("broken_kl", torch.randn(13, 3, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64),
+                                 labels, teacher_logits=teacher, chunk_size=chunk_size)
+    monkeypatch.setitem(registry.REGISTRY, "shapeless",
+                        registry.Method("shapeless", "a sum over the tokens", "a test",
+                                        lambda log_q, log_p, target, hard, c: registry.kl(log_p, log_q).sum()))
+    with pytest.raises(ValueError, match="method 'shapeless': its formula must return one loss per token"):
+        compute_loss("shapeless", student, teacher, labels, chunk_size=chunk_size)
+
+
+def test_non_finite_student_logits_give_a_non_finite_loss_not_an_error():
+    """A bf16 overflow in the student is the input's fault: the loss is non-finite (train_kd.py skips
+    the step), no formula is blamed."""
+    student, teacher, labels = make_batch(masked_teacher=False)
+    student[0, 0] = math.inf
+    for chunk_size in (0, 4):
+        for fast_path in (True, False):
+            loss, _ = compute_loss("forward", student, teacher, labels, chunk_size=chunk_size, fast_path=fast_path)
+            assert not math.isfinite(loss.item())
+
+
+def test_the_pieces_of_a_formula_by_hand():
+    """ce, kl, mix and target_mix on case B (V = 3, a masked teacher entry) against hand values."""
+    log_q = torch.log(torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64))
+    log_p = torch.log(torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64))
+    target = torch.tensor([1])
+    assert registry.ce(log_q, target).item() == pytest.approx(math.log(4), rel=1e-15)
+    y_mix = registry.target_mix(log_p, target, 0.5)                      # ỹ = [1/4, 3/4, 0]
+    torch.testing.assert_close(y_mix.exp(), torch.tensor([[0.25, 0.75, 0.0]], dtype=torch.float64))
+    assert y_mix[0, 2].item() == -math.inf
+    q_hat = registry.mix(0.5, log_q, y_mix)                              # q̂ = [3/8, 1/2, 1/8]
+    torch.testing.assert_close(q_hat.exp(), torch.tensor([[0.375, 0.5, 0.125]], dtype=torch.float64))
+    assert registry.kl(y_mix, q_hat).item() == pytest.approx(0.5 * math.log(1.5), rel=1e-12)
+    assert registry.kl(log_q, log_p).item() == pytest.approx(0.25 * math.log(0.5), rel=1e-12)  # p > 0 support only
+    both_zero = registry.mix(0.0, log_q.requires_grad_(True), log_p)     # w = 0 and b_2 = 0: exactly −inf
+    assert both_zero[0, 2].item() == -math.inf
+    both_zero[0, :2].sum().backward()
+    assert torch.isfinite(log_q.grad).all() and log_q.grad.abs().sum().item() == 0.0
