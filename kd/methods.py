@@ -17,6 +17,7 @@ scale of the paper's Γ = 0.4). The symbols of the hyperparameters are those of 
 | `skew_teacher` | (1−λ)(−log q_t) + λ KL(p‖β' q + (1−β') p) | Eq. 10 | λ, β' |
 | `selfevo_token` | as selfevo, but hard tokens: KL(sg(q̂)‖q), q̂ = βq + (1−β)ỹ | NOT the paper: the token-level self-evolution target of the work it builds on | α, β, Γ, K |
 | `jsd` | (1−λ)(−log q_t) + λ JSD_B(p‖q), JSD_B = B KL(p‖M) + (1−B) KL(q‖M), M = B p + (1−B) q; B = 0: KL(p‖q), B = 1: KL(q‖p) | beyond the paper: GKD (Agarwal et al., ICLR 2024) | λ, B |
+| `tvd` | (1−λ)(−log q_t) + λ ½ Σ_v \|p_v − q_v\| | beyond the paper: total variation distance, f-divergence KD (Wen et al., ACL 2023) | λ |
 <!-- end table:methods -->
 
 A method is one `Method` entry in REGISTRY: its name, where it comes from, the hyperparameters it
@@ -231,6 +232,11 @@ def jsd(log_q, log_p, target, hard, c):
     return (1 - c.kd_ratio) * ce(log_q, target) + c.kd_ratio * divergence
 
 
+def tvd(log_q, log_p, target, hard, c):
+    total_variation = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    return (1 - c.kd_ratio) * ce(log_q, target) + c.kd_ratio * total_variation
+
+
 # ----------------------------------------------------------------------------- the registry
 
 
@@ -270,6 +276,9 @@ REGISTRY = {method.name: method for method in (
     Method("jsd", "(1−λ)(−log q_t) + λ JSD_B(p‖q), JSD_B = B KL(p‖M) + (1−B) KL(q‖M), M = B p + (1−B) q; "
            "B = 0: KL(p‖q), B = 1: KL(q‖p)", "beyond the paper: GKD (Agarwal et al., ICLR 2024)", jsd,
            ("kd_ratio", "jsd_beta"), on_policy=True, fast=fast_paths.jsd),
+    Method("tvd", "(1−λ)(−log q_t) + λ ½ Σ_v |p_v − q_v|",
+           "beyond the paper: total variation distance, f-divergence KD (Wen et al., ACL 2023)", tvd,
+           ("kd_ratio",), on_policy=True),
 )}
 
 # Every list of methods the scripts use, derived from the entries.

@@ -103,6 +103,8 @@ def reference(method, student, teacher, labels, *, kd_ratio=0.5, target_mix=0.5,
                 log_m = ref_log_mix(jsd_beta, log_p, log_q)
                 divergence = jsd_beta * ref_kl(log_p, log_m) + (1 - jsd_beta) * ref_kl(log_q, log_m)
             loss = (1 - lam) * ce + lam * divergence
+        elif method == "tvd":  # total variation distance ½ Σ_v |p_v − q_v|
+            loss = (1 - lam) * ce + lam * 0.5 * (log_p.exp() - log_q.exp()).abs().sum()
         total = total + loss
     if reduction == "mean" and positions:
         total = total / len(positions)
@@ -207,6 +209,7 @@ EXPECTED_A = {
     "skew_teacher": 0.40009495848544796,
     "selfevo_token": 0.3163770193035085,  # easy, as selfevo: the noevo value
     "jsd": 0.36348462806427523,
+    "tvd": 0.5 * math.log(2.0) + 0.5 * 0.25,  # TV(p, q) = ½(¼ + ¼)
 }
 # Case B, V = 3 with a masked teacher entry: student logits [ln 2, 0, 0] -> q = [1/2, 1/4, 1/4];
 # teacher logits [0, 0, −inf] -> p = [1/2, 1/2, 0]; label 1.
@@ -231,6 +234,7 @@ EXPECTED_B = {
     "skew_teacher": 0.8426064307488503,
     "selfevo_token": 0.375 * math.log(1.5),
     "jsd": math.log(2.0) + 3 / 16 * math.log(4 / 3),
+    "tvd": math.log(2.0) + 0.125,  # ½ ln 4 + ½ TV, TV = ½(0 + ¼ + ¼)
 }
 
 
@@ -258,6 +262,8 @@ HAND_GRADS_A = {
     "noevo": [-0.375, 0.375],
     "skew": [-6 / 55, 6 / 55],
     "jsd": [-0.25 + math.log(0.6) / 16, 0.25 - math.log(0.6) / 16],
+    # tvd: ∂TV/∂q = ½ sign(q − p) = [−½, ½], Σ q·that = 0, so ∂TV/∂z = q·[−½, ½] = [−¼, ¼]; ½(q − y) + ½ that
+    "tvd": [-0.375, 0.375],
 }
 
 
