@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 import train_kd
-from kd.data import IGNORE_INDEX, TrainCollator, TranslationDataset
+from kd.data import IGNORE_INDEX, TrainCollator, TranslationDataset, read_rows, shifted_targets
 from kd.io import replacing, write_text
 from kd.losses import KD_METHODS, METHODS, LossConfig, compute_loss
 from kd.models import check_model_path, load_model, load_tokenizer, tokenizer_mismatch
@@ -237,7 +237,7 @@ def measure(model, batches, teacher_rows, methods, args, device, freq_buckets):
     parts = {m: {"d": [], "grad_norm": []} for m in methods}
     model.eval()
     for batch, teacher_logits in zip(batches, teacher_rows):
-        targets = train_kd.shifted_targets(batch["labels"])
+        targets = shifted_targets(batch["labels"])
         counted = targets != IGNORE_INDEX
         logits = student_logits_of(model, batch, counted, device)
         teacher = teacher_logits.to(device)
@@ -407,7 +407,7 @@ def main(argv=None):
     if reason:
         raise SystemExit(f"mechanism.py: --teacher {args.teacher}: its tokenizer does not match the student's: {reason}")
     try:
-        rows = train_kd.read_rows(args.train_file, "--train-file")
+        rows = read_rows(args.train_file, "--train-file")
         dataset = TranslationDataset(rows, tokenizer, args.max_length, source_name=f"--train-file {args.train_file}")
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"mechanism.py: {error}") from None
@@ -425,7 +425,7 @@ def main(argv=None):
     collate = TrainCollator(tokenizer.pad_token_id)
     batches = [collate([dataset[i] for i in order[start:start + args.batch_size]])
                for start in range(0, n_examples, args.batch_size)]
-    shifted = [train_kd.shifted_targets(batch["labels"]) for batch in batches]
+    shifted = [shifted_targets(batch["labels"]) for batch in batches]
     measured_targets = np.concatenate([targets[targets != IGNORE_INDEX].numpy() for targets in shifted])
     freq_buckets = frequency_bucket_index(vocab_counts[measured_targets], freq_edges)
 
@@ -433,7 +433,7 @@ def main(argv=None):
     teacher = load_model(args.teacher).to(device).eval()
     teacher_rows = []
     for batch in batches:
-        counted = train_kd.shifted_targets(batch["labels"]) != IGNORE_INDEX
+        counted = shifted_targets(batch["labels"]) != IGNORE_INDEX
         teacher_rows.append(student_logits_of(teacher, batch, counted, device).cpu())
     del teacher
 

@@ -84,13 +84,12 @@ Outputs in --output-dir (every file and folder appears complete or not at all: k
 
 Resuming (--resume-from-checkpoint latest) continues the run the checkpoint belongs to: an argument
 that changes the training (the method and its hyperparameters, lr and schedule, epochs/max steps,
-seed, data files, models; every argument but those in NOT_TRAINING_ARGS) that differs from the
+seed, data files, models; every argument but kd.train_args.NOT_TRAINING_ARGS) that differs from the
 checkpoint's is an error naming it (old -> new), unless --allow-changed-args is given: then the new
 values apply from the checkpoint's step on, and config.json records them. metrics.jsonl after a
 kill and a resume holds the rows of the uninterrupted run (timing fields aside).
 """
 
-import argparse
 import dataclasses
 import json
 import math
@@ -100,151 +99,145 @@ import shutil
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: find kd/
 
 import torch
-import torch.nn.functional as F
 
 from kd.compat import attention_mask_for, quiet_cpu_runs
-from kd.data import IGNORE_INDEX, REQUIRED_FIELDS, TrainCollator, TranslationDataset, length_grouped_order
-from kd.gamma import DEFAULT_MOMENTUM, DEFAULT_QUANTILE, AutoGamma
+from kd.data import (IGNORE_INDEX, TrainCollator, TranslationDataset, length_grouped_order, read_rows,  # noqa: F401
+                     shifted_targets)
+from kd.gamma import AutoGamma
 from kd.io import (WriteError, describe_os_error, fail, fail_with, jsonl_text, read_appended_jsonl, read_json,
-                   read_jsonl, replacing_folder, write_json, write_jsonl, write_text)
-from kd.lora import ALPHA_PER_RANK, add_adapters, merged_state_dict, trainable_parameters
-from kd.losses import (KD_METHODS, METHODS, ON_POLICY_METHODS, SELECTING_METHODS, TARGET_MIX_METHODS, LossConfig,
-                       compute_loss, compute_loss_from_hidden, shared_vocab_size)
-from kd.methods import HYPERPARAMETERS, methods_reading, range_problem
-from kd.models import DTYPES, check_model_path, load_model, load_tokenizer, tokenizer_mismatch
+                   replacing_folder, write_json, write_jsonl, write_text)
+from kd.lora import add_adapters, merged_state_dict, trainable_parameters
+from kd.losses import KD_METHODS, TARGET_MIX_METHODS, compute_loss, compute_loss_from_hidden, shared_vocab_size
+from kd.models import load_model, load_tokenizer, tokenizer_mismatch
 from kd.onpolicy import is_on_policy, sample_micro_batch, sampling_seed
 from kd.teacher_cache import TeacherCache, run_fingerprint
+from kd.train_args import CONFIG_ERROR, NOT_TRAINING_ARGS, REPORTED_ARGS, check_args  # noqa: F401
+from kd.train_args import parse_args as _parse_args
 
 CHECKPOINT_NAME = re.compile(r"^(step|epoch)_(\d+)$")
 TRAINER_STATE = "trainer_state.json"
-CONFIG_ERROR = 2  # exit status of a wrong command line, as argparse's
-# Arguments that do not change what is trained (where it is written, how often it is logged, how the
-# effective batch is split: the gradient is the same, see "Exact token weighting"). Every other
-# argument is compared with the checkpoint's on resume.
-NOT_TRAINING_ARGS = ("output_dir", "resume_from_checkpoint", "allow_changed_args", "micro_batch_size",
-                     "gradient_checkpointing", "num_workers", "eval_steps", "save_steps", "save_total_limit",
-                     "logging_steps", "max_bad_steps", "report_to")
 # The checkpoint's position in its epoch is counted in batches of this many examples: these cannot change.
 FIXED_ON_RESUME = ("batch_size", "train_examples")
 
 
-# =============================================================================================
-# Arguments
-# =============================================================================================
-
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_argument_group("models and data")
-    group.add_argument("--method", required=True, choices=METHODS,
-                       help="training objective: sft (Eq. 2) or a distillation method of kd/methods.py")
-    group.add_argument("--student", required=True, help="student model: save_pretrained folder or hub name")
-    group.add_argument("--teacher", help="teacher model (required for every method but sft); never trained or saved")
-    group.add_argument("--teacher-cache",
-                       help="in place of --teacher: a stored teacher made by cache_teacher.py for this --train-file "
-                            "(no teacher is loaded; kd/teacher_cache.py says how the stored top-K enter the losses)")
-    group.add_argument("--teacher-dtype", choices=sorted(DTYPES),
-                       help="precision of the frozen teacher (default bf16 with --bf16, else fp32); "
-                            "under DeepSpeed the teacher follows the mixed precision of the run")
-    group.add_argument("--train-file", required=True, help="train.jsonl made by prepare_data.py")
-    group.add_argument("--valid-file", help="valid.jsonl (may hold several directions); validation loss = student CE")
-    group.add_argument("--output-dir", required=True, help="run folder (checkpoints, best/, final/, metrics)")
-    group.add_argument("--max-length", type=int, default=512,
-                       help="longest prompt+response in tokens; longer examples are dropped and counted (paper: 512)")
+    """The command line (kd/train_args.py), with this docstring as --help's text."""
+    return _parse_args(argv, description=__doc__)
 
-    group = parser.add_argument_group("optimisation (paper's defaults)")
-    group.add_argument("--epochs", type=int, default=3, help="training epochs (paper: 3)")
-    group.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: all epochs)")
-    group.add_argument("--batch-size", type=int, default=128, help="effective batch in examples, all processes (paper: 128)")
-    group.add_argument("--micro-batch-size", type=int, default=8, help="examples per forward pass per process")
-    group.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (paper: 2e-5)")
-    group.add_argument("--warmup-ratio", type=float, default=0.03, help="share of steps for linear warmup (paper: 0.03)")
-    group.add_argument("--lr-scheduler", default="linear", choices=("linear", "cosine", "constant_with_warmup"),
-                       help="transformers.get_scheduler name")
-    group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on norms and biases)")
-    group.add_argument("--adam-epsilon", type=float, default=1e-8, help="AdamW epsilon")
-    group.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0: no clipping)")
-    group.add_argument("--bf16", action="store_true", help="bf16 mixed precision (accelerate / DeepSpeed)")
-    group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    group.add_argument("--seed", type=int, default=42, help="seed of the data order and of everything random")
-    group.add_argument("--group-by-length", action="store_true",
-                       help="micro-batches of similar length (less padding); the order stays random")
-    group.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
 
-    group = parser.add_argument_group("distillation (symbols of the paper; the methods that read each in brackets)")
-    for name, field in HYPERPARAMETERS.items():  # one flag per hyperparameter of kd/methods.py's LossConfig
-        text = f"{field.metadata['help']} [{', '.join(methods_reading(name))}]"
-        if name == "gamma":
-            group.add_argument("--gamma", type=gamma_arg, default=field.default,
-                               help=text + "; 'auto': set from the student's own learning state every step (kd/gamma.py)")
-        else:
-            group.add_argument(f"--{name.replace('_', '-')}", type=float, default=field.default, help=text)
-    group.add_argument("--beta-end", type=float,
-                       help="progressive β (Fig. 3): β moves linearly from --beta to --beta-end over the optimizer steps")
-    group.add_argument("--gamma-quantile", type=float,
-                       help=f"--gamma auto: Γ follows the Q-quantile of d over each step's tokens (default "
-                            f"{DEFAULT_QUANTILE}: about half of the recent tokens are hard)")
-    group.add_argument("--gamma-momentum", type=float,
-                       help=f"--gamma auto: momentum M of Γ's moving average over steps (default {DEFAULT_MOMENTUM})")
+# =============================================================================================
+# The run and its state
+# =============================================================================================
 
-    group = parser.add_argument_group("on-policy distillation (GKD; kd/onpolicy.py)")
-    group.add_argument("--on-policy-ratio", type=float, default=0.0,
-                       help="share of the micro-batches whose responses the student samples itself; the loss is "
-                            "then the divergence alone on those tokens (forward, reverse, skew_teacher, jsd)")
-    group.add_argument("--on-policy-temperature", type=float, default=1.0, help="sampling temperature T")
-    group.add_argument("--on-policy-max-new-tokens", type=int, default=256,
-                       help="longest sampled response (prompt + response stay within --max-length)")
+@dataclass
+class Run:
+    """What setup() builds once and every step reads: arguments, accelerator, data, models, optimizer."""
+    args: Any
+    loss_config: Any
+    output_dir: Path
+    accelerator: Any = None
+    grad_accum: int = 1
+    is_deepspeed: bool = False
+    zero_stage: Optional[int] = None
+    lean_student: bool = True          # the loss from hidden states + lm_head weight (else from logits)
+    lean_teacher: bool = True
+    tokenizer: Any = None
+    vocab_size: int = 0                # shared by student, teacher (and a stored teacher)
+    train_set: Any = None
+    valid_set: Any = None
+    directions: list = field(default_factory=list)
+    teacher_cache: Any = None
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    epochs: int = 0
+    run_args: dict = field(default_factory=dict)   # the training arguments, compared on resume
+    resume_path: Optional[Path] = None
+    resume_state: Optional[dict] = None            # the checkpoint's trainer_state.json
+    changes: dict = field(default_factory=dict)    # {name: (old, new)} applied by --allow-changed-args
+    changed_history: list = field(default_factory=list)
+    config: dict = field(default_factory=dict)     # config.json
+    model: Any = None                  # the prepared student (DDP / DeepSpeed engine)
+    student: Any = None                # the unwrapped student
+    teacher: Any = None
+    student_weight: Any = None         # lm_head weights of the lean paths (None: the logits path)
+    teacher_weight: Any = None
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    train_dataloader: Any = None
+    sampler: Any = None
+    trainable: int = 0
+    total_parameters: int = 0
 
-    group = parser.add_argument_group("LoRA students (peft; kd/lora.py)")
-    group.add_argument("--lora-r", type=int, default=0,
-                       help="train rank-R LoRA adapters instead of every student weight (0: full fine-tuning)")
-    group.add_argument("--lora-alpha", type=float,
-                       help=f"LoRA scaling α (the update is (α/r)·B·A; default {ALPHA_PER_RANK:g}·r)")
-    group.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
-    group.add_argument("--lora-target-modules", nargs="+", default=["all-linear"],
-                       help="module names that get adapters (default all-linear: every linear layer but the lm_head)")
 
-    group = parser.add_argument_group("evaluation, checkpoints, logging")
-    group.add_argument("--eval-steps", type=int, default=0, help="validate every N optimizer steps (and at each epoch end)")
-    group.add_argument("--early-stopping-patience", type=int, default=0,
-                       help="stop when N validations in a row have not improved the best validation loss (0: off; "
-                            "needs --valid-file). The learning-rate schedule stays that of the full run; best/ is "
-                            "the result. Lets a study train every system to convergence with a generous --epochs")
-    group.add_argument("--early-stopping-min-epochs", type=float, default=0.0,
-                       help="never stop early before this many epochs (a loss whose validation loss first rises, "
-                            "as selfevo's does from a base model, is not cut before it can fall)")
-    group.add_argument("--save-steps", type=int, default=0, help="save_state into step_N every N optimizer steps")
-    group.add_argument("--save-total-limit", type=int, default=1,
-                       help="keep the newest N complete step_/epoch_ checkpoints (default 1: all a resume needs; "
-                            "0: keep all). One checkpoint of a 7B student is about 100 GB")
-    group.add_argument("--resume-from-checkpoint", help="'latest' (the newest step_N/epoch_N of --output-dir) or a folder")
-    group.add_argument("--allow-changed-args", action="store_true",
-                       help="resume even though training arguments differ from the checkpoint's: the new values "
-                            "apply from its step on and config.json records them (default: an error)")
-    group.add_argument("--logging-steps", type=int, default=10, help="one metrics.jsonl row per N optimizer steps")
-    group.add_argument("--max-bad-steps", type=int, default=10, help="stop after N non-finite steps in a row")
-    group.add_argument("--report-to", default="none", choices=("none", "tensorboard", "wandb"),
-                       help="also log to this accelerate tracker")
-    return parser.parse_args(argv)
+class LogWindow:
+    """The sums of one logging window: loss x tokens, tokens, good steps, seconds, the on-policy share,
+    and per direction the stats [D, 4] (tokens, hard tokens, sum of d, tokens with a d)."""
+
+    def __init__(self, n_directions):
+        self.loss, self.tokens, self.steps, self.seconds = 0.0, 0, 0, 0.0
+        self.stats = torch.zeros(n_directions, 4)
+        self.on_policy, self.micro_batches = 0, 0
+
+    def state_dict(self):
+        return {"loss": self.loss, "tokens": self.tokens, "steps": self.steps, "seconds": self.seconds,
+                "stats": self.stats.tolist(), "on_policy": self.on_policy, "micro_batches": self.micro_batches}
+
+    def load_state_dict(self, state):
+        self.loss, self.tokens, self.steps, self.seconds = state["loss"], state["tokens"], state["steps"], state["seconds"]
+        self.stats = torch.tensor(state["stats"], dtype=torch.float32)
+        self.on_policy, self.micro_batches = state.get("on_policy", 0), state.get("micro_batches", 0)
+
+
+@dataclass
+class TrainerState:
+    """Everything a resume needs besides what accelerator.save_state keeps (student, optimizer, scheduler,
+    RNG): state_dict() is the checkpoint's trainer_state.json, load_state_dict() reads it back."""
+    global_step: int = 0
+    train_tokens: int = 0
+    train_seconds: float = 0.0              # time in optimizer steps (without validation and saving)
+    best_valid_loss: Optional[float] = None
+    best_step: Optional[int] = None
+    validations_without_improvement: int = 0
+    window: Optional[LogWindow] = None
+    auto_gamma: Optional[AutoGamma] = None  # the running Γ of --gamma auto
+    # not saved: derived at resume, or about the steps since it
+    last_valid: Optional[float] = None
+    last_valid_step: Optional[int] = None
+    stopped_early: bool = False
+    bad_steps: list = field(default_factory=list)
+
+    def state_dict(self, run):
+        args = run.args
+        return {"global_step": self.global_step, "epoch": self.global_step / run.steps_per_epoch,
+                "batch_size": args.batch_size, "seed": args.seed, "train_examples": len(run.train_set),
+                "args": run.run_args, "changed_args": run.changed_history,
+                "best_valid_loss": self.best_valid_loss, "best_step": self.best_step,
+                "validations_without_improvement": self.validations_without_improvement,
+                "train_tokens": self.train_tokens, "train_seconds": self.train_seconds,
+                "window": self.window.state_dict(),
+                "auto_gamma": self.auto_gamma.state_dict() if self.auto_gamma else None}
+
+    def load_state_dict(self, state):
+        self.global_step, self.train_tokens, self.train_seconds = (state["global_step"], state["train_tokens"],
+                                                                   state["train_seconds"])
+        self.best_valid_loss, self.best_step = state["best_valid_loss"], state["best_step"]
+        self.validations_without_improvement = state.get("validations_without_improvement", 0)
+        if state.get("window") is not None:  # else a checkpoint of an older train_kd.py: the first window is short
+            self.window.load_state_dict(state["window"])
+        if self.auto_gamma and state.get("auto_gamma"):  # else (resumed into --gamma auto) Γ starts afresh
+            self.auto_gamma.load_state_dict(state["auto_gamma"])
 
 
 # =============================================================================================
 # Helpers (small, pure where possible; the tests call some of them directly)
 # =============================================================================================
-
-def gamma_arg(text):
-    """--gamma: a number, or 'auto' (kd/gamma.py)."""
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
-
 
 def beta_at(step, total_steps, beta, beta_end=None):
     """β for optimizer step `step` (0-based) of `total_steps`: constant, or linear from beta to beta_end."""
@@ -297,104 +290,6 @@ def resolve_checkpoint(resume, output_dir):
     return path
 
 
-def build_loss_config(args):
-    """kd.losses.LossConfig of the arguments; each hyperparameter is checked against its range in
-    kd/methods.py, the message naming the flag."""
-    values = {name: getattr(args, name) for name in HYPERPARAMETERS}
-    if values["gamma"] == "auto":  # the per-step Γ replaces this (kd/gamma.py); step 1 has none: +inf
-        values["gamma"] = math.inf
-    for name, value in values.items():
-        problem = range_problem(name, value)
-        if problem:
-            fail("arguments", problem.replace(name, "--" + name.replace("_", "-"), 1), "see train_kd.py --help",
-                 code=CONFIG_ERROR)
-    try:
-        return LossConfig(args.method, **values, reduction="sum")
-    except ValueError as error:
-        fail("arguments", re.sub(r"\b(" + "|".join(HYPERPARAMETERS) + r")\b",
-                                 lambda match: "--" + match.group(1).replace("_", "-"), str(error)),
-             "see train_kd.py --help", code=CONFIG_ERROR)
-
-
-def check_args(args):
-    """Every check of the command line that needs no model and no data: one message, exit status 2.
-    Returns the LossConfig."""
-    if args.teacher and args.teacher_cache:
-        fail("--teacher-cache", "replaces --teacher", "pass one of the two", code=CONFIG_ERROR)
-    if args.method in KD_METHODS and not (args.teacher or args.teacher_cache):
-        fail(f"--method {args.method}", "distils from a teacher", "pass --teacher PATH or --teacher-cache DIR "
-             "(only sft runs without one)", code=CONFIG_ERROR)
-    if args.method not in KD_METHODS and (args.teacher or args.teacher_cache):
-        warnings.warn("--teacher / --teacher-cache is ignored by --method sft")
-        args.teacher = args.teacher_cache = None
-    loss_config = build_loss_config(args)
-    if args.gamma == "auto":
-        if args.method not in SELECTING_METHODS or args.top_k is not None:
-            fail(f"--gamma auto with --method {args.method}" + (" and --top-k" if args.top_k is not None else ""),
-                 f"sets the threshold of {' and '.join(SELECTING_METHODS)} (without --top-k)",
-                 "pass --method selfevo or selfevo_token and no --top-k", code=CONFIG_ERROR)
-        args.gamma_quantile = DEFAULT_QUANTILE if args.gamma_quantile is None else args.gamma_quantile
-        args.gamma_momentum = DEFAULT_MOMENTUM if args.gamma_momentum is None else args.gamma_momentum
-        try:
-            AutoGamma(args.gamma_quantile, args.gamma_momentum)
-        except ValueError as error:
-            fail("arguments", str(error).replace("gamma_", "--gamma-"), "see train_kd.py --help", code=CONFIG_ERROR)
-    elif args.gamma_quantile is not None or args.gamma_momentum is not None:
-        fail("--gamma-quantile/--gamma-momentum", "only apply to --gamma auto", "pass --gamma auto or leave them out",
-             code=CONFIG_ERROR)
-    if args.on_policy_ratio and args.method not in ON_POLICY_METHODS:
-        fail(f"--on-policy-ratio {args.on_policy_ratio} with --method {args.method}",
-             "needs a loss that is defined on sampled tokens: " + ", ".join(ON_POLICY_METHODS) +
-             " (the methods built on the reference token mix it into their target, and a sampled response has none)",
-             "pass one of those methods, or --on-policy-ratio 0", code=CONFIG_ERROR)
-    if args.on_policy_ratio and args.teacher_cache:
-        fail(f"--on-policy-ratio {args.on_policy_ratio} with --teacher-cache", "the student's own samples are not in "
-             "the cache (it holds the teacher on the training data only)", "pass --teacher for on-policy distillation",
-             code=CONFIG_ERROR)
-    if not 0.0 <= args.on_policy_ratio <= 1.0:
-        fail(f"--on-policy-ratio {args.on_policy_ratio}", "is a share of the micro-batches", "pass a value in [0, 1]",
-             code=CONFIG_ERROR)
-    if not args.on_policy_temperature > 0.0 or args.on_policy_max_new_tokens < 1:
-        fail(f"--on-policy-temperature {args.on_policy_temperature} / --on-policy-max-new-tokens "
-             f"{args.on_policy_max_new_tokens}", "the temperature must be > 0 and the length at least 1",
-             "pass positive values", code=CONFIG_ERROR)
-    if args.early_stopping_min_epochs < 0:
-        fail(f"--early-stopping-min-epochs {args.early_stopping_min_epochs}", "must not be negative", "pass 0 or more",
-             code=CONFIG_ERROR)
-    if args.lora_r < 0:
-        fail(f"--lora-r {args.lora_r}", "is a rank", "pass 0 (full fine-tuning) or a rank >= 1", code=CONFIG_ERROR)
-    if args.lora_r:
-        if (args.lora_alpha is not None and not args.lora_alpha > 0) or not 0.0 <= args.lora_dropout < 1.0:
-            fail(f"--lora-r {args.lora_r} / --lora-alpha {args.lora_alpha} / --lora-dropout {args.lora_dropout}",
-                 "need a rank >= 1, α > 0 and a dropout in [0, 1)", "pass valid values", code=CONFIG_ERROR)
-        try:
-            import peft  # noqa: F401
-        except ImportError:
-            fail(f"--lora-r {args.lora_r}", "needs peft, which is not installed", "pip install -r requirements.txt",
-                 code=CONFIG_ERROR)
-        args.lora_alpha = ALPHA_PER_RANK * args.lora_r if args.lora_alpha is None else args.lora_alpha
-    if args.early_stopping_patience < 0 or (args.early_stopping_patience and not args.valid_file):
-        fail(f"--early-stopping-patience {args.early_stopping_patience}", "needs a number >= 0 and, when > 0, "
-             "a --valid-file to watch", "pass --valid-file, or 0 to train every epoch", code=CONFIG_ERROR)
-    if args.beta_end is not None and not 0.0 <= args.beta_end <= 1.0:
-        fail(f"--beta-end {args.beta_end}", "must lie in [0, 1]", "pass a value in [0, 1]", code=CONFIG_ERROR)
-    for name in ("batch_size", "micro_batch_size", "max_length", "epochs", "logging_steps", "max_bad_steps"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} {getattr(args, name)}", "must be at least 1", "pass a positive number",
-                 code=CONFIG_ERROR)
-    for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} {getattr(args, name)}", "must not be negative", "pass 0 or more",
-                 code=CONFIG_ERROR)
-    for argument, path in (("--student", args.student), ("--teacher", args.teacher)):
-        if path:
-            try:
-                check_model_path(path, argument)
-            except FileNotFoundError as error:
-                fail_with(error, code=CONFIG_ERROR)
-    return loss_config
-
-
 def training_args(args, train_examples):
     """The arguments that change what is trained (compared on resume), and the number of usable examples."""
     return {**{k: v for k, v in vars(args).items() if k not in NOT_TRAINING_ARGS}, "train_examples": train_examples}
@@ -428,18 +323,12 @@ def reapply_optimizer_args(optimizer, lr_scheduler, args):
     """After loading a checkpoint saved with another --lr, --weight-decay or --adam-epsilon
     (--allow-changed-args): the new values from this step on. The schedule's shape (--lr-scheduler,
     --warmup-ratio, total steps) is already the new one: the checkpoint restores only its base rates."""
-    decays = (args.weight_decay, 0.0)  # the parameter groups of main(): with and without weight decay
+    decays = (args.weight_decay, 0.0)  # the parameter groups of setup_optimizer(): with and without weight decay
     lr_scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
     for group, decay, factor in zip(optimizer.param_groups, decays, lr_scheduler.lr_lambdas):
         group.update(initial_lr=args.lr, weight_decay=decay, eps=args.adam_epsilon,
                      lr=args.lr * factor(lr_scheduler.last_epoch))
     lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-
-
-def read_rows(path, argument):
-    """Rows of a prepared JSONL file; any problem stops the run naming the argument (and file:line)."""
-    return read_jsonl(path, required=REQUIRED_FIELDS, text_fields=("prompt", "reference"), allow_empty=False,
-                      argument=argument)
 
 
 def model_vocab_size(name_or_path):
@@ -507,13 +396,289 @@ class MicroBatchCollator:
         return [self.collate(examples[i:i + size]) for i in range(0, len(examples), size)]
 
 
-def shifted_targets(labels):
-    """targets[b, i] = labels[b, i + 1]: the token that position i predicts (IGNORE_INDEX where nothing counts)."""
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+def stop_after_write_error(error, what, output_dir, incomplete=None):
+    """Stop after `what` could not be written: why, in words, and where a resume would continue.
+    `incomplete`: a folder the failed write left half-written, removed (it only takes space)."""
+    if isinstance(error, OSError):
+        reason = describe_os_error(error)
+    else:  # torch's writer reports a full disk as a RuntimeError ("[enforce fail at inline_container.cc ...")
+        free = shutil.disk_usage(output_dir).free
+        reason = (f"the disk is full ({free // 2**20} MiB free)" if free < 64 * 2**20
+                  else (str(error).strip().splitlines() or [type(error).__name__])[0])
+    if incomplete is not None:
+        shutil.rmtree(incomplete, ignore_errors=True)
+    checkpoints = list_checkpoints(output_dir)
+    resume = (f"--resume-from-checkpoint latest will continue from {checkpoints[-1][1]} (step {checkpoints[-1][0]}), "
+              "the newest complete checkpoint" if checkpoints else
+              "no complete checkpoint yet: --resume-from-checkpoint latest will start from the beginning")
+    fail(what, f"could not be written: {reason}", f"free some space, then {resume}")
 
 
 # =============================================================================================
-# Forward passes, validation, log rows (called by main's loop; module level so tests can call them)
+# Setup: input checks, accelerator, data, models, optimizer (every bad input stops in words, early)
+# =============================================================================================
+
+def check_inputs(run):
+    """The checks that need no model: the command line, the data files, the output folder.
+    Returns the rows of the train and valid files, or None when the run had completed."""
+    args, output_dir = run.args, run.output_dir
+    train_rows = read_rows(args.train_file, "--train-file")
+    valid_rows = read_rows(args.valid_file, "--valid-file") if args.valid_file else []
+    if (output_dir / "COMPLETED").is_file() and args.resume_from_checkpoint == "latest":
+        print(f"{output_dir}: run already completed; nothing to do")
+        return None
+    if args.resume_from_checkpoint is None and output_dir.is_dir() and (
+            list_checkpoints(output_dir) or (output_dir / "final").exists()):
+        fail(f"--output-dir {output_dir}", "already holds a run",
+             "pass --resume-from-checkpoint latest to continue it, or choose another --output-dir", code=CONFIG_ERROR)
+    run.resume_path = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    return train_rows, valid_rows
+
+
+def setup_accelerator(run):
+    """The Accelerator (student and teacher DeepSpeed plugins under DeepSpeed), the accumulation steps
+    and which loss path runs."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+
+    args = run.args
+    plugins = deepspeed_plugins(args)
+    accelerator = Accelerator(
+        # accelerate's torchrun launcher (any --num_processes > 1) does not pass use_cpu on: on a machine
+        # without GPUs ask for CPU DDP (gloo) here. DeepSpeed runs its own CPU path and must not get cpu=True.
+        cpu=not torch.cuda.is_available() and plugins is None,
+        mixed_precision="bf16" if args.bf16 else None,
+        deepspeed_plugins=plugins,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(run.output_dir),
+                                            logging_dir=str(run.output_dir / "tensorboard")),
+    )
+    run.accelerator = accelerator
+    run.grad_accum = accumulation_steps(args.batch_size, args.micro_batch_size, accelerator.num_processes)
+    accelerator.gradient_accumulation_steps = run.grad_accum
+    run.is_deepspeed = is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if is_deepspeed:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.micro_batch_size
+    run.zero_stage = accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed else None
+    # The lean path needs the real lm_head weight outside forward; ZeRO-3 and FSDP partition it.
+    run.lean_student = not (run.zero_stage == 3 or accelerator.distributed_type == DistributedType.FSDP)
+    run.lean_teacher = not is_deepspeed and accelerator.distributed_type != DistributedType.FSDP
+    set_seed(args.seed)
+
+
+def setup_data(run, train_rows, valid_rows):
+    """Tokenizer (the teacher's must match), the shared vocabulary, the datasets, a stored teacher, the
+    number of steps, the resume check against the checkpoint, and the data loader."""
+    args = run.args
+    tokenizer = load_tokenizer(args.student)
+    vocab_size = model_vocab_size(args.student)
+    if args.teacher:
+        reason = tokenizer_mismatch(tokenizer, load_tokenizer(args.teacher))
+        if reason:
+            fail(f"--teacher {args.teacher}", f"its tokenizer does not match the student's: {reason}",
+                 "distil from a teacher with the student's tokenizer", code=CONFIG_ERROR)
+        try:
+            vocab_size = shared_vocab_size(vocab_size, model_vocab_size(args.teacher))
+        except ValueError as error:
+            fail(f"--teacher {args.teacher}", str(error), "pass a teacher of the student's family", code=CONFIG_ERROR)
+    if len(tokenizer) > vocab_size:
+        fail(f"--student {args.student}", f"tokenizer has {len(tokenizer)} tokens, more than the (shared) model "
+             f"vocabulary {vocab_size}", "pass a model whose embeddings cover its tokenizer", code=CONFIG_ERROR)
+    try:
+        run.train_set = TranslationDataset(train_rows, tokenizer, args.max_length,
+                                           source_name=f"--train-file {args.train_file}")
+        run.valid_set = (TranslationDataset(valid_rows, tokenizer, args.max_length,
+                                            source_name=f"--valid-file {args.valid_file}") if valid_rows else None)
+    except ValueError as error:
+        fail_with(error, code=CONFIG_ERROR)
+    if args.teacher_cache:  # checked against this run's data, tokenizer, template and max length
+        run.teacher_cache = TeacherCache(args.teacher_cache, run_fingerprint(args.train_file, tokenizer,
+                                                                             args.max_length, len(run.train_set)))
+        try:
+            vocab_size = shared_vocab_size(vocab_size, run.teacher_cache.vocab)
+        except ValueError as error:
+            fail(f"--teacher-cache {args.teacher_cache}", str(error), "pass a cache of a teacher of the student's "
+                 "family", code=CONFIG_ERROR)
+    run.tokenizer, run.vocab_size, run.directions = tokenizer, vocab_size, run.train_set.directions
+    run.steps_per_epoch = len(run.train_set) // args.batch_size
+    if run.steps_per_epoch == 0:
+        fail(f"--batch-size {args.batch_size}", f"more than the {len(run.train_set)} usable examples of --train-file "
+             f"{args.train_file}", "pass a smaller --batch-size or more data", code=CONFIG_ERROR)
+    run.total_steps = args.epochs * run.steps_per_epoch
+    if args.max_steps > 0:
+        run.total_steps = min(run.total_steps, args.max_steps)
+    run.epochs = math.ceil(run.total_steps / run.steps_per_epoch)
+    run.run_args = training_args(args, len(run.train_set))
+    if run.resume_path is not None:
+        run.resume_state = read_json(run.resume_path / TRAINER_STATE)
+        run.changes = check_resume(run.resume_state, run.run_args, run.resume_path, args.allow_changed_args)
+        run.changed_history = run.resume_state.get("changed_args", [])
+        if run.changes:
+            step = run.resume_state["global_step"]
+            run.changed_history = run.changed_history + [{"step": step, "changes": {
+                k: list(v) for k, v in run.changes.items()}}]
+            for name, (old, new) in run.changes.items():
+                run.accelerator.print(f"--allow-changed-args: --{name.replace('_', '-')} {old} -> {new} "
+                                      f"from step {step} on")
+    run.sampler = EpochSampler(run.train_set.lengths(), args.seed,
+                               args.micro_batch_size if args.group_by_length else None)
+    run.train_dataloader = torch.utils.data.DataLoader(
+        run.train_set, batch_size=args.micro_batch_size * run.grad_accum, sampler=run.sampler, drop_last=True,
+        collate_fn=MicroBatchCollator(tokenizer.pad_token_id, args.micro_batch_size), num_workers=args.num_workers,
+        # its own generator: a DataLoader without one draws its workers' base seed from the global RNG at
+        # every iter(), so a resumed epoch would shift the stream that dropout and on-policy sampling use
+        generator=torch.Generator().manual_seed(args.seed))
+
+
+def write_config(run):
+    """config.json: the fully resolved configuration, written before any model loads."""
+    args, accelerator, cache = run.args, run.accelerator, run.teacher_cache
+    run.config = {
+        **vars(args),
+        "teacher_dtype": args.teacher_dtype or ("bf16" if args.bf16 else "fp32"),
+        "num_processes": accelerator.num_processes,
+        "gradient_accumulation_steps": run.grad_accum,
+        "distributed_type": str(accelerator.distributed_type),
+        "zero_stage": run.zero_stage,
+        "mixed_precision": accelerator.mixed_precision,
+        "student_loss_path": "hidden" if run.lean_student else "logits",
+        "teacher_loss_path": ("cache" if cache else None) if not args.teacher else (
+            "hidden" if run.lean_teacher else "logits"),
+        "teacher_cache_manifest": None if cache is None else {
+            k: cache.manifest[k] for k in ("teacher", "teacher_sha256", "top_k", "dtype", "vocab_size")},
+        "vocab_size": run.vocab_size,
+        "train_examples": len(run.train_set),
+        "valid_examples": len(run.valid_set) if run.valid_set else 0,
+        "dropped_too_long": run.train_set.dropped_too_long,
+        "directions": run.directions,
+        "steps_per_epoch": run.steps_per_epoch,
+        "total_steps": run.total_steps,
+        "changed_args": run.changed_history,
+    }
+    if accelerator.is_main_process:
+        try:
+            run.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            stop_after_write_error(error, f"--output-dir {run.output_dir}", run.output_dir.parent)
+        write_json(run.output_dir / "config.json", run.config)
+    accelerator.print(json.dumps(run.config, indent=2))
+    accelerator.print(f"loss path: student {run.config['student_loss_path']}, teacher {run.config['teacher_loss_path']} "
+                      f"({run.config['distributed_type']}, ZeRO stage {run.zero_stage})")
+    if run.train_set.dropped_too_long:
+        accelerator.print(f"dropped {run.train_set.dropped_too_long} training examples longer than "
+                          f"--max-length {args.max_length}")
+
+
+def setup_models(run):
+    """The student (with LoRA adapters), the frozen teacher, AdamW and the schedule, all prepared."""
+    from transformers import get_scheduler
+
+    args, accelerator = run.args, run.accelerator
+    # a LoRA student's frozen base weights need no fp32 master copy: bf16 under --bf16
+    model = load_model(args.student, dtype="bf16" if args.lora_r and args.bf16 else "fp32")
+    if args.lora_r:
+        try:
+            model = add_adapters(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+        except ValueError as error:  # e.g. a target module the model does not have
+            fail(f"--lora-target-modules {' '.join(args.lora_target_modules)}", str(error).splitlines()[0],
+                 "name modules of the student (e.g. q_proj v_proj), or all-linear", code=CONFIG_ERROR)
+    run.trainable, run.total_parameters = trainable_parameters(model)
+    accelerator.print(f"student: {run.trainable:,} trainable parameters of {run.total_parameters:,}")
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    teacher = None
+    if args.teacher:
+        teacher = load_model(args.teacher, dtype=run.config["teacher_dtype"])
+        teacher.eval().requires_grad_(False)
+
+    no_decay = ("bias", "norm")
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # LoRA: the adapters only
+    parameter_groups = [  # reapply_optimizer_args relies on this order: with weight decay, then without
+        {"params": [p for n, p in trained if not any(k in n.lower() for k in no_decay)],
+         "weight_decay": args.weight_decay},
+        {"params": [p for n, p in trained if any(k in n.lower() for k in no_decay)],
+         "weight_decay": 0.0},
+    ]
+    # a LoRA student has no trainable norm or bias: DeepSpeed refuses an empty parameter group
+    parameter_groups = [group for group in parameter_groups if group["params"]]
+    optimizer = torch.optim.AdamW(parameter_groups, lr=args.lr, eps=args.adam_epsilon)
+    # The scheduler is stepped once per optimizer step by the loop (not prepared: accelerate would
+    # step it once per process) and checkpointed through register_for_checkpointing.
+    run.lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                     num_warmup_steps=math.ceil(args.warmup_ratio * run.total_steps),
+                                     num_training_steps=run.total_steps)
+    run.model, run.optimizer, run.train_dataloader = accelerator.prepare(model, optimizer, run.train_dataloader)
+    accelerator.register_for_checkpointing(run.lr_scheduler)
+    if teacher is not None:
+        if run.is_deepspeed:  # the teacher as the second DeepSpeed plugin's engine
+            accelerator.state.select_deepspeed_plugin("teacher")
+            teacher = accelerator.prepare(teacher)
+            accelerator.state.select_deepspeed_plugin("student")
+            # prepare() left the teacher's config here; get_state_dict reads the ZeRO stage from it.
+            accelerator.deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
+            # save_state saves every prepared model: keep the teacher out of the checkpoints.
+            accelerator._models = [m for m in accelerator._models if m is not teacher]
+        else:
+            teacher = teacher.to(accelerator.device)
+        teacher.eval()
+    run.teacher = teacher
+    run.student = accelerator.unwrap_model(run.model)
+    run.student_weight = run.student.get_output_embeddings().weight if run.lean_student else None
+    run.teacher_weight = teacher.get_output_embeddings().weight if teacher is not None and run.lean_teacher else None
+
+
+def setup(args):
+    """The run, ready to train; None when it had completed (--resume-from-checkpoint latest)."""
+    run = Run(args, check_args(args), Path(args.output_dir))
+    rows = check_inputs(run)
+    if rows is None:
+        return None
+    setup_accelerator(run)
+    setup_data(run, *rows)
+    write_config(run)
+    setup_models(run)
+    return run
+
+
+def start_or_resume(run):
+    """The trainer state: from the checkpoint (the student, optimizer, scheduler and RNG too), or fresh.
+    metrics.jsonl keeps exactly the rows up to the checkpoint's step."""
+    args, accelerator, output_dir = run.args, run.accelerator, run.output_dir
+    state = TrainerState(window=LogWindow(len(run.directions)),
+                         auto_gamma=AutoGamma(args.gamma_quantile, args.gamma_momentum) if args.gamma == "auto" else None)
+    if run.resume_path is not None:
+        accelerator.print(f"resuming from {run.resume_path}")
+        accelerator.load_state(str(run.resume_path))
+        if run.changes:
+            reapply_optimizer_args(run.optimizer, run.lr_scheduler, args)
+        state.load_state_dict(run.resume_state)
+        metrics_file = output_dir / "metrics.jsonl"
+        kept, _ = read_appended_jsonl(metrics_file, required=("type", "step"))
+        kept = [row for row in kept if row["step"] <= state.global_step]  # rows written after the checkpoint go
+        validated = [row for row in kept if row["type"] == "valid" and row["step"] == state.global_step]
+        if validated:  # this step's validation ran before the checkpoint: not again at the end
+            state.last_valid, state.last_valid_step = validated[-1]["valid_loss"], state.global_step
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process and metrics_file.is_file():
+            write_jsonl(metrics_file, kept)
+        accelerator.wait_for_everyone()
+    else:
+        if args.resume_from_checkpoint == "latest":
+            accelerator.print(f"--resume-from-checkpoint latest: no checkpoint in {output_dir} yet; starting from scratch")
+        if accelerator.is_main_process:  # rows of an earlier attempt that never reached a checkpoint
+            (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    # a run resumed from the checkpoint written where it decided to stop early stops again at once
+    state.stopped_early = should_stop_early(run, state)
+    if args.report_to != "none":
+        accelerator.init_trackers("train_kd", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                                                      for k, v in run.config.items()})
+    return state
+
+
+# =============================================================================================
+# One optimizer step
 # =============================================================================================
 
 def student_rows(model, batch, counted, keep, weight=None):
@@ -541,8 +706,181 @@ def teacher_inputs(teacher, batch, counted, keep, weight=None):
         return {"teacher_logits": out.logits[counted[:, keep]]}
 
 
+def micro_batch_loss(run, batch, beta, gamma, on_policy=False):
+    """Summed loss over the micro-batch's response tokens, per-direction stat sums [D, 4], and d of
+    each counted token (for --gamma auto)."""
+    targets = shifted_targets(batch["labels"])
+    counted = targets != IGNORE_INDEX
+    keep = counted.any(0).nonzero().squeeze(1)  # the lm_head runs at response positions only
+    token_directions = batch["direction"][:, None].expand_as(targets)[counted]
+    rows, weight = student_rows(run.model, batch, counted, keep, run.student_weight)
+    teacher_kwargs = {}
+    if run.teacher is not None:
+        with run.accelerator.autocast():
+            teacher_kwargs = teacher_inputs(run.teacher, batch, counted, keep, run.teacher_weight)
+    elif run.teacher_cache is not None:  # stored log-probabilities enter the losses as the teacher's logits
+        teacher_kwargs = {"teacher_logits": run.teacher_cache.log_probs(batch["index"], counted.sum(1), rows.device)}
+    step_config = dataclasses.replace(run.loss_config, beta=beta, gamma=gamma)
+    if on_policy:  # the divergence alone on the student's own sample (kd/onpolicy.py)
+        step_config = dataclasses.replace(step_config, kd_ratio=1.0)
+    if weight is not None:
+        loss_sum, stats = compute_loss_from_hidden(step_config, rows, weight, targets[counted],
+                                                   **teacher_kwargs, token_stats=True)
+    else:
+        loss_sum, stats = compute_loss(step_config, rows, teacher_kwargs.get("teacher_logits"), targets[counted],
+                                       token_stats=True)
+    # per direction: tokens, hard tokens, sum of difficulty, tokens with a difficulty
+    difficulty = stats["token_difficulty"].float()
+    has_difficulty = ~torch.isnan(difficulty)
+    columns = torch.stack([torch.ones_like(difficulty), stats["token_hard"].float(),
+                           torch.where(has_difficulty, difficulty, torch.zeros_like(difficulty)),
+                           has_difficulty.float()], dim=1)
+    sums = torch.zeros(len(run.directions), 4, device=columns.device).index_add_(0, token_directions, columns)
+    return loss_sum, sums, difficulty
+
+
+@dataclass
+class StepResult:
+    loss: float                # mean over the step's response tokens (all processes)
+    tokens: int
+    grad_norm: Optional[float]
+    lr: float                  # the learning rate the step used
+    beta: float
+    gamma: float
+    stat_sums: Any             # [D, 4] of this process
+    on_policy: list            # per micro-batch: sampled by the student
+    seconds: float
+    good: bool                 # finite loss and gradient norm: the optimizer stepped
+
+
+def optimizer_step(run, state, group):
+    """One optimizer step on one process's share `group` of the effective batch (a list of micro-batches)."""
+    args, accelerator = run.args, run.accelerator
+    step_start = time.perf_counter()
+    beta = beta_at(state.global_step, run.total_steps, args.beta, args.beta_end)
+    gamma = state.auto_gamma.value if state.auto_gamma else run.loss_config.gamma  # one Γ for every micro-batch
+    # on-policy micro-batches: the student's own responses, sampled before any forward pass of the
+    # step so that the token count below counts them (kd/onpolicy.py)
+    on_policy = [is_on_policy(args.seed, state.global_step, index, args.on_policy_ratio) for index in range(len(group))]
+    group = [sample_micro_batch(run.student, micro_batch, pad_token_id=run.tokenizer.pad_token_id,
+                                eos_token_id=run.tokenizer.eos_token_id, max_new_tokens=args.on_policy_max_new_tokens,
+                                max_length=args.max_length, temperature=args.on_policy_temperature,
+                                synced_gpus=run.zero_stage == 3,
+                                seed=sampling_seed(args.seed, state.global_step, index, accelerator.process_index))
+             if sampled else micro_batch for index, (micro_batch, sampled) in enumerate(zip(group, on_policy))]
+    local_tokens = sum(int((shifted_targets(mb["labels"]) != IGNORE_INDEX).sum()) for mb in group)
+    step_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
+    # Exact token weighting: each micro-batch's loss is a sum over its tokens; undo accelerate's
+    # 1/accumulation and DDP's mean over processes, and divide by the tokens of the whole effective batch.
+    scale = accelerator.num_processes * run.grad_accum / step_tokens
+    loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    stat_sums = torch.zeros(len(run.directions), 4, device=accelerator.device)
+    step_difficulties = []
+    for micro_batch, sampled in zip(group, on_policy):
+        with accelerator.accumulate(run.model):
+            loss_sum, sums, difficulty = micro_batch_loss(run, micro_batch, beta, gamma, sampled)
+            accelerator.backward(loss_sum * scale)
+            loss_total += loss_sum.detach().double()
+            stat_sums += sums
+            if state.auto_gamma:
+                step_difficulties.append(difficulty)
+    grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), args.max_grad_norm or float("inf"))
+    grad_norm = float(grad_norm) if grad_norm is not None else None
+    step_loss = float(accelerator.reduce(loss_total, "sum")) / step_tokens
+    good = is_finite(step_loss) and (grad_norm is None or is_finite(grad_norm))
+    if good:
+        run.optimizer.step()
+    else:  # the schedule still advances; --max-bad-steps in a row stop the run (record_step)
+        warnings.warn(f"step {state.global_step + 1}: non-finite loss {step_loss} / grad norm {grad_norm}; "
+                      "skipping the optimizer step")
+    if state.auto_gamma:  # Γ of the next step from d of every token of this one, all processes (kd/gamma.py)
+        local = torch.cat(step_difficulties)
+        state.auto_gamma.update(accelerator.gather(accelerator.pad_across_processes(local, pad_index=math.nan)))
+    lr = run.lr_scheduler.get_last_lr()[0]
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad()
+    state.global_step += 1
+    return StepResult(step_loss, step_tokens, grad_norm, lr, beta, gamma, stat_sums, on_policy,
+                      time.perf_counter() - step_start, good)
+
+
+# =============================================================================================
+# Logging, validation, checkpoints (every write stops in words)
+# =============================================================================================
+
+def train_row(window, step, steps_per_epoch, lr, grad_norm, beta, method, directions):
+    """The metrics.jsonl row of a logging window (see the module docstring for the fields)."""
+    row = {"type": "train", "step": step, "epoch": step / steps_per_epoch,
+           "loss": window.loss / window.tokens, "lr": lr, "grad_norm": grad_norm,
+           "tokens": window.tokens, "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
+           "steps_in_window": window.steps}
+    if method in KD_METHODS:
+        stats = window.stats
+        row["beta"] = beta
+        row["hard_fraction"] = float(stats[:, 1].sum() / stats[:, 0].sum())
+        if method in TARGET_MIX_METHODS:
+            row["mean_difficulty"] = float(stats[:, 2].sum() / stats[:, 3].sum())
+        for i, direction in enumerate(directions):
+            if stats[i, 0] > 0:
+                row[f"hard_fraction/{direction}"] = float(stats[i, 1] / stats[i, 0])
+                if method in TARGET_MIX_METHODS:
+                    row[f"mean_difficulty/{direction}"] = float(stats[i, 2] / stats[i, 3])
+    return row
+
+
+def write_metrics(run, row):
+    """One metrics.jsonl row (non-finite numbers as null), and to the tracker."""
+    row = {k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in row.items()}
+    if run.accelerator.is_main_process:
+        try:
+            with open(run.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(jsonl_text([row]))
+        except OSError as error:
+            stop_after_write_error(error, run.output_dir / "metrics.jsonl", run.output_dir)
+    run.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
+
+
+def record_step(run, state, step):
+    """Add the step to the logging window (good steps only), write its row at the window's end, and
+    stop after --max-bad-steps non-finite steps in a row."""
+    args, window = run.args, state.window
+    if step.good:
+        state.bad_steps = []
+    else:
+        state.bad_steps.append(state.global_step)
+        if len(state.bad_steps) >= args.max_bad_steps:
+            good = list_checkpoints(run.output_dir)
+            raise RuntimeError(
+                f"{len(state.bad_steps)} non-finite steps in a row (steps {state.bad_steps[0]}-{state.bad_steps[-1]}, "
+                f"--max-bad-steps {args.max_bad_steps}); stopping. Last good checkpoint: "
+                f"{good[-1][1] if good else 'none'}. Lower --lr or check the data and the models.")
+    state.train_seconds += step.seconds
+    if not state.bad_steps:
+        state.train_tokens += step.tokens
+        window.loss += step.loss * step.tokens
+        window.tokens += step.tokens
+        window.steps += 1
+        window.stats += run.accelerator.reduce(step.stat_sums, "sum").cpu()
+        window.on_policy += sum(step.on_policy)
+        window.micro_batches += len(step.on_policy)
+    window.seconds += step.seconds
+    if window.steps and (state.global_step % args.logging_steps == 0 or state.global_step == run.total_steps):
+        row = train_row(window, state.global_step, run.steps_per_epoch, step.lr, step.grad_norm, step.beta,
+                        args.method, run.directions)
+        if args.on_policy_ratio:
+            row["on_policy_fraction"] = window.on_policy / window.micro_batches
+        if state.auto_gamma:
+            row["gamma"] = step.gamma  # the Γ this step used (+inf at step 1: written as null)
+        write_metrics(run, row)
+        state.window = LogWindow(len(run.directions))
+        return row
+    return None
+
+
 def validation_loss(accelerator, model, weight, valid_set, micro_batch_size, pad_token_id, vocab_size):
     """Mean token cross-entropy of the student on the references, overall and per direction."""
+    import torch.nn.functional as F
+
     model.eval()
     num_processes = accelerator.num_processes
     sums = torch.zeros(len(valid_set.directions), 2, device=accelerator.device, dtype=torch.float64)
@@ -579,546 +917,153 @@ def validation_loss(accelerator, model, weight, valid_set, micro_batch_size, pad
     return result
 
 
-def new_window(n_directions):
-    """The sums of one logging window: loss x tokens, tokens, good steps, seconds, stats per direction [D, 4]."""
-    return {"loss": 0.0, "tokens": 0, "steps": 0, "seconds": 0.0, "stats": torch.zeros(n_directions, 4)}
+def validate(run, state):
+    """Validation loss on --valid-file (a metrics row); a new best saves best/."""
+    state.last_valid_step = state.global_step
+    if run.valid_set is None:
+        return
+    result = validation_loss(run.accelerator, run.model, run.student_weight, run.valid_set, run.args.micro_batch_size,
+                             run.tokenizer.pad_token_id, run.vocab_size)
+    state.last_valid = result["valid_loss"]
+    write_metrics(run, {"type": "valid", "step": state.global_step, "epoch": state.global_step / run.steps_per_epoch,
+                        **result})
+    run.accelerator.print(f"step {state.global_step}: valid_loss {state.last_valid:.4f}")
+    if state.best_valid_loss is None or state.last_valid < state.best_valid_loss:
+        state.best_valid_loss, state.best_step = state.last_valid, state.global_step
+        state.validations_without_improvement = 0
+        save_model(run, run.output_dir / "best")
+    else:
+        state.validations_without_improvement += 1
 
 
-def window_state(window):
-    """The window as JSON (saved with each checkpoint, so that a resumed run logs the same rows)."""
-    return {**window, "stats": window["stats"].tolist()}
+def should_stop_early(run, state):
+    """--early-stopping-patience validations without a better loss, and at least --early-stopping-min-epochs."""
+    args = run.args
+    return (0 < args.early_stopping_patience <= state.validations_without_improvement
+            and state.global_step >= args.early_stopping_min_epochs * run.steps_per_epoch)
 
 
-def window_from_state(state, n_directions):
-    if state is None:  # a checkpoint of an older train_kd.py: the first window after it is short
-        return new_window(n_directions)
-    return {**state, "stats": torch.tensor(state["stats"], dtype=torch.float32)}
+def save_model(run, folder):
+    """save_pretrained of the student + tokenizer into folder (16-bit gathered under ZeRO-3), all or nothing."""
+    args, accelerator = run.args, run.accelerator
+    state_dict = accelerator.get_state_dict(run.model)
+    if accelerator.is_main_process:
+        try:
+            with replacing_folder(folder) as tmp:
+                if args.lora_r:  # the merged model (a plain checkpoint) and the adapter (kd/lora.py)
+                    merged = merged_state_dict(state_dict, args.lora_alpha / args.lora_r)
+                    run.student.get_base_model().save_pretrained(tmp, state_dict=merged, safe_serialization=True)
+                    run.student.save_pretrained(Path(tmp) / "adapter", state_dict=state_dict, safe_serialization=True)
+                else:
+                    run.student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                run.tokenizer.save_pretrained(tmp)
+        except (OSError, RuntimeError, WriteError) as error:
+            stop_after_write_error(getattr(error, "error", error), f"{folder}/ (the model)", run.output_dir)
+    accelerator.wait_for_everyone()
 
 
-def train_row(window, step, steps_per_epoch, lr, grad_norm, beta, method, directions):
-    """The metrics.jsonl row of a logging window (see the module docstring for the fields)."""
-    row = {"type": "train", "step": step, "epoch": step / steps_per_epoch,
-           "loss": window["loss"] / window["tokens"], "lr": lr, "grad_norm": grad_norm,
-           "tokens": window["tokens"], "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
-           "steps_in_window": window["steps"]}
-    if method in KD_METHODS:
-        stats = window["stats"]
-        row["beta"] = beta
-        row["hard_fraction"] = float(stats[:, 1].sum() / stats[:, 0].sum())
-        if method in TARGET_MIX_METHODS:
-            row["mean_difficulty"] = float(stats[:, 2].sum() / stats[:, 3].sum())
-        for i, direction in enumerate(directions):
-            if stats[i, 0] > 0:
-                row[f"hard_fraction/{direction}"] = float(stats[i, 1] / stats[i, 0])
-                if method in TARGET_MIX_METHODS:
-                    row[f"mean_difficulty/{direction}"] = float(stats[i, 2] / stats[i, 3])
-    return row
+def save_checkpoint(run, state, name):
+    """accelerator.save_state into output_dir/name (the teacher is never in it), then trainer_state.json,
+    written last: a folder without it is incomplete. Keeps the newest --save-total-limit checkpoints."""
+    accelerator, folder = run.accelerator, run.output_dir / name
+    if accelerator.is_main_process:  # an older folder of this name is incomplete from here on
+        (folder / TRAINER_STATE).unlink(missing_ok=True)
+    try:
+        accelerator.save_state(str(folder))
+        if accelerator.is_main_process:
+            write_json(folder / TRAINER_STATE, state.state_dict(run))
+    except (OSError, RuntimeError, WriteError) as error:
+        stop_after_write_error(getattr(error, "error", error), f"checkpoint {folder}/", run.output_dir, incomplete=folder)
+    if accelerator.is_main_process and run.args.save_total_limit > 0:
+        for _, old in list_checkpoints(run.output_dir)[:-run.args.save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
-def stop_after_write_error(error, what, output_dir, incomplete=None):
-    """Stop after `what` could not be written: why, in words, and where a resume would continue.
-    `incomplete`: a folder the failed write left half-written, removed (it only takes space)."""
-    if isinstance(error, OSError):
-        reason = describe_os_error(error)
-    else:  # torch's writer reports a full disk as a RuntimeError ("[enforce fail at inline_container.cc ...")
-        free = shutil.disk_usage(output_dir).free
-        reason = (f"the disk is full ({free // 2**20} MiB free)" if free < 64 * 2**20
-                  else (str(error).strip().splitlines() or [type(error).__name__])[0])
-    if incomplete is not None:
-        shutil.rmtree(incomplete, ignore_errors=True)
-    checkpoints = list_checkpoints(output_dir)
-    resume = (f"--resume-from-checkpoint latest will continue from {checkpoints[-1][1]} (step {checkpoints[-1][0]}), "
-              "the newest complete checkpoint" if checkpoints else
-              "no complete checkpoint yet: --resume-from-checkpoint latest will start from the beginning")
-    fail(what, f"could not be written: {reason}", f"free some space, then {resume}")
+def finish(run, state):
+    """The last validation, final/, all_results.json and COMPLETED (written last)."""
+    args, accelerator, config = run.args, run.accelerator, run.config
+    if state.last_valid_step != state.global_step:
+        validate(run, state)
+    save_model(run, run.output_dir / "final")
+    reported = dict.fromkeys(REPORTED_ARGS)
+    reported.update(gradient_accumulation_steps=None, num_processes=None)
+    results = {
+        "method": args.method,
+        "hyperparameters": {k: config[k] for k in reported},
+        "trainable_parameters": run.trainable,
+        "total_parameters": run.total_parameters,
+        "changed_args": run.changed_history,
+        "final_valid_loss": state.last_valid,
+        "best_valid_loss": state.best_valid_loss,
+        "best_step": state.best_step,
+        "stopped_early": state.stopped_early,
+        "steps": state.global_step,
+        "epochs": state.global_step / run.steps_per_epoch,
+        "train_tokens": state.train_tokens,
+        "train_seconds": state.train_seconds,
+        "tokens_per_s": state.train_tokens / state.train_seconds if state.train_seconds else None,
+        "dropped_too_long": run.train_set.dropped_too_long,
+        "final_dir": str(run.output_dir / "final"),
+        "best_dir": str(run.output_dir / "best") if state.best_step is not None else None,
+    }
+    if accelerator.is_main_process:
+        write_json(run.output_dir / "all_results.json", results)
+        write_text(run.output_dir / "COMPLETED", f"{state.global_step} steps\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    accelerator.print(json.dumps(results, indent=2))
+    return results
 
 
 # =============================================================================================
-# Training
+# The training loop
 # =============================================================================================
 
 def main(argv=None):
     args = parse_args(argv)
     quiet_cpu_runs()  # before accelerate imports DeepSpeed
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, GradientAccumulationPlugin, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
-    # ------------------------------------------------------------------ 1. check the input (cheap, before any model)
-    loss_config = check_args(args)
-    train_rows = read_rows(args.train_file, "--train-file")
-    valid_rows = read_rows(args.valid_file, "--valid-file") if args.valid_file else []
-    output_dir = Path(args.output_dir)
-    if (output_dir / "COMPLETED").is_file() and args.resume_from_checkpoint == "latest":
-        print(f"{output_dir}: run already completed; nothing to do")
-        return read_json(output_dir / "all_results.json")
-    if args.resume_from_checkpoint is None and output_dir.is_dir() and (
-            list_checkpoints(output_dir) or (output_dir / "final").exists()):
-        fail(f"--output-dir {output_dir}", "already holds a run",
-             "pass --resume-from-checkpoint latest to continue it, or choose another --output-dir", code=CONFIG_ERROR)
-    resume_path = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-
-    # ------------------------------------------------------------------ 2. accelerator (student + teacher DeepSpeed plugins)
-    plugins = deepspeed_plugins(args)
-    accelerator = Accelerator(
-        # accelerate's torchrun launcher (any --num_processes > 1) does not pass use_cpu on: on a machine
-        # without GPUs ask for CPU DDP (gloo) here. DeepSpeed runs its own CPU path and must not get cpu=True.
-        cpu=not torch.cuda.is_available() and plugins is None,
-        mixed_precision="bf16" if args.bf16 else None,
-        deepspeed_plugins=plugins,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")),
-    )
-    num_processes = accelerator.num_processes
-    grad_accum = accumulation_steps(args.batch_size, args.micro_batch_size, num_processes)
-    accelerator.gradient_accumulation_steps = grad_accum
-    is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if is_deepspeed:
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.micro_batch_size
-    zero_stage = accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed else None
-    # The lean path needs the real lm_head weight outside forward; ZeRO-3 and FSDP partition it.
-    lean_student = not (zero_stage == 3 or accelerator.distributed_type == DistributedType.FSDP)
-    lean_teacher = not is_deepspeed and accelerator.distributed_type != DistributedType.FSDP
-    set_seed(args.seed)
-
-    # ------------------------------------------------------------------ 3. tokenizers and data
-    tokenizer = load_tokenizer(args.student)
-    vocab_size = model_vocab_size(args.student)
-    if args.teacher:
-        teacher_tokenizer = load_tokenizer(args.teacher)
-        reason = tokenizer_mismatch(tokenizer, teacher_tokenizer)
-        if reason:
-            fail(f"--teacher {args.teacher}", f"its tokenizer does not match the student's: {reason}",
-                 "distil from a teacher with the student's tokenizer", code=CONFIG_ERROR)
-        try:
-            vocab_size = shared_vocab_size(vocab_size, model_vocab_size(args.teacher))
-        except ValueError as error:
-            fail(f"--teacher {args.teacher}", str(error), "pass a teacher of the student's family", code=CONFIG_ERROR)
-    if len(tokenizer) > vocab_size:
-        fail(f"--student {args.student}", f"tokenizer has {len(tokenizer)} tokens, more than the (shared) model "
-             f"vocabulary {vocab_size}", "pass a model whose embeddings cover its tokenizer", code=CONFIG_ERROR)
-    try:
-        train_set = TranslationDataset(train_rows, tokenizer, args.max_length, source_name=f"--train-file {args.train_file}")
-        valid_set = (TranslationDataset(valid_rows, tokenizer, args.max_length, source_name=f"--valid-file {args.valid_file}")
-                     if valid_rows else None)
-    except ValueError as error:
-        fail_with(error, code=CONFIG_ERROR)
-    teacher_cache = None
-    if args.teacher_cache:  # checked against this run's data, tokenizer, template and max length
-        teacher_cache = TeacherCache(args.teacher_cache, run_fingerprint(args.train_file, tokenizer, args.max_length,
-                                                                         len(train_set)))
-        try:
-            vocab_size = shared_vocab_size(vocab_size, teacher_cache.vocab)
-        except ValueError as error:
-            fail(f"--teacher-cache {args.teacher_cache}", str(error), "pass a cache of a teacher of the student's family",
-                 code=CONFIG_ERROR)
-    steps_per_epoch = len(train_set) // args.batch_size
-    if steps_per_epoch == 0:
-        fail(f"--batch-size {args.batch_size}", f"more than the {len(train_set)} usable examples of --train-file "
-             f"{args.train_file}", "pass a smaller --batch-size or more data", code=CONFIG_ERROR)
-    total_steps = args.epochs * steps_per_epoch
-    if args.max_steps > 0:
-        total_steps = min(total_steps, args.max_steps)
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    run_args = training_args(args, len(train_set))
-    resume_state, changes, changed_history = None, {}, []
-    if resume_path is not None:
-        resume_state = read_json(resume_path / TRAINER_STATE)
-        changes = check_resume(resume_state, run_args, resume_path, args.allow_changed_args)
-        changed_history = resume_state.get("changed_args", [])
-        if changes:
-            changed_history = changed_history + [{"step": resume_state["global_step"],
-                                                  "changes": {k: list(v) for k, v in changes.items()}}]
-            for name, (old, new) in changes.items():
-                accelerator.print(f"--allow-changed-args: --{name.replace('_', '-')} {old} -> {new} "
-                                  f"from step {resume_state['global_step']} on")
-    directions = train_set.directions
-
-    sampler = EpochSampler(train_set.lengths(), args.seed, args.micro_batch_size if args.group_by_length else None)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.micro_batch_size * grad_accum, sampler=sampler, drop_last=True,
-        collate_fn=MicroBatchCollator(tokenizer.pad_token_id, args.micro_batch_size), num_workers=args.num_workers,
-        # its own generator: a DataLoader without one draws its workers' base seed from the global RNG at
-        # every iter(), so a resumed epoch would shift the stream that dropout and on-policy sampling use
-        generator=torch.Generator().manual_seed(args.seed))
-
-    config = {
-        **vars(args),
-        "teacher_dtype": args.teacher_dtype or ("bf16" if args.bf16 else "fp32"),
-        "num_processes": num_processes,
-        "gradient_accumulation_steps": grad_accum,
-        "distributed_type": str(accelerator.distributed_type),
-        "zero_stage": zero_stage,
-        "mixed_precision": accelerator.mixed_precision,
-        "student_loss_path": "hidden" if lean_student else "logits",
-        "teacher_loss_path": ("cache" if teacher_cache else None) if not args.teacher else (
-            "hidden" if lean_teacher else "logits"),
-        "teacher_cache_manifest": None if teacher_cache is None else {
-            k: teacher_cache.manifest[k] for k in ("teacher", "teacher_sha256", "top_k", "dtype", "vocab_size")},
-        "vocab_size": vocab_size,
-        "train_examples": len(train_set),
-        "valid_examples": len(valid_set) if valid_set else 0,
-        "dropped_too_long": train_set.dropped_too_long,
-        "directions": directions,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "changed_args": changed_history,
-    }
-    if accelerator.is_main_process:
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            stop_after_write_error(error, f"--output-dir {output_dir}", output_dir.parent)
-        write_json(output_dir / "config.json", config)
-    accelerator.print(json.dumps(config, indent=2))
-    accelerator.print(f"loss path: student {config['student_loss_path']}, teacher {config['teacher_loss_path']} "
-                      f"({config['distributed_type']}, ZeRO stage {zero_stage})")
-    if train_set.dropped_too_long:
-        accelerator.print(f"dropped {train_set.dropped_too_long} training examples longer than --max-length {args.max_length}")
-
-    # ------------------------------------------------------------------ 4. models
-    # a LoRA student's frozen base weights need no fp32 master copy: bf16 under --bf16
-    model = load_model(args.student, dtype="bf16" if args.lora_r and args.bf16 else "fp32")
-    if args.lora_r:
-        try:
-            model = add_adapters(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
-        except ValueError as error:  # e.g. a target module the model does not have
-            fail(f"--lora-target-modules {' '.join(args.lora_target_modules)}", str(error).splitlines()[0],
-                 "name modules of the student (e.g. q_proj v_proj), or all-linear", code=CONFIG_ERROR)
-    trainable, total_parameters = trainable_parameters(model)
-    accelerator.print(f"student: {trainable:,} trainable parameters of {total_parameters:,}")
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    teacher = None
-    if args.teacher:
-        teacher = load_model(args.teacher, dtype=config["teacher_dtype"])
-        teacher.eval().requires_grad_(False)
-
-    # ------------------------------------------------------------------ 5. optimizer, schedule, prepare
-    no_decay = ("bias", "norm")
-    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # LoRA: the adapters only
-    parameter_groups = [  # reapply_optimizer_args relies on this order: with weight decay, then without
-        {"params": [p for n, p in trained if not any(k in n.lower() for k in no_decay)],
-         "weight_decay": args.weight_decay},
-        {"params": [p for n, p in trained if any(k in n.lower() for k in no_decay)],
-         "weight_decay": 0.0},
-    ]
-    # a LoRA student has no trainable norm or bias: DeepSpeed refuses an empty parameter group
-    parameter_groups = [group for group in parameter_groups if group["params"]]
-    optimizer = torch.optim.AdamW(parameter_groups, lr=args.lr, eps=args.adam_epsilon)
-    # The scheduler is stepped once per optimizer step by this loop (not prepared: accelerate would
-    # step it once per process) and checkpointed through register_for_checkpointing.
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
-                                 num_training_steps=total_steps)
-    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
-    accelerator.register_for_checkpointing(lr_scheduler)
-    if teacher is not None:
-        if is_deepspeed:
-            accelerator.state.select_deepspeed_plugin("teacher")
-            teacher = accelerator.prepare(teacher)
-            accelerator.state.select_deepspeed_plugin("student")
-            # prepare() left the teacher's config here; get_state_dict reads the ZeRO stage from it.
-            accelerator.deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
-            # save_state saves every prepared model: keep the teacher out of the checkpoints.
-            accelerator._models = [m for m in accelerator._models if m is not teacher]
-        else:
-            teacher = teacher.to(accelerator.device)
-        teacher.eval()
-    student = accelerator.unwrap_model(model)
-    # the lm_head weights of the lean path (None: the logits path)
-    student_weight = student.get_output_embeddings().weight if lean_student else None
-    teacher_weight = teacher.get_output_embeddings().weight if teacher is not None and lean_teacher else None
-
-    # ------------------------------------------------------------------ 6. one micro-batch: forward passes and the loss
-    def micro_batch_loss(batch, beta, gamma, on_policy=False):
-        """Summed loss over the micro-batch's response tokens, per-direction stat sums [D, 4], and d of
-        each counted token (for --gamma auto)."""
-        targets = shifted_targets(batch["labels"])
-        counted = targets != IGNORE_INDEX
-        keep = counted.any(0).nonzero().squeeze(1)
-        token_directions = batch["direction"][:, None].expand_as(targets)[counted]
-        rows, weight = student_rows(model, batch, counted, keep, student_weight)
-        teacher_kwargs = {}
-        if teacher is not None:
-            with accelerator.autocast():
-                teacher_kwargs = teacher_inputs(teacher, batch, counted, keep, teacher_weight)
-        elif teacher_cache is not None:  # stored log-probabilities enter the losses as the teacher's logits
-            teacher_kwargs = {"teacher_logits": teacher_cache.log_probs(batch["index"], counted.sum(1), rows.device)}
-        step_config = dataclasses.replace(loss_config, beta=beta, gamma=gamma)
-        if on_policy:  # the divergence alone on the student's own sample (kd/onpolicy.py)
-            step_config = dataclasses.replace(step_config, kd_ratio=1.0)
-        if weight is not None:
-            loss_sum, stats = compute_loss_from_hidden(step_config, rows, weight, targets[counted],
-                                                       **teacher_kwargs, token_stats=True)
-        else:
-            loss_sum, stats = compute_loss(step_config, rows, teacher_kwargs.get("teacher_logits"), targets[counted],
-                                           token_stats=True)
-        # per direction: tokens, hard tokens, sum of difficulty, tokens with a difficulty
-        difficulty = stats["token_difficulty"].float()
-        has_difficulty = ~torch.isnan(difficulty)
-        columns = torch.stack([torch.ones_like(difficulty), stats["token_hard"].float(),
-                               torch.where(has_difficulty, difficulty, torch.zeros_like(difficulty)),
-                               has_difficulty.float()], dim=1)
-        sums = torch.zeros(len(directions), 4, device=columns.device).index_add_(0, token_directions, columns)
-        return loss_sum, sums, difficulty
-
-    # ------------------------------------------------------------------ 7. validation and saving (all writes stop in words)
-    def save_model(folder):
-        """save_pretrained of the student + tokenizer into folder (16-bit gathered under ZeRO-3), all or nothing."""
-        state_dict = accelerator.get_state_dict(model)
-        if accelerator.is_main_process:
-            try:
-                with replacing_folder(folder) as tmp:
-                    if args.lora_r:  # the merged model (a plain checkpoint) and the adapter (kd/lora.py)
-                        merged = merged_state_dict(state_dict, args.lora_alpha / args.lora_r)
-                        student.get_base_model().save_pretrained(tmp, state_dict=merged, safe_serialization=True)
-                        student.save_pretrained(Path(tmp) / "adapter", state_dict=state_dict, safe_serialization=True)
-                    else:
-                        student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-                    tokenizer.save_pretrained(tmp)
-            except (OSError, RuntimeError, WriteError) as error:
-                stop_after_write_error(getattr(error, "error", error), f"{folder}/ (the model)", output_dir)
-        accelerator.wait_for_everyone()
-
-    def save_checkpoint(name):
-        folder = output_dir / name
-        if accelerator.is_main_process:  # an older folder of this name is incomplete from here on
-            (folder / TRAINER_STATE).unlink(missing_ok=True)
-        try:
-            accelerator.save_state(str(folder))
-            if accelerator.is_main_process:  # written last: a folder without it is incomplete
-                write_json(folder / TRAINER_STATE, {
-                    "global_step": global_step, "epoch": global_step / steps_per_epoch,
-                    "batch_size": args.batch_size, "seed": args.seed, "train_examples": len(train_set),
-                    "args": run_args, "changed_args": changed_history,
-                    "best_valid_loss": best_valid_loss, "best_step": best_step,
-                    "validations_without_improvement": validations_without_improvement,
-                    "train_tokens": train_tokens, "train_seconds": train_seconds, "window": window_state(window),
-                    "auto_gamma": auto_gamma.state_dict() if auto_gamma else None})
-        except (OSError, RuntimeError, WriteError) as error:
-            stop_after_write_error(getattr(error, "error", error), f"checkpoint {folder}/", output_dir, incomplete=folder)
-        if accelerator.is_main_process and args.save_total_limit > 0:
-            for _, old in list_checkpoints(output_dir)[:-args.save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-
-    def write_metrics(row):
-        row = {k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in row.items()}
-        if accelerator.is_main_process:
-            try:
-                with open(output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
-                    handle.write(jsonl_text([row]))
-            except OSError as error:
-                stop_after_write_error(error, output_dir / "metrics.jsonl", output_dir)
-        accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
-                        step=row["step"])
-
-    def run_validation():
-        nonlocal best_valid_loss, best_step, last_valid, last_valid_step, validations_without_improvement
-        last_valid_step = global_step
-        if valid_set is None:
-            return
-        result = validation_loss(accelerator, model, student_weight, valid_set, args.micro_batch_size,
-                                 tokenizer.pad_token_id, vocab_size)
-        last_valid = result["valid_loss"]
-        write_metrics({"type": "valid", "step": global_step, "epoch": global_step / steps_per_epoch, **result})
-        accelerator.print(f"step {global_step}: valid_loss {last_valid:.4f}")
-        if best_valid_loss is None or last_valid < best_valid_loss:
-            best_valid_loss, best_step = last_valid, global_step
-            validations_without_improvement = 0
-            save_model(output_dir / "best")
-        else:
-            validations_without_improvement += 1
-
-    # ------------------------------------------------------------------ 8. resume
-    global_step, train_tokens, train_seconds = 0, 0, 0.0
-    best_valid_loss, best_step, last_valid, last_valid_step = None, None, None, None
-    validations_without_improvement, stopped_early = 0, False
-    window = new_window(len(directions))
-    auto_gamma = AutoGamma(args.gamma_quantile, args.gamma_momentum) if args.gamma == "auto" else None
-    if resume_path is not None:
-        accelerator.print(f"resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
-        if changes:
-            reapply_optimizer_args(optimizer, lr_scheduler, args)
-        state = resume_state
-        global_step, train_tokens, train_seconds = state["global_step"], state["train_tokens"], state["train_seconds"]
-        best_valid_loss, best_step = state["best_valid_loss"], state["best_step"]
-        validations_without_improvement = state.get("validations_without_improvement", 0)
-        window = window_from_state(state.get("window"), len(directions))
-        if auto_gamma and state.get("auto_gamma"):  # else (resumed into --gamma auto) Γ starts afresh
-            auto_gamma.load_state_dict(state["auto_gamma"])
-        metrics_file = output_dir / "metrics.jsonl"
-        kept, _ = read_appended_jsonl(metrics_file, required=("type", "step"))
-        kept = [row for row in kept if row["step"] <= global_step]  # rows written after the checkpoint go
-        validated = [row for row in kept if row["type"] == "valid" and row["step"] == global_step]
-        if validated:  # this step's validation ran before the checkpoint: not again at the end
-            last_valid, last_valid_step = validated[-1]["valid_loss"], global_step
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process and metrics_file.is_file():
-            write_jsonl(metrics_file, kept)
-        accelerator.wait_for_everyone()
-    else:
-        if args.resume_from_checkpoint == "latest":
-            accelerator.print(f"--resume-from-checkpoint latest: no checkpoint in {output_dir} yet; starting from scratch")
-        if accelerator.is_main_process:  # rows of an earlier attempt that never reached a checkpoint
-            (output_dir / "metrics.jsonl").unlink(missing_ok=True)
-
-    if args.report_to != "none":
-        accelerator.init_trackers("train_kd", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                                                      for k, v in config.items()})
-
-    # ------------------------------------------------------------------ 9. training loop
-    model.train()
-    bad_steps = []
-    progress = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="train")
-    start_epoch = global_step // steps_per_epoch
-    # a run resumed from the checkpoint written where it decided to stop early stops again at once
-    stopped_early = (0 < args.early_stopping_patience <= validations_without_improvement
-                     and global_step >= args.early_stopping_min_epochs * steps_per_epoch)
-    for epoch in range(start_epoch, epochs):
-        if global_step >= total_steps or stopped_early:
+    run = setup(args)  # every check of the input first, then the accelerator, data, models and optimizer
+    if run is None:  # --resume-from-checkpoint latest of a completed run
+        return read_json(Path(args.output_dir) / "all_results.json")
+    state = start_or_resume(run)
+    run.model.train()
+    progress = tqdm(total=run.total_steps, initial=state.global_step, desc="train",
+                    disable=not run.accelerator.is_local_main_process)
+    for epoch in range(state.global_step // run.steps_per_epoch, run.epochs):
+        if state.global_step >= run.total_steps or state.stopped_early:
             break
-        train_dataloader.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        skip = global_step - epoch * steps_per_epoch
-        epoch_loader = accelerator.skip_first_batches(train_dataloader, skip) if skip > 0 else train_dataloader
-        for group in epoch_loader:
-            step_start = time.perf_counter()
-            beta = beta_at(global_step, total_steps, args.beta, args.beta_end)
-            gamma = auto_gamma.value if auto_gamma else loss_config.gamma  # one Γ for every micro-batch of the step
-            # on-policy micro-batches: the student's own responses, sampled before any forward pass of the
-            # step so that the token count below counts them (kd/onpolicy.py)
-            on_policy = [is_on_policy(args.seed, global_step, index, args.on_policy_ratio) for index in range(len(group))]
-            group = [sample_micro_batch(student, micro_batch, pad_token_id=tokenizer.pad_token_id,
-                                        eos_token_id=tokenizer.eos_token_id,
-                                        max_new_tokens=args.on_policy_max_new_tokens, max_length=args.max_length,
-                                        temperature=args.on_policy_temperature, synced_gpus=zero_stage == 3,
-                                        seed=sampling_seed(args.seed, global_step, index, accelerator.process_index))
-                     if sampled else micro_batch for index, (micro_batch, sampled) in enumerate(zip(group, on_policy))]
-            local_tokens = sum(int((shifted_targets(mb["labels"]) != IGNORE_INDEX).sum()) for mb in group)
-            step_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
-            # Undo accelerate's 1/accumulation and DDP's mean over processes: sum / tokens of the effective batch.
-            scale = num_processes * grad_accum / step_tokens
-            loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-            stat_sums = torch.zeros(len(directions), 4, device=accelerator.device)
-            step_difficulties = []
-            for micro_batch, sampled in zip(group, on_policy):
-                with accelerator.accumulate(model):
-                    loss_sum, sums, difficulty = micro_batch_loss(micro_batch, beta, gamma, sampled)
-                    accelerator.backward(loss_sum * scale)
-                    loss_total += loss_sum.detach().double()
-                    stat_sums += sums
-                    if auto_gamma:
-                        step_difficulties.append(difficulty)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-            grad_norm = float(grad_norm) if grad_norm is not None else None
-            step_loss = float(accelerator.reduce(loss_total, "sum")) / step_tokens
-            if is_finite(step_loss) and (grad_norm is None or is_finite(grad_norm)):
-                optimizer.step()
-                bad_steps = []
-            else:
-                bad_steps.append(global_step + 1)
-                warnings.warn(f"step {global_step + 1}: non-finite loss {step_loss} / grad norm {grad_norm}; "
-                              "skipping the optimizer step")
-            if auto_gamma:  # Γ of the next step from d of every token of this one, all processes (kd/gamma.py)
-                local = torch.cat(step_difficulties)
-                gathered = accelerator.gather(accelerator.pad_across_processes(local, pad_index=math.nan))
-                auto_gamma.update(gathered)
-            lr = lr_scheduler.get_last_lr()[0]
-            lr_scheduler.step()
-            optimizer.zero_grad()
-            global_step += 1
+        # the same seeded order on every process; a resumed epoch skips the batches it had done
+        run.train_dataloader.set_epoch(epoch)
+        run.sampler.set_epoch(epoch)
+        skip = state.global_step - epoch * run.steps_per_epoch
+        batches = run.accelerator.skip_first_batches(run.train_dataloader, skip) if skip > 0 else run.train_dataloader
+        for group in batches:
+            step = optimizer_step(run, state, group)
             progress.update(1)
-            if len(bad_steps) >= args.max_bad_steps:
-                good = list_checkpoints(output_dir)
-                raise RuntimeError(
-                    f"{len(bad_steps)} non-finite steps in a row (steps {bad_steps[0]}-{bad_steps[-1]}, "
-                    f"--max-bad-steps {args.max_bad_steps}); stopping. Last good checkpoint: "
-                    f"{good[-1][1] if good else 'none'}. Lower --lr or check the data and the models.")
+            row = record_step(run, state, step)
+            if row:
+                progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{step.lr:.2e}")
 
-            # -------------------------------------------------------------- logging
-            seconds = time.perf_counter() - step_start
-            train_seconds += seconds
-            if not bad_steps:
-                train_tokens += step_tokens
-                window["loss"] += step_loss * step_tokens
-                window["tokens"] += step_tokens
-                window["steps"] += 1
-                window["stats"] += accelerator.reduce(stat_sums, "sum").cpu()
-                window["on_policy"] = window.get("on_policy", 0) + sum(on_policy)
-                window["micro_batches"] = window.get("micro_batches", 0) + len(on_policy)
-            window["seconds"] += seconds
-            if window["steps"] and (global_step % args.logging_steps == 0 or global_step == total_steps):
-                row = train_row(window, global_step, steps_per_epoch, lr, grad_norm, beta, args.method, directions)
-                if args.on_policy_ratio:
-                    row["on_policy_fraction"] = window["on_policy"] / window["micro_batches"]
-                if auto_gamma:
-                    row["gamma"] = gamma  # the Γ this step used (+inf at step 1: written as null)
-                write_metrics(row)
-                progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
-                window = new_window(len(directions))
-
-            # -------------------------------------------------------------- validation and checkpoints
-            end_of_epoch = global_step % steps_per_epoch == 0
-            if (args.eval_steps and global_step % args.eval_steps == 0) or end_of_epoch:
-                run_validation()
-            if not bad_steps:  # never checkpoint after a bad step: the last good checkpoint stays the newest
+            end_of_epoch = state.global_step % run.steps_per_epoch == 0
+            if (args.eval_steps and state.global_step % args.eval_steps == 0) or end_of_epoch:
+                validate(run, state)
+            if not state.bad_steps:  # never checkpoint after a bad step: the last good checkpoint stays the newest
                 if end_of_epoch:
-                    save_checkpoint(f"epoch_{global_step // steps_per_epoch}")
-                elif args.save_steps and global_step % args.save_steps == 0:
-                    save_checkpoint(f"step_{global_step}")
-            if (args.early_stopping_patience and validations_without_improvement >= args.early_stopping_patience
-                    and global_step >= args.early_stopping_min_epochs * steps_per_epoch):
-                stopped_early = True
-                accelerator.print(f"step {global_step}: no improvement of the validation loss in "
-                                  f"{validations_without_improvement} validations; stopping (best: step {best_step})")
-            if global_step >= total_steps or stopped_early:
+                    save_checkpoint(run, state, f"epoch_{state.global_step // run.steps_per_epoch}")
+                elif args.save_steps and state.global_step % args.save_steps == 0:
+                    save_checkpoint(run, state, f"step_{state.global_step}")
+            if args.early_stopping_patience and should_stop_early(run, state):
+                state.stopped_early = True
+                run.accelerator.print(f"step {state.global_step}: no improvement of the validation loss in "
+                                      f"{state.validations_without_improvement} validations; stopping "
+                                      f"(best: step {state.best_step})")
+            if state.global_step >= run.total_steps or state.stopped_early:
                 break
-        if stopped_early:
-            break
     progress.close()
-
-    # ------------------------------------------------------------------ 10. final model and results
-    if last_valid_step != global_step:
-        run_validation()
-    save_model(output_dir / "final")
-    results = {
-        "method": args.method,
-        "hyperparameters": {k: config[k] for k in (
-            "student", "teacher", "teacher_cache", "teacher_dtype", "epochs", "max_steps", "batch_size", "micro_batch_size",
-            "gradient_accumulation_steps", "num_processes", "lr", "warmup_ratio", "lr_scheduler", "weight_decay",
-            "max_grad_norm", "max_length", "seed", "bf16", "kd_ratio", "target_mix", "beta", "beta_end", "gamma",
-            "gamma_quantile", "gamma_momentum", "top_k", "skew_beta", "jsd_beta", "on_policy_ratio",
-            "on_policy_temperature", "on_policy_max_new_tokens", "lora_r", "lora_alpha", "lora_dropout",
-            "lora_target_modules")},
-        "trainable_parameters": trainable,
-        "total_parameters": total_parameters,
-        "changed_args": changed_history,
-        "final_valid_loss": last_valid,
-        "best_valid_loss": best_valid_loss,
-        "best_step": best_step,
-        "stopped_early": stopped_early,
-        "steps": global_step,
-        "epochs": global_step / steps_per_epoch,
-        "train_tokens": train_tokens,
-        "train_seconds": train_seconds,
-        "tokens_per_s": train_tokens / train_seconds if train_seconds else None,
-        "dropped_too_long": train_set.dropped_too_long,
-        "final_dir": str(output_dir / "final"),
-        "best_dir": str(output_dir / "best") if best_step is not None else None,
-    }
-    if accelerator.is_main_process:
-        write_json(output_dir / "all_results.json", results)
-        write_text(output_dir / "COMPLETED", f"{global_step} steps\n")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    accelerator.print(json.dumps(results, indent=2))
-    return results
+    return finish(run, state)
 
 
 if __name__ == "__main__":

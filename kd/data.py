@@ -17,9 +17,24 @@ last position of every row is the last prompt token).
 import random
 
 import torch
+import torch.nn.functional as F
+
+from kd.io import read_jsonl
 
 IGNORE_INDEX = -100
 REQUIRED_FIELDS = ("id", "direction", "prompt", "reference")  # of a training/validation row (kd.io.read_jsonl)
+
+
+def read_rows(path, argument):
+    """Rows of a prepared train/valid JSONL file; any problem stops the run naming the argument (and file:line)."""
+    return read_jsonl(path, required=REQUIRED_FIELDS, text_fields=("prompt", "reference"), allow_empty=False,
+                      argument=argument)
+
+
+def shifted_targets(labels):
+    """targets[b, i] = labels[b, i + 1]: the token that position i predicts (IGNORE_INDEX where nothing counts).
+    The labels are shifted, not the logits, so the logits stay one contiguous tensor."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 def encode_prompt(tokenizer, prompt):

@@ -37,6 +37,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python kd/estimate.py`: find kd/
+
+from kd.train_args import parse_args  # noqa: E402  (train_kd.py's command line, defined once)
+
 GIB = 2**30
 CHARS_PER_TOKEN = 3.5  # Llama's tokenizer on English/German/Czech text, roughly
 # The paper's training data: ALMA's human-written de-en + cs-en pairs, both directions
@@ -203,10 +207,7 @@ def read_launch_config(config_path):
 
 def estimate_train(argv, config_path, processes, planned_runs, gpu, utilisation):
     """The estimate of one train_kd.py run (its argument list) as a dict; sizes None when unknown."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import train_kd
-
-    args = train_kd.parse_args(argv)
+    args = parse_args(argv)
     sharding, config_processes = read_launch_config(config_path)
     processes = processes or config_processes
     student = model_size(args.student, planned_runs)
