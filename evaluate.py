@@ -61,10 +61,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: find kd/
 
 from kd.io import fail, read_json, read_jsonl, write_text
+from kd.systems import order_key
 
 PAPER_LANGUAGES = ("de", "cs")  # Table 1's order within xx->en and en->xx; other languages follow by code
-PAPER_SYSTEMS = ("teacher", "student_sft", "forward", "reverse", "noevo", "skew", "selfevo")
-SYSTEM_ALIASES = {"student": "student_sft", "sft": "student_sft", "self-evolution": "selfevo"}
 PAPER_METHOD = "selfevo"
 DIRECTION_PATTERN = re.compile(r"^[a-z]{2,3}-[a-z]{2,3}$")
 SIGNIFICANCE_LEVEL = 0.05
@@ -310,14 +309,11 @@ def ordered_directions(found):
     return sorted(found, key=direction_key)
 
 
-def system_key(name):
-    canonical = SYSTEM_ALIASES.get(name, name)
-    return PAPER_SYSTEMS.index(canonical) if canonical in PAPER_SYSTEMS else len(PAPER_SYSTEMS)
-
-
 def ordered_results(results):
-    """Rows in the paper's order; systems outside it follow in the order given (sorted is stable)."""
-    return sorted(results, key=lambda r: system_key(r["system"]))
+    """Rows in the order of kd/systems.py (the paper's: teacher, student SFT, forward, reverse, noevo,
+    skew, selfevo, with the other known systems between and after them); unknown systems follow in the
+    order given (sorted is stable)."""
+    return sorted(results, key=lambda r: order_key(r["system"]))
 
 
 def format_number(value, mark=""):

@@ -39,6 +39,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from kd.io import replacing  # noqa: E402
+from kd.systems import SYSTEMS, method_of, order_key  # noqa: E402
 
 FIGURES = ("curves", "fig2", "fig3", "fig4", "fig5")
 SWEEPS = {  # fig2 panel: (system-name pattern, x-axis label)
@@ -48,7 +49,6 @@ SWEEPS = {  # fig2 panel: (system-name pattern, x-axis label)
 }
 PROGRESSIVE = re.compile(r"^selfevo_beta(?P<start>[0-9.]+)(?:-(?P<end>[0-9.]+))?$")
 LAMBDA = re.compile(r"^skew_teacher_lambda(?P<x>[0-9.]+)$")
-PAPER_ORDER = ["teacher", "teacher_sft", "student_sft", "forward", "reverse", "noevo", "skew", "selfevo", "skew_teacher"]
 
 
 def parse_args(argv):
@@ -131,8 +131,8 @@ def run_method(run_dir):
         method = None
     if method:
         return method
-    name = run_dir.name
-    return max((m for m in PAPER_ORDER + ["sft"] if name.startswith(m)), key=len, default=name)
+    name = re.sub(r"-s\d+$", "", run_dir.name)  # a study run: <system>-s<seed>
+    return method_of(name) or name
 
 
 def score(result, metric):
@@ -149,7 +149,8 @@ def metrics_present(results, metrics=("bleu", "comet")):
 
 
 def paper_sort_key(name):
-    return (PAPER_ORDER.index(name) if name in PAPER_ORDER else len(PAPER_ORDER), name)
+    """The order of kd/systems.py (the paper's systems first), then by name."""
+    return (*order_key(name), name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +281,7 @@ def plot_fig5(runs, results, out, dpi):
     points = sorted((float(m["x"]), r) for s, r in results.items() if (m := LAMBDA.match(s)))
     if not points:
         return "no skew_teacher_lambda* results"
-    references = {s: r for s, r in results.items() if not LAMBDA.match(s) and s in PAPER_ORDER}
+    references = {s: r for s, r in results.items() if not LAMBDA.match(s) and s in SYSTEMS}
     metrics = metrics_present([r for _, r in points])
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):

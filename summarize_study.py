@@ -35,13 +35,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: find kd/
 
 from kd.io import fail as io_fail, read_appended_jsonl, read_jsonl, read_json, replacing, write_json, write_text
+from kd.systems import order_key
 
 RUN_NAME = re.compile(r"^(?P<system>.+)-s(?P<seed>\d+)$")
 DIRECTION_ORDER = ("de-en", "cs-en", "en-de", "en-cs")
 BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED = 1000, 12345
-SYSTEM_ORDER = ("student_sft", "seqkd", "forward", "reverse", "noevo", "skew", "selfevo", "selfevo_topk",
-                "selfevo_token", "selfevo_gammaauto")
-
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -256,8 +254,7 @@ def main(argv=None):
             runs.setdefault(match["system"], []).append((int(match["seed"]), run))
     if not runs:
         fail(f"--runs {args.runs}", "no completed <system>-s<seed> run", "run the study's training steps first")
-    order = {name: i for i, name in enumerate(SYSTEM_ORDER)}
-    systems = sorted(runs, key=lambda s: (order.get(s, len(order)), s))
+    systems = sorted(runs, key=lambda s: (*order_key(s), s))  # kd/systems.py's order
     directions = [d for d in DIRECTION_ORDER if (args.refs / f"{d}.jsonl").is_file()] + sorted(
         p.stem for p in args.refs.glob("*.jsonl") if p.stem not in DIRECTION_ORDER)
 

@@ -62,7 +62,10 @@ if [[ "$GEN_ACCELERATE_CONFIG" != none ]]; then GEN_ACCELERATE_CONFIG="$(abspath
 # student SFT checkpoint (sft).
 : "${KD_STUDENT_INIT:=base}"
 
-KD_METHODS=(forward reverse noevo skew selfevo)
+# The distillation rows of the paper's Table 1 (kd/systems.py: the one table of systems)
+read -r -a TABLE1_KD_SYSTEMS <<<"$("$PYTHON" "$REPO_ROOT/kd/systems.py" list table1)"
+# The pipeline settings that the systems' flags read (KD_RATIO, BETA, ...), passed to kd/systems.py
+read -r -a SYSTEM_SETTINGS <<<"$("$PYTHON" "$REPO_ROOT/kd/systems.py" settings)"
 
 # The stored teacher (cache_teacher.py; README "A stored teacher"): K and the storage precision.
 : "${TEACHER_CACHE:=0}"
@@ -379,16 +382,14 @@ teacher_cache() {
     --top-k "$TEACHER_CACHE_TOP_K" --dtype "$TEACHER_CACHE_DTYPE" --max-length "$MAX_LENGTH" "${extra[@]}"
 }
 
-# kd_flags METHOD: the paper's hyperparameters of a KD method, as train_kd.py flags.
-kd_flags() {
-  case "$1" in
-    forward | reverse) echo "--kd-ratio $KD_RATIO" ;;
-    noevo) echo "--target-mix $TARGET_MIX" ;;
-    skew) echo "--target-mix $TARGET_MIX --beta $BETA" ;;
-    selfevo) echo "--target-mix $TARGET_MIX --beta $BETA --gamma $GAMMA" ;;
-    skew_teacher) echo "--kd-ratio $KD_RATIO --skew-beta $SKEW_BETA" ;;
-    *) echo "" ;;
-  esac
+# system_spec SYSTEM: "method flags..." of a system, its train_kd.py method and flags with the
+# pipeline's settings filled in (kd/systems.py: the paper's systems, the ablations, sweep points
+# such as selfevo_gamma1.0, the systems beyond the paper, and <system>_lora). An unknown system or a
+# setting that is not set stops the pipeline.
+system_spec() {
+  local name settings=()
+  for name in "${SYSTEM_SETTINGS[@]}"; do settings+=("$name=${!name:-}"); done
+  env "${settings[@]}" "$PYTHON" "$REPO_ROOT/kd/systems.py" spec "$1" || die "system $1: see the line above"
 }
 
 # generate SYSTEM MODEL INPUT_DIR: $HYPS/SYSTEM/<direction>.jsonl, skipped when every
@@ -491,13 +492,14 @@ ensure_teacher_sft() {
   TEACHER_SFT_MODEL="$OUT/runs/$TEACHER_SFT_EXP/teacher_sft/$SFT_CHECKPOINT"
 }
 
-# sweep_run DATA EVAL_DIR STUDENT_BASE NAME METHOD [train_kd.py flags...]: one KD run NAME from the
-# SFT teacher (TEACHER_SFT_MODEL, set by ensure_teacher_sft) into STUDENT_BASE, generated on EVAL_DIR
-# and evaluated there (the figures' sweeps).
+# sweep_run DATA EVAL_DIR STUDENT_BASE SYSTEM: one KD run of SYSTEM (a sweep point of kd/systems.py,
+# e.g. selfevo_gamma0.1) from the SFT teacher (TEACHER_SFT_MODEL, set by ensure_teacher_sft) into
+# STUDENT_BASE, generated on EVAL_DIR and evaluated there (the figures' sweeps).
 sweep_run() {
-  local data="$1" eval_dir="$2" student_base="$3" name="$4" method="$5"
-  shift 5
-  train "$name" "$method" "$student_base" "$TEACHER_SFT_MODEL" "$data/train.jsonl" "$data/valid.jsonl" "$@"
+  local data="$1" eval_dir="$2" student_base="$3" name="$4" spec=()
+  system_spec "$name" >/dev/null
+  read -r -a spec <<<"$(system_spec "$name")"
+  train "$name" "${spec[0]}" "$student_base" "$TEACHER_SFT_MODEL" "$data/train.jsonl" "$data/valid.jsonl" "${spec[@]:1}"
   generate "$name" "$RUNS/$name/$KD_CHECKPOINT" "$eval_dir"
   evaluate "$name" "$eval_dir"
 }
@@ -551,10 +553,10 @@ table_pipeline() {
     *) die "KD_STUDENT_INIT=$KD_STUDENT_INIT: choose base or sft" ;;
   esac
   say "== $EXP: the five KD methods, teacher $teacher_model -> student $kd_student"
-  local method flags=()
-  for method in "${KD_METHODS[@]}"; do
-    read -r -a flags <<<"$(kd_flags "$method")"
-    train "$method" "$method" "$kd_student" "$teacher_model" "$train_file" "$valid_file" "${flags[@]}"
+  local system spec=()
+  for system in "${TABLE1_KD_SYSTEMS[@]}"; do
+    read -r -a spec <<<"$(system_spec "$system")"
+    train "$system" "${spec[0]}" "$kd_student" "$teacher_model" "$train_file" "$valid_file" "${spec[@]:1}"
   done
   say "== $EXP: sequence-level KD (the teacher translates the training set; SFT of $kd_student on it)"
   seqkd_data teacher "$teacher_model" "$train_file"
@@ -563,14 +565,14 @@ table_pipeline() {
   say "== $EXP: generation on $(basename "$test_dir") ($(find "$test_dir" -name '*.jsonl' 2>/dev/null | wc -l) directions)"
   generate teacher "$teacher_model" "$test_dir"
   generate student_sft "$student_sft_run/$SFT_CHECKPOINT" "$test_dir"
-  for method in "${KD_METHODS[@]}"; do
-    generate "$method" "$RUNS/$method/$KD_CHECKPOINT" "$test_dir"
+  for system in "${TABLE1_KD_SYSTEMS[@]}"; do
+    generate "$system" "$RUNS/$system/$KD_CHECKPOINT" "$test_dir"
   done
   generate seqkd "$RUNS/seqkd/$KD_CHECKPOINT" "$test_dir"
 
   say "== $EXP: evaluation (COMET: $COMET_MODEL), significance against forward KD"
-  SYSTEMS=(teacher student_sft "${KD_METHODS[@]}" seqkd)
-  local system results=()
+  SYSTEMS=(teacher student_sft "${TABLE1_KD_SYSTEMS[@]}" seqkd)
+  local results=()
   for system in "${SYSTEMS[@]}"; do
     evaluate "$system" "$test_dir" teacher forward
     results+=("$RESULTS/$system.json")

@@ -32,17 +32,15 @@ prepare_alma "$DATA"
 eval_set "$DATA" "$EVAL_SPLIT"
 ensure_teacher_sft "$DATA" "$TEACHER_MODEL"
 
+# the sweep points of kd/systems.py: selfevo with one of Γ, top-K or β set to the value
 for value in $GAMMAS; do
-  sweep_run "$DATA" "$EVAL_DIR" "$STUDENT_MODEL" "selfevo_gamma$value" selfevo \
-    --target-mix "$TARGET_MIX" --beta "$BETA" --gamma "$value"
+  sweep_run "$DATA" "$EVAL_DIR" "$STUDENT_MODEL" "selfevo_gamma$value"
 done
 for value in $TOPKS; do
-  sweep_run "$DATA" "$EVAL_DIR" "$STUDENT_MODEL" "selfevo_topk$value" selfevo \
-    --target-mix "$TARGET_MIX" --beta "$BETA" --top-k "$value"
+  sweep_run "$DATA" "$EVAL_DIR" "$STUDENT_MODEL" "selfevo_topk$value"
 done
 for value in $BETAS; do
-  sweep_run "$DATA" "$EVAL_DIR" "$STUDENT_MODEL" "selfevo_beta$value" selfevo \
-    --target-mix "$TARGET_MIX" --beta "$value" --gamma "$GAMMA"
+  sweep_run "$DATA" "$EVAL_DIR" "$STUDENT_MODEL" "selfevo_beta$value"
 done
 
 plot fig2 "fig2,curves" "$FIGURES/fig2.png $FIGURES/curves.png" --runs "$RUNS" --results "$RESULTS"

@@ -32,12 +32,11 @@ for schedule in $SCHEDULES; do
   start="${schedule%%:*}"
   end="${schedule#*:}"
   [[ -n "$start" && -n "$end" && "$schedule" == *:* ]] || die "SCHEDULES: '$schedule' is not START:END"
+  # kd/systems.py: selfevo_beta<start> (constant β), selfevo_beta<start>-<end> (--beta-end)
   if [[ "$start" == "$end" ]]; then
-    sweep_run "$DATA" "$EVAL_DIR" "$STUDENT_MODEL" "selfevo_beta$start" selfevo \
-      --target-mix "$TARGET_MIX" --gamma "$GAMMA" --beta "$start"
+    sweep_run "$DATA" "$EVAL_DIR" "$STUDENT_MODEL" "selfevo_beta$start"
   else
-    sweep_run "$DATA" "$EVAL_DIR" "$STUDENT_MODEL" "selfevo_beta$start-$end" selfevo \
-      --target-mix "$TARGET_MIX" --gamma "$GAMMA" --beta "$start" --beta-end "$end"
+    sweep_run "$DATA" "$EVAL_DIR" "$STUDENT_MODEL" "selfevo_beta$start-$end"
   fi
 done
 

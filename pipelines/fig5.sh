@@ -30,8 +30,7 @@ eval_set "$DATA" "$EVAL_SPLIT"
 ensure_teacher_sft "$DATA" "$TEACHER_MODEL"
 
 for value in $LAMBDAS; do
-  sweep_run "$DATA" "$EVAL_DIR" "$STUDENT_MODEL" "skew_teacher_lambda$value" skew_teacher \
-    --kd-ratio "$value" --skew-beta "$SKEW_BETA"
+  sweep_run "$DATA" "$EVAL_DIR" "$STUDENT_MODEL" "skew_teacher_lambda$value"   # kd/systems.py: --kd-ratio value
 done
 
 references=()

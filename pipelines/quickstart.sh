@@ -60,7 +60,7 @@ set -euo pipefail
 : "${NUM_PROCESSES:=1}"
 : "${BF16:=0}"
 : "${SEED:=1}"
-# the student systems (regimes.sh: system_spec), in the order they start: the slowest first (student
+# the student systems (kd/systems.py), in the order they start: the slowest first (student
 # SFT trains beside the teacher); noevo: see the header. pipelines/beyond.sh sets others.
 : "${QUICKSTART_SYSTEMS:=selfevo skew reverse forward seqkd student_sft}"
 : "${QUICKSTART_SEEDS:=$SEED}"

@@ -41,34 +41,6 @@ regime_settings() {
 # share of on-policy batches, the LoRA rank and scale (alpha = 2r, peft's common choice)
 : "${JSD_BETA:=0.5}" "${ON_POLICY_RATIO:=0.5}" "${LORA_R:=8}" "${LORA_ALPHA:=16}"
 
-# system_spec SYSTEM: "method flags..." of a student system: the paper's systems at the paper's
-# λ = α = β = 0.5 and Γ = 0.4, the ablations, the sweep points selfevo_{beta,gamma,topk}<x>, and
-# the systems beyond the paper: seqkd (sequence-level KD), selfevo_gammaauto (Γ without tuning), jsd
-# and jsd_onpolicy (GKD), and <system>_lora (the system with a LoRA student).
-system_spec() {
-  local name="$1" x
-  case "$name" in
-    *_lora) echo "$(system_spec "${name%_lora}") --lora-r $LORA_R --lora-alpha $LORA_ALPHA" ;;
-    student_sft) echo "sft" ;;
-    seqkd) echo "sft" ;;  # on the teacher's translations of the training set (student_job)
-    forward | reverse) echo "$name --kd-ratio $KD_RATIO" ;;
-    noevo) echo "noevo --target-mix $TARGET_MIX" ;;
-    skew) echo "skew --target-mix $TARGET_MIX --beta $BETA" ;;
-    selfevo | selfevo_token) echo "$name --target-mix $TARGET_MIX --beta $BETA --gamma $GAMMA" ;;
-    selfevo_topk) echo "selfevo --target-mix $TARGET_MIX --beta $BETA --top-k $TOP_K" ;;
-    # Γ without tuning (train_kd.py --gamma auto, kd/gamma.py), against the paper's Γ = 0.4
-    selfevo_gammaauto) echo "selfevo --target-mix $TARGET_MIX --beta $BETA --gamma auto" ;;
-    # GKD's generalized JSD, on the references and on the student's own samples (a share
-    # ON_POLICY_RATIO of the batches), and any system with a LoRA student (<system>_lora)
-    jsd) echo "jsd --jsd-beta $JSD_BETA" ;;
-    jsd_onpolicy) echo "jsd --jsd-beta $JSD_BETA --on-policy-ratio $ON_POLICY_RATIO --on-policy-max-new-tokens $MAX_NEW_TOKENS" ;;
-    selfevo_beta*) x="${name#selfevo_beta}"; echo "selfevo --target-mix $TARGET_MIX --beta $x --gamma $GAMMA" ;;
-    selfevo_gamma*) x="${name#selfevo_gamma}"; echo "selfevo --target-mix $TARGET_MIX --beta $BETA --gamma $x" ;;
-    selfevo_topk*) x="${name#selfevo_topk}"; echo "selfevo --target-mix $TARGET_MIX --beta $BETA --top-k $x" ;;
-    *) die "system $name: unknown (pipeline bug)" ;;
-  esac
-}
-
 # run_lanes FUNCTION JOB...: FUNCTION JOB for every JOB (a word-split string), LANES at a time;
 # the next job starts as soon as one finishes. Stops the pipeline after the running jobs when any
 # failed (each failure already printed its step and log).
