@@ -61,7 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: f
 import torch
 
 from kd.compat import quiet_cpu_runs
-from kd.data import encode_prompt, left_pad
+from kd.data import encode_prompt
+from kd.decoding import HFGenerator, cut_at_eos, decode_rounds, first_line
 from kd.io import fail, read_appended_jsonl, read_jsonl, write_error, write_jsonl
 from kd.models import check_model_path, load_model, load_tokenizer
 
@@ -92,12 +93,6 @@ def parse_args(argv):
 # ---------------------------------------------------------------------------------------------
 # Response post-processing and the output files
 # ---------------------------------------------------------------------------------------------
-
-def first_line(raw):
-    """The hypothesis: the first non-blank line of the response, stripped."""
-    text = raw.lstrip()
-    return text.split("\n", 1)[0].strip()
-
 
 def input_files(path):
     """The .jsonl files to translate: `path` itself, or the sorted .jsonl files of a folder."""
@@ -130,38 +125,9 @@ def output_row(row, raw):
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends: token id lists in, response token id lists out (EOS and what follows removed)
+# Backends: token id lists in, response token id lists out (EOS and what follows removed); the
+# transformers one is kd/decoding.py's HFGenerator
 # ---------------------------------------------------------------------------------------------
-
-def cut_at_eos(tokens, eos_token_id):
-    return tokens[:tokens.index(eos_token_id)] if eos_token_id in tokens else tokens
-
-
-class HFGenerator:
-    """transformers generate on left-padded batches with the KV cache."""
-
-    def __init__(self, model, tokenizer, max_new_tokens, num_beams, synced_gpus=False):
-        from transformers import GenerationConfig
-
-        self.model, self.tokenizer, self.synced_gpus = model, tokenizer, synced_gpus
-        # A fresh config: the checkpoint's own (Llama-2 ships do_sample=True, temperature 0.6) must not apply.
-        self.config = GenerationConfig(
-            max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, use_cache=True,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-        )
-
-    @torch.no_grad()
-    def __call__(self, id_lists):
-        device = next(self.model.parameters()).device
-        input_ids, attention_mask = left_pad(id_lists, self.tokenizer.pad_token_id)
-        output = self.model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-            generation_config=self.config, synced_gpus=self.synced_gpus,
-        )
-        new_tokens = output[:, input_ids.shape[1]:].tolist()
-        return [cut_at_eos(tokens, self.tokenizer.eos_token_id) for tokens in new_tokens]
-
 
 class VLLMGenerator:
     """vLLM's offline engine (greedy only); one process drives all its GPUs."""
@@ -180,12 +146,6 @@ class VLLMGenerator:
     def __call__(self, id_lists):
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in id_lists], self.params, use_tqdm=False)
         return [cut_at_eos(list(out.outputs[0].token_ids), self.tokenizer.eos_token_id) for out in outputs]
-
-
-def length_sorted_batches(id_lists, batch_size):
-    """Indices of `id_lists` cut into batches of similar length, longest first."""
-    order = sorted(range(len(id_lists)), key=lambda i: (-len(id_lists[i]), i))
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,19 +242,11 @@ def main(argv=None):
                         disable=not is_main)  # sentences/s and the ETA of this file
         start = time.time()
         id_lists = [encode_prompt(tokenizer, row["prompt"]) for row in pending]
-        batches = length_sorted_batches(id_lists, args.batch_size)
-        rank, world = accelerator.process_index, accelerator.num_processes
+        world = accelerator.num_processes
         new_tokens = 0
-        for first in range(0, len(batches), world):
-            round_batches = batches[first:first + world]
-            mine = round_batches[rank] if rank < len(round_batches) else []
-            results = []
-            if mine:
-                responses = generator([id_lists[i] for i in mine])
-                results = [(pending[i]["id"], tokenizer.decode(tokens, skip_special_tokens=True), len(tokens))
-                           for i, tokens in zip(mine, responses)]
-            elif synced_gpus:
-                generator([id_lists[batches[0][0]]])  # keep the sharded forward passes in step; result dropped
+        for mine in decode_rounds(generator, id_lists, args.batch_size, accelerator.process_index, world, synced_gpus):
+            results = [(pending[i]["id"], tokenizer.decode(tokens, skip_special_tokens=True), len(tokens))
+                       for i, tokens in mine]
             gathered = gather_object(results) if world > 1 else results
             if is_main:
                 try:  # appended and flushed per batch: a kill loses at most this batch (a cut line is dropped)

@@ -72,12 +72,17 @@ Outputs in --output-dir (every file and folder appears complete or not at all: k
                      --logging-steps window (loss, tokens, tokens/s and the stats over the window's
                      steps_in_window good steps; mean_difficulty only for the methods that build ỹ,
                      kd.losses.TARGET_MIX_METHODS; gamma, the Γ of the row's last step, with --gamma auto);
-                     {"type": "valid", step, epoch, valid_loss, valid_loss/<dir>}
+                     mean_difficulty_hard: the mean d of the hard tokens, where the skewed loss acts;
+                     {"type": "valid", step, epoch, valid_loss, valid_loss/<dir>} and, when the validation
+                     rows are translated (--best-metric bleu|chrf, --valid-decode-rows), valid_bleu,
+                     valid_chrf (averages over the directions), valid_bleu/<dir>, valid_chrf/<dir>,
+                     decoded_rows, decode_seconds
   step_{n}/ epoch_{n}/  accelerator.save_state (student, optimizer, scheduler, RNG; the teacher is never
                      saved) and trainer_state.json (with the running Γ of --gamma auto), written last: only the newest --save-total-limit
                      complete ones are kept (default 1, all a resume needs; 0 keeps all). At the paper's
                      scale one checkpoint of a 7B student (weights + AdamW state) is about 100 GB.
-  best/  final/      save_pretrained model + tokenizer (best validation loss / end of training)
+  best/  final/      save_pretrained model + tokenizer (best validation score by --best-metric: the
+                     loss, or the BLEU / chrF of greedy translations of the validation rows / end of training)
   all_results.json   method, hyperparameters, final/best valid loss, steps, tokens, train_seconds (time
                      in optimizer steps, without validation and saving), tokens/s
   COMPLETED          written last
@@ -108,13 +113,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: f
 import torch
 
 from kd.compat import attention_mask_for, quiet_cpu_runs
-from kd.data import (IGNORE_INDEX, TrainCollator, TranslationDataset, length_grouped_order, read_rows,  # noqa: F401
-                     shifted_targets)
+from kd.data import (IGNORE_INDEX, TrainCollator, TranslationDataset, encode_prompt, length_grouped_order,  # noqa: F401
+                     read_rows, shifted_targets)
+from kd.decoding import HFGenerator, decode_rounds, first_line
 from kd.gamma import AutoGamma
 from kd.io import (WriteError, describe_os_error, fail, fail_with, jsonl_text, read_appended_jsonl, read_json,
                    replacing_folder, write_json, write_jsonl, write_text)
 from kd.lora import add_adapters, merged_state_dict, trainable_parameters
-from kd.losses import KD_METHODS, TARGET_MIX_METHODS, compute_loss, compute_loss_from_hidden, shared_vocab_size
+from kd.metrics import corpus_bleu, corpus_chrf
+from kd.losses import KD_METHODS, REGISTRY, TARGET_MIX_METHODS, compute_loss, compute_loss_from_hidden, shared_vocab_size
 from kd.models import load_model, load_tokenizer, tokenizer_mismatch
 from kd.onpolicy import is_on_policy, sample_micro_batch, sampling_seed
 from kd.teacher_cache import TeacherCache, run_fingerprint
@@ -122,6 +129,11 @@ from kd.train_args import CONFIG_ERROR, NOT_TRAINING_ARGS, REPORTED_ARGS, check_
 from kd.train_args import parse_args as _parse_args
 
 CHECKPOINT_NAME = re.compile(r"^(step|epoch)_(\d+)$")
+# the per-direction sums of a logging window: tokens, hard tokens, sum of d, tokens with a d, sum of d
+# over the hard tokens
+STAT_COLUMNS = 5
+# the methods with hard tokens (the skewed loss acts there): skew (every token) and the selecting ones
+HARD_TOKEN_METHODS = tuple(m for m in TARGET_MIX_METHODS if REGISTRY[m].hard != "none")
 TRAINER_STATE = "trainer_state.json"
 # The checkpoint's position in its epoch is counted in batches of this many examples: these cannot change.
 FIXED_ON_RESUME = ("batch_size", "train_examples")
@@ -152,6 +164,7 @@ class Run:
     vocab_size: int = 0                # shared by student, teacher (and a stored teacher)
     train_set: Any = None
     valid_set: Any = None
+    decode_rows: list = field(default_factory=list)  # the validation rows translated at each validation
     directions: list = field(default_factory=list)
     teacher_cache: Any = None
     steps_per_epoch: int = 0
@@ -178,11 +191,12 @@ class Run:
 
 class LogWindow:
     """The sums of one logging window: loss x tokens, tokens, good steps, seconds, the on-policy share,
-    and per direction the stats [D, 4] (tokens, hard tokens, sum of d, tokens with a d)."""
+    and per direction the stats [D, 5] (tokens, hard tokens, sum of d, tokens with a d, sum of d over the
+    hard tokens)."""
 
     def __init__(self, n_directions):
         self.loss, self.tokens, self.steps, self.seconds = 0.0, 0, 0, 0.0
-        self.stats = torch.zeros(n_directions, 4)
+        self.stats = torch.zeros(n_directions, STAT_COLUMNS)
         self.on_policy, self.micro_batches = 0, 0
 
     def state_dict(self):
@@ -192,6 +206,9 @@ class LogWindow:
     def load_state_dict(self, state):
         self.loss, self.tokens, self.steps, self.seconds = state["loss"], state["tokens"], state["steps"], state["seconds"]
         self.stats = torch.tensor(state["stats"], dtype=torch.float32)
+        if self.stats.shape[1] < STAT_COLUMNS:  # an older checkpoint: no sum of d over the hard tokens (NaN)
+            self.stats = torch.cat([self.stats, torch.full((len(self.stats), STAT_COLUMNS - self.stats.shape[1]),
+                                                           math.nan)], dim=1)
         self.on_policy, self.micro_batches = state.get("on_policy", 0), state.get("micro_batches", 0)
 
 
@@ -202,13 +219,15 @@ class TrainerState:
     global_step: int = 0
     train_tokens: int = 0
     train_seconds: float = 0.0              # time in optimizer steps (without validation and saving)
-    best_valid_loss: Optional[float] = None
-    best_step: Optional[int] = None
+    best_valid_loss: Optional[float] = None  # the lowest validation loss so far
+    best_score: Optional[float] = None       # the best validation score by --best-metric (loss: = best_valid_loss)
+    best_step: Optional[int] = None          # the step of best/, by --best-metric
     validations_without_improvement: int = 0
     window: Optional[LogWindow] = None
     auto_gamma: Optional[AutoGamma] = None  # the running Γ of --gamma auto
     # not saved: derived at resume, or about the steps since it
-    last_valid: Optional[float] = None
+    last_valid: Optional[float] = None      # the last validation loss
+    last_score: Optional[float] = None      # the last validation score by --best-metric
     last_valid_step: Optional[int] = None
     stopped_early: bool = False
     bad_steps: list = field(default_factory=list)
@@ -218,7 +237,7 @@ class TrainerState:
         return {"global_step": self.global_step, "epoch": self.global_step / run.steps_per_epoch,
                 "batch_size": args.batch_size, "seed": args.seed, "train_examples": len(run.train_set),
                 "args": run.run_args, "changed_args": run.changed_history,
-                "best_valid_loss": self.best_valid_loss, "best_step": self.best_step,
+                "best_valid_loss": self.best_valid_loss, "best_score": self.best_score, "best_step": self.best_step,
                 "validations_without_improvement": self.validations_without_improvement,
                 "train_tokens": self.train_tokens, "train_seconds": self.train_seconds,
                 "window": self.window.state_dict(),
@@ -228,6 +247,8 @@ class TrainerState:
         self.global_step, self.train_tokens, self.train_seconds = (state["global_step"], state["train_tokens"],
                                                                    state["train_seconds"])
         self.best_valid_loss, self.best_step = state["best_valid_loss"], state["best_step"]
+        # a checkpoint of an older train_kd.py selected by the validation loss only
+        self.best_score = state["best_score"] if "best_score" in state else state["best_valid_loss"]
         self.validations_without_improvement = state.get("validations_without_improvement", 0)
         if state.get("window") is not None:  # else a checkpoint of an older train_kd.py: the first window is short
             self.window.load_state_dict(state["window"])
@@ -396,6 +417,19 @@ class MicroBatchCollator:
         return [self.collate(examples[i:i + size]) for i in range(0, len(examples), size)]
 
 
+def decode_subset(rows, n):
+    """The validation rows translated at each validation: all of them (n None), or n, the first ones of
+    each direction in equal shares (directions in file order; the first n mod D directions one more)."""
+    if n is None:
+        return list(rows)
+    by_direction = {}
+    for row in rows:
+        by_direction.setdefault(row["direction"], []).append(row)
+    share, extra = divmod(n, len(by_direction))
+    return [row for i, direction_rows in enumerate(by_direction.values())
+            for row in direction_rows[:share + (i < extra)]]
+
+
 def stop_after_write_error(error, what, output_dir, incomplete=None):
     """Stop after `what` could not be written: why, in words, and where a resume would continue.
     `incomplete`: a folder the failed write left half-written, removed (it only takes space)."""
@@ -500,6 +534,8 @@ def setup_data(run, train_rows, valid_rows):
         except ValueError as error:
             fail(f"--teacher-cache {args.teacher_cache}", str(error), "pass a cache of a teacher of the student's "
                  "family", code=CONFIG_ERROR)
+    if args.best_metric != "loss" or args.valid_decode_rows is not None:
+        run.decode_rows = decode_subset(valid_rows, args.valid_decode_rows)
     run.tokenizer, run.vocab_size, run.directions = tokenizer, vocab_size, run.train_set.directions
     run.steps_per_epoch = len(run.train_set) // args.batch_size
     if run.steps_per_epoch == 0:
@@ -660,6 +696,7 @@ def start_or_resume(run):
         validated = [row for row in kept if row["type"] == "valid" and row["step"] == state.global_step]
         if validated:  # this step's validation ran before the checkpoint: not again at the end
             state.last_valid, state.last_valid_step = validated[-1]["valid_loss"], state.global_step
+            state.last_score = validated[-1].get(f"valid_{args.best_metric}")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process and metrics_file.is_file():
             write_jsonl(metrics_file, kept)
@@ -707,7 +744,7 @@ def teacher_inputs(teacher, batch, counted, keep, weight=None):
 
 
 def micro_batch_loss(run, batch, beta, gamma, on_policy=False):
-    """Summed loss over the micro-batch's response tokens, per-direction stat sums [D, 4], and d of
+    """Summed loss over the micro-batch's response tokens, per-direction stat sums [D, 5], and d of
     each counted token (for --gamma auto)."""
     targets = shifted_targets(batch["labels"])
     counted = targets != IGNORE_INDEX
@@ -732,10 +769,12 @@ def micro_batch_loss(run, batch, beta, gamma, on_policy=False):
     # per direction: tokens, hard tokens, sum of difficulty, tokens with a difficulty
     difficulty = stats["token_difficulty"].float()
     has_difficulty = ~torch.isnan(difficulty)
-    columns = torch.stack([torch.ones_like(difficulty), stats["token_hard"].float(),
-                           torch.where(has_difficulty, difficulty, torch.zeros_like(difficulty)),
-                           has_difficulty.float()], dim=1)
-    sums = torch.zeros(len(run.directions), 4, device=columns.device).index_add_(0, token_directions, columns)
+    known_difficulty = torch.where(has_difficulty, difficulty, torch.zeros_like(difficulty))
+    hard = stats["token_hard"].float()
+    columns = torch.stack([torch.ones_like(difficulty), hard, known_difficulty, has_difficulty.float(),
+                           known_difficulty * hard], dim=1)
+    sums = torch.zeros(len(run.directions), STAT_COLUMNS, device=columns.device).index_add_(0, token_directions,
+                                                                                            columns)
     return loss_sum, sums, difficulty
 
 
@@ -747,7 +786,7 @@ class StepResult:
     lr: float                  # the learning rate the step used
     beta: float
     gamma: float
-    stat_sums: Any             # [D, 4] of this process
+    stat_sums: Any             # [D, 5] of this process
     on_policy: list            # per micro-batch: sampled by the student
     seconds: float
     good: bool                 # finite loss and gradient norm: the optimizer stepped
@@ -774,7 +813,7 @@ def optimizer_step(run, state, group):
     # 1/accumulation and DDP's mean over processes, and divide by the tokens of the whole effective batch.
     scale = accelerator.num_processes * run.grad_accum / step_tokens
     loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    stat_sums = torch.zeros(len(run.directions), 4, device=accelerator.device)
+    stat_sums = torch.zeros(len(run.directions), STAT_COLUMNS, device=accelerator.device)
     step_difficulties = []
     for micro_batch, sampled in zip(group, on_policy):
         with accelerator.accumulate(run.model):
@@ -820,6 +859,9 @@ def train_row(window, step, steps_per_epoch, lr, grad_norm, beta, method, direct
         row["hard_fraction"] = float(stats[:, 1].sum() / stats[:, 0].sum())
         if method in TARGET_MIX_METHODS:
             row["mean_difficulty"] = float(stats[:, 2].sum() / stats[:, 3].sum())
+            if method in HARD_TOKEN_METHODS:  # where the skewed loss acts (None: no hard token in the window)
+                hard_tokens = float(stats[:, 1].sum())
+                row["mean_difficulty_hard"] = float(stats[:, 4].sum()) / hard_tokens if hard_tokens else None
         for i, direction in enumerate(directions):
             if stats[i, 0] > 0:
                 row[f"hard_fraction/{direction}"] = float(stats[i, 1] / stats[i, 0])
@@ -917,19 +959,62 @@ def validation_loss(accelerator, model, weight, valid_set, micro_batch_size, pad
     return result
 
 
+def validation_translation(run):
+    """BLEU and chrF of the student's greedy translations of the validation rows (--valid-decode-rows),
+    per direction and averaged over the directions; each process translates its share (kd/decoding.py).
+    Greedy decoding draws no random numbers, so the run's RNG stream (and a resume) is unchanged."""
+    from accelerate.utils import gather_object
+
+    args, accelerator, tokenizer = run.args, run.accelerator, run.tokenizer
+    start = time.perf_counter()
+    synced_gpus = run.zero_stage == 3
+    generator = HFGenerator(run.student, tokenizer, args.valid_max_new_tokens, synced_gpus=synced_gpus)
+    id_lists = [encode_prompt(tokenizer, row["prompt"]) for row in run.decode_rows]
+    run.model.eval()
+    mine = []
+    with accelerator.autocast():
+        for part in decode_rounds(generator, id_lists, args.valid_decode_batch_size, accelerator.process_index,
+                                  accelerator.num_processes, synced_gpus):
+            mine += [(index, tokenizer.decode(tokens, skip_special_tokens=True)) for index, tokens in part]
+    run.model.train()
+    hypotheses = dict(gather_object(mine) if accelerator.num_processes > 1 else mine)
+    by_direction = {}
+    for index, row in enumerate(run.decode_rows):
+        by_direction.setdefault(row["direction"], []).append((first_line(hypotheses[index]), row))
+    result = {}
+    for direction, pairs in by_direction.items():
+        hyps, refs = [h for h, _ in pairs], [r["reference"] for _, r in pairs]
+        result[f"valid_bleu/{direction}"] = corpus_bleu(hyps, refs, pairs[0][1].get("tgt_lang")
+                                                        or direction.split("-")[-1])[0]
+        result[f"valid_chrf/{direction}"] = corpus_chrf(hyps, refs)[0]
+    for metric in ("bleu", "chrf"):
+        result[f"valid_{metric}"] = sum(result[f"valid_{metric}/{d}"] for d in by_direction) / len(by_direction)
+    return {**result, "decoded_rows": len(run.decode_rows), "decode_seconds": time.perf_counter() - start}
+
+
 def validate(run, state):
-    """Validation loss on --valid-file (a metrics row); a new best saves best/."""
+    """Validation loss on --valid-file, and the translations' BLEU and chrF where asked (a metrics row);
+    a new best by --best-metric saves best/."""
+    args = run.args
     state.last_valid_step = state.global_step
     if run.valid_set is None:
         return
-    result = validation_loss(run.accelerator, run.model, run.student_weight, run.valid_set, run.args.micro_batch_size,
+    result = validation_loss(run.accelerator, run.model, run.student_weight, run.valid_set, args.micro_batch_size,
                              run.tokenizer.pad_token_id, run.vocab_size)
+    if run.decode_rows:
+        result.update(validation_translation(run))
     state.last_valid = result["valid_loss"]
+    state.last_score = result[f"valid_{args.best_metric}"]
     write_metrics(run, {"type": "valid", "step": state.global_step, "epoch": state.global_step / run.steps_per_epoch,
                         **result})
-    run.accelerator.print(f"step {state.global_step}: valid_loss {state.last_valid:.4f}")
+    run.accelerator.print(f"step {state.global_step}: valid_loss {state.last_valid:.4f}" + "".join(
+        f", valid_{m} {result[f'valid_{m}']:.2f}" for m in ("bleu", "chrf") if f"valid_{m}" in result))
     if state.best_valid_loss is None or state.last_valid < state.best_valid_loss:
-        state.best_valid_loss, state.best_step = state.last_valid, state.global_step
+        state.best_valid_loss = state.last_valid
+    better = (state.best_score is None or (state.last_score < state.best_score if args.best_metric == "loss"
+                                           else state.last_score > state.best_score))
+    if better:
+        state.best_score, state.best_step = state.last_score, state.global_step
         state.validations_without_improvement = 0
         save_model(run, run.output_dir / "best")
     else:
@@ -996,6 +1081,9 @@ def finish(run, state):
         "changed_args": run.changed_history,
         "final_valid_loss": state.last_valid,
         "best_valid_loss": state.best_valid_loss,
+        "best_metric": args.best_metric,     # best/ is the checkpoint of the best validation score by it
+        "final_score": state.last_score,
+        "best_score": state.best_score,
         "best_step": state.best_step,
         "stopped_early": state.stopped_early,
         "steps": state.global_step,
@@ -1057,7 +1145,7 @@ def main(argv=None):
                     save_checkpoint(run, state, f"step_{state.global_step}")
             if args.early_stopping_patience and should_stop_early(run, state):
                 state.stopped_early = True
-                run.accelerator.print(f"step {state.global_step}: no improvement of the validation loss in "
+                run.accelerator.print(f"step {state.global_step}: no improvement of the validation {args.best_metric} in "
                                       f"{state.validations_without_improvement} validations; stopping "
                                       f"(best: step {state.best_step})")
             if state.global_step >= run.total_steps or state.stopped_early:

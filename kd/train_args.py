@@ -144,10 +144,21 @@ SCHEMA = (
 
     _arg("--eval-steps", RUNNING, "validate every N optimizer steps (and at each epoch end)", type=int, default=0,
          training=False),
+    _arg("--best-metric", RUNNING, "the validation score that keeps best/ and drives early stopping: loss (the "
+         "student's cross-entropy on the references, as the paper's SFT runs), or bleu / chrf of the student's "
+         "greedy translations of the validation rows (as fairseq's --best-checkpoint-metric bleu); needs "
+         "--valid-file", default="loss", choices=("loss", "bleu", "chrf"), reported=True),
+    _arg("--valid-decode-rows", RUNNING, "translate this many validation rows at each validation, the first ones "
+         "of each direction in equal shares (default: every row; with --best-metric loss, setting it logs "
+         "valid_bleu and valid_chrf beside the loss)", type=int, reported=True),
+    _arg("--valid-max-new-tokens", RUNNING, "longest translation of a validation row in tokens", type=int,
+         default=256, reported=True),
+    _arg("--valid-decode-batch-size", RUNNING, "rows per generate call and process when translating the "
+         "validation rows", type=int, default=16, training=False),
     _arg("--early-stopping-patience", RUNNING, "stop when N validations in a row have not improved the best "
-         "validation loss (0: off; needs --valid-file). The learning-rate schedule stays that of the full run; "
-         "best/ is the result. Lets a study train every system to convergence with a generous --epochs",
-         type=int, default=0),
+         "validation score (--best-metric; 0: off; needs --valid-file). The learning-rate schedule stays that of "
+         "the full run; best/ is the result. Lets a study train every system to convergence with a generous "
+         "--epochs", type=int, default=0),
     _arg("--early-stopping-min-epochs", RUNNING, "never stop early before this many epochs (a loss whose "
          "validation loss first rises, as selfevo's does from a base model, is not cut before it can fall)",
          type=float, default=0.0),
@@ -271,6 +282,15 @@ def check_args(args):
             fail(f"--lora-r {args.lora_r}", "needs peft, which is not installed", "pip install -r requirements.txt",
                  code=CONFIG_ERROR)
         args.lora_alpha = ALPHA_PER_RANK * args.lora_r if args.lora_alpha is None else args.lora_alpha
+    if args.best_metric != "loss" and not args.valid_file:
+        fail(f"--best-metric {args.best_metric}", "scores translations of the validation set",
+             "pass --valid-file (prepared rows with references), or --best-metric loss", code=CONFIG_ERROR)
+    if args.valid_decode_rows is not None and (args.valid_decode_rows < 1 or not args.valid_file):
+        fail(f"--valid-decode-rows {args.valid_decode_rows}", "is a number of validation rows to translate",
+             "pass a number >= 1 and a --valid-file, or leave it out (every row)", code=CONFIG_ERROR)
+    if args.valid_max_new_tokens < 1 or args.valid_decode_batch_size < 1:
+        fail(f"--valid-max-new-tokens {args.valid_max_new_tokens} / --valid-decode-batch-size "
+             f"{args.valid_decode_batch_size}", "must be at least 1", "pass positive numbers", code=CONFIG_ERROR)
     if args.early_stopping_patience < 0 or (args.early_stopping_patience and not args.valid_file):
         fail(f"--early-stopping-patience {args.early_stopping_patience}", "needs a number >= 0 and, when > 0, "
              "a --valid-file to watch", "pass --valid-file, or 0 to train every epoch", code=CONFIG_ERROR)

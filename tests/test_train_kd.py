@@ -20,7 +20,7 @@ from run_helpers import metric_rows, small_files, weights
 TRAIN_KEYS = {"type", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "steps_in_window"}
 RESULT_KEYS = {"method", "hyperparameters", "changed_args", "final_valid_loss", "best_valid_loss", "best_step", "steps", "epochs",
                "train_tokens", "train_seconds", "tokens_per_s", "dropped_too_long", "final_dir", "best_dir",
-               "stopped_early", "trainable_parameters", "total_parameters"}
+               "stopped_early", "trainable_parameters", "total_parameters", "best_metric", "best_score", "final_score"}
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,8 @@ def test_method_trains_and_writes_outputs(method, tiny_models, files, tmp_path):
             expected |= {"beta", "hard_fraction"} | {f"hard_fraction/{d}" for d in directions}
         if method in TARGET_MIX_METHODS:
             expected |= {"mean_difficulty"} | {f"mean_difficulty/{d}" for d in directions}
+        if method in train_kd.HARD_TOKEN_METHODS:  # skew and the selecting methods: d of the hard tokens
+            expected |= {"mean_difficulty_hard"}
         assert set(row) == expected
         assert row["tokens"] > 0 and row["tokens_per_s"] > 0 and row["grad_norm"] > 0
         assert row["steps_in_window"] == 1  # --logging-steps 1
@@ -87,6 +89,9 @@ def test_method_trains_and_writes_outputs(method, tiny_models, files, tmp_path):
     assert saved["method"] == method and saved["steps"] == 8 and saved["epochs"] == 8.0
     assert saved["final_valid_loss"] == valid_rows[-1]["valid_loss"]
     assert saved["best_valid_loss"] == min(row["valid_loss"] for row in valid_rows)
+    # --best-metric loss (the default): best/ is the lowest validation loss
+    assert saved["best_metric"] == "loss" and saved["best_score"] == saved["best_valid_loss"]
+    assert saved["final_score"] == saved["final_valid_loss"]
     assert saved["train_tokens"] == sum(row["tokens"] for row in train_rows)
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == method and config["gradient_accumulation_steps"] == 2

@@ -125,3 +125,30 @@ def test_deepspeed_zero3_with_teacher_plugin(tiny_models, small_files, tmp_path)
     single_rows = [json.loads(line) for line in (single_dir / "metrics.jsonl").read_text().splitlines()]
     single_losses = [row["loss"] for row in single_rows if row["type"] == "train"]
     assert [row["loss"] for row in ds_rows] == pytest.approx(single_losses, rel=1e-4)
+
+
+@pytest.mark.parametrize("config, processes", [("cpu.yaml", 2), ("deepspeed_zero3.yaml", 1)], ids=["ddp", "zero3"])
+def test_selection_by_a_translation_metric_under_the_launcher(config, processes, tiny_models, small_files, tmp_path):
+    """--best-metric chrf: each process translates its share of the validation rows (ZeRO-3: in step,
+    synced_gpus); the gathered score of the last validation is generate.py's chrF of final/ on them."""
+    import generate
+    from kd.metrics import corpus_chrf
+
+    out = tmp_path / "run"
+    launch(config, processes, arguments(tiny_models, small_files, out, "--batch-size", 4, "--micro-batch-size", 2,
+                                        "--max-steps", 2, "--lr", 3e-3, "--best-metric", "chrf",
+                                        "--valid-decode-rows", 3, "--valid-max-new-tokens", 6,
+                                        "--valid-decode-batch-size", 1), tmp_path / "launch.log")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = [row for row in rows if row["type"] == "valid"][-1]
+    assert last["step"] == 2 and last["decoded_rows"] == 3
+    chosen = train_kd.decode_subset(read_jsonl(small_files["valid"]), 3)
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in chosen))
+    generate.main(["--model", str(out / "final"), "--input", str(tmp_path / "rows.jsonl"), "--output",
+                   str(tmp_path / "hyps"), "--max-new-tokens", "6"])
+    hyps = read_jsonl(tmp_path / "hyps" / "rows.jsonl")
+    for direction in {row["direction"] for row in chosen}:
+        pairs = [(h["hypothesis"], r["reference"]) for h, r in zip(hyps, chosen) if r["direction"] == direction]
+        assert last[f"valid_chrf/{direction}"] == pytest.approx(corpus_chrf(*zip(*pairs))[0], abs=1e-9)
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["best_metric"] == "chrf" and results["final_score"] == last["valid_chrf"]
