@@ -19,13 +19,32 @@
 #   R2  R1 + --demo-ambiguity (several correct translations) + --demo-noise 0.1
 #   R3  R1 with a small student, about a fifth of the teacher (today's quickstart student)
 #   R4  R1 with a random-init student (no base model)
+#   R5  R1 with a much stronger teacher: its SFT sees TEACHER_DATA_FACTOR (4) times the students'
+#       training pairs (the students train on a subset of its data, the first TRAIN_PAIRS pairs of
+#       each language pair); everything else R1's
 # (R0, the first quickstart's regime, is in study.sh: it reuses common.sh's table_pipeline.)
+#
+# ---- the protocols (README, "Does it reproduce?"; PROTOCOL of run_regime) ----
+#   converge  every system trained to convergence: early stopping on the validation loss (PATIENCE,
+#             MIN_EPOCHS, up to EPOCHS), best validation-loss checkpoint (the study's first protocol)
+#   paper     the paper's: SFT systems as converge (best validation checkpoint); KD systems a fixed
+#             KD_EPOCHS epochs (per regime, from the student SFT's convergence: kd_epochs), final
+#             checkpoint. The KD runs also translate VALID_DECODE_ROWS validation rows at each epoch
+#             and keep their best validation BLEU in best/ (for the bleu protocol)
+#   bleu      selection by a translation metric (as fairseq's --best-checkpoint-metric bleu): SFT
+#             systems to convergence with early stopping on the validation BLEU, best BLEU
+#             checkpoint; KD systems the paper protocol's runs (the same KD_EPOCHS) at their best
+#             validation BLEU checkpoint
+# A run that another protocol of the same regime already trained with the same flags is linked,
+# not trained again (paper's SFT runs are converge's, bleu's KD runs are paper's).
 
 # regime_settings REGIME: the variables that differ between regimes.
 regime_settings() {
   REGIME="$1"
-  REGIME_DATA=clean                 # which prepared data set (R1, R3, R4 share one; R2 has its own)
+  REGIME_DATA=clean                 # which prepared data set (R1, R3, R4 share one; R2, R5 their own)
   REGIME_DATA_FLAGS=""
+  REGIME_TRAIN_PAIRS="$TRAIN_PAIRS"  # training pairs per language pair of the data set (the teacher's)
+  REGIME_STUDENT_PAIRS=""            # set: the students train on the first N pairs of each language pair
   REGIME_STUDENT="$STUDENT_SIZE"    # layers hidden heads
   REGIME_STUDENT_INIT=base          # base: pretrained on mono.jsonl; random: make_tiny_models' init
   case "$REGIME" in
@@ -33,13 +52,19 @@ regime_settings() {
     R2) REGIME_DATA=noisy; REGIME_DATA_FLAGS="--demo-ambiguity $AMBIGUITY --demo-noise $NOISE" ;;
     R3) REGIME_STUDENT="$SMALL_STUDENT_SIZE" ;;
     R4) REGIME_STUDENT_INIT=random ;;
-    *) die "regime $REGIME: choose R1, R2, R3 or R4 (R0 is study.sh's)" ;;
+    R5) REGIME_DATA=rich; REGIME_TRAIN_PAIRS=$((TRAIN_PAIRS * TEACHER_DATA_FACTOR)); REGIME_STUDENT_PAIRS="$TRAIN_PAIRS" ;;
+    *) die "regime $REGIME: choose R1, R2, R3, R4 or R5 (R0 is study.sh's)" ;;
   esac
 }
 
 # the systems beyond the paper (README, "Beyond the paper"): GKD's β (0.5: the symmetric JSD), the
 # share of on-policy batches, the LoRA rank and scale (alpha = 2r, peft's common choice)
 : "${JSD_BETA:=0.5}" "${ON_POLICY_RATIO:=0.5}" "${LORA_R:=8}" "${LORA_ALPHA:=16}"
+# R5's teacher sees this many times the students' training pairs
+: "${TEACHER_DATA_FACTOR:=4}"
+# the translation metric of the bleu protocol (and of the paper protocol's KD runs): the validation
+# rows translated at each validation (the first of each direction, in equal shares)
+: "${VALID_DECODE_ROWS:=100}"
 
 # run_lanes FUNCTION JOB...: FUNCTION JOB for every JOB (a word-split string), LANES at a time;
 # the next job starts as soon as one finishes. Stops the pipeline after the running jobs when any
@@ -79,22 +104,56 @@ train_base() {
     train "$name" sft "$model" "" "$DATA/mono.jsonl" "$DATA/mono_valid.jsonl" --save-total-limit 1
 }
 
-# student_job SYSTEM SEED [unscored]: train, translate and score one student system (unscored: not
-# scored yet: a system that trains alongside the teacher is scored after it, against its translations).
+# protocol_flags METHOD: the train_kd.py flags of a run of METHOD under PROTOCOL (see the head).
+protocol_flags() {
+  local decode="--valid-decode-rows $VALID_DECODE_ROWS --valid-max-new-tokens $MAX_NEW_TOKENS"
+  decode+=" --valid-decode-batch-size $GEN_BATCH_SIZE"
+  case "$PROTOCOL:$1" in
+    converge:* | paper:sft) converge_flags ;;
+    bleu:sft) echo "$(converge_flags) --best-metric bleu $decode" ;;
+    paper:* | bleu:*) echo "--epochs ${KD_EPOCHS:?KD_EPOCHS not set (pipeline bug)} --best-metric bleu $decode --save-total-limit 1" ;;
+    *) die "PROTOCOL=$PROTOCOL: choose converge, paper or bleu" ;;
+  esac
+}
+
+# protocol_checkpoint METHOD: the checkpoint a run of METHOD is evaluated with under PROTOCOL.
+protocol_checkpoint() {
+  case "$PROTOCOL:$1" in
+    paper:sft | converge:* | bleu:*) echo best ;;
+    paper:*) echo final ;;
+  esac
+}
+
+# protocol_source METHOD: the experiment whose run of METHOD this protocol reuses (the same flags), if any.
+protocol_source() {
+  case "$PROTOCOL:$1" in
+    paper:sft) echo "${STUDY_EXP}_$REGIME" ;;
+    bleu:sft | converge:*) ;;
+    bleu:*) echo "${STUDY_EXP}_${REGIME}_paper" ;;
+  esac
+}
+
+# student_job SYSTEM SEED [unscored]: train, translate and score one student system under PROTOCOL
+# (unscored: not scored yet: a system that trains alongside the teacher is scored after it, against
+# its translations).
 student_job() {
   local system="$1" seed="$2" run spec=()
   run="$system-s$seed"
   read -r -a spec <<<"$(system_spec "$system")"
-  local method="${spec[0]}" teacher="$TEACHER_MODEL_DIR" train_file="$DATA/train.jsonl"
+  local method="${spec[0]}" teacher="$TEACHER_MODEL_DIR" train_file="$STUDENT_TRAIN_FILE"
   [[ "$method" == sft ]] && teacher=""
   if [[ "${system%_lora}" == seqkd ]]; then  # sequence-level KD: SFT on the teacher's translations (run_regime)
     train_file="${SEQKD_TRAIN_FILE:?seqkd: no teacher-translated training file (pipeline bug)}"
   fi
-  local flags=()
-  read -r -a flags <<<"$(converge_flags)"
+  local flags=() source
+  read -r -a flags <<<"$(protocol_flags "$method")"
+  source="$(protocol_source "$method")"
+  if [[ -n "$source" && ! -e "$RUNS/$run" && -f "$OUT/runs/$source/$run/COMPLETED" ]]; then
+    ln -s "$OUT/runs/$source/$run" "$RUNS/$run"   # trained with the same flags by another protocol
+  fi
   SEED="$seed" train "$run" "$method" "$STUDENT_INIT_MODEL" "$teacher" "$train_file" "$DATA/valid.jsonl" \
     "${spec[@]:1}" "${flags[@]}"
-  generate "$run" "$RUNS/$run/best" "$TEST_DIR"
+  generate "$run" "$RUNS/$run/$(protocol_checkpoint "$method")" "$TEST_DIR"
   [[ "${3:-}" == unscored ]] || evaluate "$run" "$TEST_DIR" teacher
 }
 
@@ -116,8 +175,31 @@ regime_data() {
   # shellcheck disable=SC2206  # word-split flags
   flags=($REGIME_DATA_FLAGS)
   step "prepare data ($REGIME_DATA)" "$LOGS/prepare_data.log" all_exist "$DATA/stats.json" "$DATA/mono.jsonl" -- \
-    "$PYTHON" prepare_data.py --demo --out "$DATA" --demo-train-pairs "$TRAIN_PAIRS" --demo-eval-pairs "$EVAL_PAIRS" \
-    --demo-monolingual "$MONO_SENTENCES" --template "$TEMPLATE" --seed "$DATA_SEED" "${flags[@]}"
+    "$PYTHON" prepare_data.py --demo --out "$DATA" --demo-train-pairs "$REGIME_TRAIN_PAIRS" \
+    --demo-eval-pairs "$EVAL_PAIRS" --demo-monolingual "$MONO_SENTENCES" --template "$TEMPLATE" --seed "$DATA_SEED" \
+    "${flags[@]}"
+  STUDENT_TRAIN_FILE="$DATA/train.jsonl"
+  if [[ -n "$REGIME_STUDENT_PAIRS" ]]; then
+    STUDENT_TRAIN_FILE="$DATA/train_students.jsonl"
+    step "students' training subset ($REGIME_STUDENT_PAIRS pairs)" "$LOGS/student_subset.log" \
+      up_to_date "$STUDENT_TRAIN_FILE" "$DATA/train.jsonl" -- \
+      write_pair_subset "$DATA/train.jsonl" "$REGIME_STUDENT_PAIRS" "$STUDENT_TRAIN_FILE"
+  fi
+}
+
+# write_pair_subset TRAIN N OUT: the rows of TRAIN whose pair (the number in their id, shared by
+# the two directions of a pair) is among the first N of its language pair, in TRAIN's order.
+write_pair_subset() {
+  "$PYTHON" - "$@" <<'EOF'
+import json, os, re, sys
+source, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+kept = [line for line in open(source, encoding="utf-8")
+        if line.strip() and int(re.search(r"(\d+)$", json.loads(line)["id"]).group(1)) < n]
+with open(out + ".partial", "w", encoding="utf-8") as handle:
+    handle.writelines(kept)
+os.replace(out + ".partial", out)
+print(f"{out}: {len(kept)} rows")
+EOF
 }
 
 # regime_models "LAYERS HIDDEN HEADS": a random-init teacher and a student of that size with the
@@ -169,9 +251,15 @@ needs_teacher() {
 #   the slowest first so that no lane idles at the end).
 run_regime() {
   regime_settings "$1"
+  PROTOCOL="${2:-converge}"
   local system
   for system in "${SYSTEMS[@]}"; do system_spec "$system" >/dev/null; done   # an unknown name stops here
   SHARED_EXP="${STUDY_EXP}_$REGIME_DATA" REGIME_EXP="${STUDY_EXP}_$REGIME"
+  if [[ "$PROTOCOL" != converge ]]; then
+    REGIME_EXP+="_$PROTOCOL"
+    KD_EPOCHS="$(kd_epochs "$REGIME")"
+    say "== $REGIME, protocol $PROTOCOL: KD runs of $KD_EPOCHS epochs"
+  fi
   use_experiment "$SHARED_EXP"
   regime_data
   regime_models "$STUDENT_SIZE"
@@ -206,9 +294,9 @@ run_regime() {
   # when study.sh runs it as one of R1's extra systems), and, with TEACHER_CACHE=1, stores its
   # distributions over it (built here, before the lanes that read it)
   if [[ " ${SYSTEMS[*]} ${R1_EXTRA_SYSTEMS:-} " == *" seqkd "* || " ${SYSTEMS[*]} " == *" seqkd_lora "* ]]; then
-    seqkd_data teacher "$TEACHER_MODEL_DIR" "$DATA/train.jsonl"
+    seqkd_data teacher "$TEACHER_MODEL_DIR" "$STUDENT_TRAIN_FILE"
   fi
-  if [[ "$TEACHER_CACHE" == 1 ]]; then teacher_cache "$TEACHER_MODEL_DIR" "$DATA/train.jsonl"; fi
+  if [[ "$TEACHER_CACHE" == 1 ]]; then teacher_cache "$TEACHER_MODEL_DIR" "$STUDENT_TRAIN_FILE"; fi
 
   use_experiment "$REGIME_EXP"
   # the teacher's run and translations by link, its scores by copy (evaluate.py and the summary read
@@ -223,10 +311,24 @@ run_regime() {
   run_lanes regime_job "${untaught_scores[@]}" "${taught[@]}"
 }
 
-# summarize REGIME: $STUDY_RESULTS/<regime>/{summary.json,table.md,curves.png} and the settings it
-# ran with (settings_json). Uses RUNS HYPS RESULTS TEST_DIR of the regime that just ran.
+# kd_epochs REGIME: the paper protocol's KD epochs of a regime (pre-registered rule): KD_EPOCHS_<REGIME>
+# when set, else the median over seeds of the epoch at which the student SFT reached its best
+# validation loss under the converge protocol, rounded up ($STUDY_RESULTS/<REGIME>/summary.json).
+kd_epochs() {
+  local fixed="KD_EPOCHS_$1"
+  if [[ -n "${!fixed:-}" ]]; then echo "${!fixed}"; return; fi
+  "$PYTHON" - "$STUDY_RESULTS/$1/summary.json" <<'EOF' || die "kd_epochs $1: run the converge protocol of $1 first (its student SFT fixes the KD epochs)"
+import json, math, statistics, sys
+epochs = json.load(open(sys.argv[1]))["systems"]["student_sft"]["best_epoch"]["values"]
+print(math.ceil(statistics.median(epochs)))
+EOF
+}
+
+# summarize REGIME: $STUDY_RESULTS/<regime>[_<protocol>]/{summary.json,table.md,curves.png} and the
+# settings it ran with (settings_json). Uses RUNS HYPS RESULTS TEST_DIR of the regime that just ran.
 summarize() {
   local regime="$1" dest="$STUDY_RESULTS/$1"
+  if [[ "${PROTOCOL:-converge}" != converge ]]; then dest+="_$PROTOCOL"; fi
   step "summarize $regime" "$LOGS/summarize.log" up_to_date "$dest/table.md" "$RESULTS"/*.json -- \
     write_summary "$regime" "$dest"
 }
@@ -246,7 +348,7 @@ settings_json() {
   for name in REGIME SEEDS TRAIN_PAIRS EVAL_PAIRS MONO_SENTENCES VOCAB_SIZE TEACHER_SIZE STUDENT_SIZE \
     SMALL_STUDENT_SIZE BASE_EPOCHS EPOCHS TEACHER_EPOCHS PATIENCE MIN_EPOCHS BATCH_SIZE BASE_BATCH_SIZE LR BASE_LR \
     WARMUP_RATIO KD_RATIO TARGET_MIX BETA GAMMA TOP_K AMBIGUITY NOISE TEMPLATE DATA_SEED MODEL_SEED \
-    MAX_NEW_TOKENS R0_TRAIN_PAIRS R0_TEACHER_STEPS R0_WARMUP_STEPS R0_KD_STEPS R0_TEACHER_SIZE \
+    MAX_NEW_TOKENS PROTOCOL KD_EPOCHS VALID_DECODE_ROWS TEACHER_DATA_FACTOR R0_TRAIN_PAIRS R0_TEACHER_STEPS R0_WARMUP_STEPS R0_KD_STEPS R0_TEACHER_SIZE \
     R0_STUDENT_SIZE R0_BATCH_SIZE QUICK; do
     [[ $first -eq 1 ]] || printf ', '
     first=0

@@ -17,6 +17,8 @@
 #   R2  R1 + several correct translations per source (--demo-ambiguity) + 10 % noisy references
 #   R3  R1 with a student of about a fifth of the teacher's parameters
 #   R4  R1 with a random-init student
+#   R5  R1 with a much stronger teacher: its SFT sees 4x the students' training pairs (the fidelity
+#       issue's collapse of Self-Evolution KD: fixed before the regime was run, README)
 # Systems in R1 (STUDY_SYSTEMS): student SFT, forward, reverse, skew, selfevo (Γ = 0.4), selfevo top-K
 # (K = 0.3), and selfevo_token (hard tokens learn toward the detached mixture: NOT the paper's Eq. 7,
 # the token-level self-evolution target of the work the paper builds on), at λ = α = β = 0.5.
@@ -36,7 +38,10 @@ set -euo pipefail
 
 # ---- settings (each overridable from the environment) ----
 : "${QUICK:=0}"
-: "${REGIMES:=R1 R0 R3 R4 R2}"     # in order of importance: a stopped study has the main answer
+: "${REGIMES:=R1 R0 R3 R4 R2 R5}"  # in order of importance: a stopped study has the main answer
+# the protocols R1-R5 run under (regimes.sh: converge, paper, bleu; paper before bleu, whose KD runs
+# it reuses); R0 keeps its own (the first quickstart's)
+: "${PROTOCOLS:=converge}"
 : "${SEEDS:=1 2 3}"                # the data order of training (every seed starts from the same base)
 : "${LANES:=2}"                    # trainings at once: one per core
 : "${OUT:=}"
@@ -57,6 +62,8 @@ if [[ "$QUICK" == 1 ]]; then
   SWEEP_BETAS="0.9" SWEEP_GAMMAS="" SWEEP_TOPKS=""
   : "${R0_TRAIN_PAIRS:=40}" "${R0_TEACHER_STEPS:=3}" "${R0_WARMUP_STEPS:=2}" "${R0_KD_STEPS:=2}"
   : "${R0_TEACHER_SIZE:=2 48 2}" "${R0_STUDENT_SIZE:=1 32 2}" "${R0_BATCH_SIZE:=8}" "${R0_VOCAB_SIZE:=500}"
+  : "${KD_EPOCHS_R1:=2}" "${KD_EPOCHS_R2:=2}" "${KD_EPOCHS_R3:=2}" "${KD_EPOCHS_R4:=2}" "${KD_EPOCHS_R5:=2}"
+  : "${VALID_DECODE_ROWS:=4}"
 else
   # Data: 250 pairs per language pair (1,000 training rows over 4 directions), 100 valid and test
   # sentences per direction, 2,000 monolingual sentences per language for the base models.
@@ -76,6 +83,11 @@ else
   # R0: the first quickstart exactly (pipelines/quickstart.sh before the study).
   : "${R0_TRAIN_PAIRS:=4000}" "${R0_TEACHER_STEPS:=400}" "${R0_WARMUP_STEPS:=150}" "${R0_KD_STEPS:=150}"
   : "${R0_TEACHER_SIZE:=4 256 4}" "${R0_STUDENT_SIZE:=2 128 2}" "${R0_BATCH_SIZE:=32}" "${R0_VOCAB_SIZE:=2000}"
+  # The paper protocol's KD epochs (regimes.sh: kd_epochs), fixed before any of its KD runs by the
+  # pre-registered rule: the median epoch of the student SFT's best validation loss under the
+  # converge protocol (study/R1_cap80: 14, 13, 14; study/R2: 14, 13, 13; study/R3: 24, 20, 28).
+  # R4 and R5: from their own converge summaries when they run.
+  : "${KD_EPOCHS_R1:=14}" "${KD_EPOCHS_R2:=13}" "${KD_EPOCHS_R3:=24}"
 fi
 : "${LR:=1e-3}" "${BASE_LR:=1e-3}" "${WARMUP_RATIO:=0.03}" "${MAX_LENGTH:=256}"
 : "${DATA_SEED:=11}" "${MODEL_SEED:=0}"
@@ -101,7 +113,7 @@ STUDY_START=$SECONDS
 # ---- R0: the first quickstart's regime, through common.sh's Table 1 machinery, SEEDS times ----
 run_r0() {
   # shellcheck disable=SC2034  # read by settings_json (regimes.sh)
-  REGIME=R0
+  REGIME=R0 PROTOCOL=converge
   local seed data="$STUDY_DATA/r0_demo" models="$STUDY_DATA/r0_models"
   use_experiment "${STUDY_EXP}_R0"
   step "prepare data (R0)" "$LOGS/prepare_data.log" all_exist "$data/stats.json" -- \
@@ -159,15 +171,17 @@ sys.exit(0 if system > forward else 1)
 EOF
 }
 
-for regime in $REGIMES; do
-  say "==== regime $regime"
+for regime_protocol in $(for r in $REGIMES; do if [[ "$r" == R0 ]]; then echo R0:converge; else
+  for p in $PROTOCOLS; do echo "$r:$p"; done; fi; done); do
+  regime="${regime_protocol%:*}" protocol="${regime_protocol#*:}"
+  say "==== regime $regime, protocol $protocol"
   case "$regime" in
     R0) run_r0 ;;
-    R1 | R2 | R3 | R4)
+    R1 | R2 | R3 | R4 | R5)
       SYSTEMS=("${OTHER_SYSTEMS[@]}")
-      if [[ "$regime" == R1 ]]; then SYSTEMS=("${STUDY_SYSTEMS[@]}"); fi
-      run_regime "$regime"
-      if [[ "$regime" == R1 ]]; then
+      if [[ "$regime:$protocol" == R1:converge ]]; then SYSTEMS=("${STUDY_SYSTEMS[@]}"); fi
+      run_regime "$regime" "$protocol"
+      if [[ "$regime:$protocol" == R1:converge ]]; then
         SEEDS_ALL="$SEEDS"
         SEEDS="$(cut -d' ' -f1 <<<"$SEEDS_ALL")"
         read -r -a SYSTEMS <<<"$R1_EXTRA_SYSTEMS"
@@ -193,10 +207,14 @@ for regime in $REGIMES; do
         SEEDS="$SEEDS_ALL"
       fi
       # shellcheck disable=SC2034  # read by summarize (regimes.sh)
-      CHECKPOINT=best
+      case "$protocol" in
+        converge) CHECKPOINT="best (validation loss)" ;;
+        paper) CHECKPOINT="final (KD, $KD_EPOCHS epochs), best validation loss (SFT)" ;;
+        bleu) CHECKPOINT="best validation BLEU (KD within $KD_EPOCHS epochs)" ;;
+      esac
       summarize "$regime"
       ;;
-    *) die "REGIMES: $regime is not one of R0 R1 R2 R3 R4" ;;
+    *) die "REGIMES: $regime is not one of R0 R1 R2 R3 R4 R5" ;;
   esac
 done
 say "study finished in $((SECONDS - STUDY_START))s; summaries in $STUDY_RESULTS"

@@ -143,3 +143,46 @@ def test_study_quick_mode_runs_every_regime_then_skips(tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     ran = [line for line in second.stdout.splitlines() if ": running (log" in line and "summarize" not in line]
     assert ran == [], ran
+
+
+@pytest.mark.slow
+@pytest.mark.one_stack("latest")
+def test_study_quick_r5_under_the_three_protocols(tmp_path):
+    """R5 (a teacher on 4x the students' pairs) under converge, paper and bleu: the students train on the
+    subset; paper's KD runs train KD_EPOCHS epochs, select by validation BLEU, are scored at final/; bleu
+    reuses them (links) at best/, and its student SFT stops on the validation BLEU."""
+    env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1",
+           "OTHER_SYSTEMS": "student_sft selfevo", "REGIMES": "R5", "PROTOCOLS": "converge paper bleu",
+           "KD_EPOCHS_R5": "3"}
+    done = subprocess.run(["bash", "pipelines/study.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1800)  # a hang guard, not a timing
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = tmp_path / "data" / "study" / "rich"
+    teacher_rows = (data / "train.jsonl").read_text().splitlines()
+    student_rows = (data / "train_students.jsonl").read_text().splitlines()
+    assert len(teacher_rows) == 4 * len(student_rows) and set(student_rows) < set(teacher_rows)
+    runs = tmp_path / "runs"
+    teacher = json.loads((runs / "study_rich" / "teacher" / "config.json").read_text())
+    assert teacher["train_file"].endswith("rich/train.jsonl")
+    for protocol, folder in (("converge", "study_R5"), ("paper", "study_R5_paper"), ("bleu", "study_R5_bleu")):
+        summary = json.loads((tmp_path / "study" / ("R5" if protocol == "converge" else f"R5_{protocol}")
+                              / "summary.json").read_text())
+        assert set(summary["systems"]) == {"student_sft", "selfevo"}, protocol
+        assert json.loads((tmp_path / "study" / ("R5" if protocol == "converge" else f"R5_{protocol}")
+                           / "settings.json").read_text())["PROTOCOL"] == protocol
+        selfevo = json.loads((runs / folder / "selfevo-s1" / "all_results.json").read_text())
+        sft = json.loads((runs / folder / "student_sft-s1" / "all_results.json").read_text())
+        config = json.loads((runs / folder / "selfevo-s1" / "config.json").read_text())
+        assert config["train_file"].endswith("rich/train_students.jsonl")
+        if protocol == "converge":
+            assert selfevo["best_metric"] == sft["best_metric"] == "loss"
+        else:  # the paper protocol's KD runs: 3 epochs, no early stopping, best/ by the validation BLEU
+            assert config["epochs"] == 3 and config["early_stopping_patience"] == 0
+            assert selfevo["best_metric"] == "bleu" and selfevo["epochs"] == 3.0
+        assert sft["best_metric"] == ("bleu" if protocol == "bleu" else "loss")
+    # paper reuses converge's student SFT run, bleu reuses paper's KD runs; hypotheses from final/ and best/
+    assert (runs / "study_R5_paper" / "student_sft-s1").resolve() == (runs / "study_R5" / "student_sft-s1").resolve()
+    assert (runs / "study_R5_bleu" / "selfevo-s1").resolve() == (runs / "study_R5_paper" / "selfevo-s1").resolve()
+    logs = tmp_path / "logs"
+    assert "selfevo-s1/final" in (logs / "study_R5_paper" / "generate_selfevo-s1.log").read_text().splitlines()[2]
+    assert "selfevo-s1/best" in (logs / "study_R5_bleu" / "generate_selfevo-s1.log").read_text().splitlines()[2]
