@@ -48,6 +48,7 @@ set -euo pipefail
 : "${STUDY_EXP:=study}"
 : "${SWEEPS:=1}"                   # 1: the Fig. 2 sweeps in R1
 : "${R1_EXTRA_SYSTEMS:=noevo}"     # R1 only, seed 1 (noevo equals forward at λ = α: shown once)
+: "${R5_EXTRA_SYSTEMS:=selfevo_beta0.9}"   # R5 only: the remedy pre-registered in study/preregistration_protocols.md
 : "${LAUNCHER:=python}" "${ACCELERATE_CONFIG:=none}" "${BF16:=0}" "${COMET_MODEL:=none}"
 : "${TEMPLATE:=alma}"              # ALMA's short prompt: 3x fewer tokens than the paper's alpaca one
 : "${KD_RATIO:=0.5}" "${TARGET_MIX:=0.5}" "${BETA:=0.5}" "${GAMMA:=0.4}" "${TOP_K:=0.3}"   # the paper's
@@ -180,6 +181,7 @@ for regime_protocol in $(for r in $REGIMES; do if [[ "$r" == R0 ]]; then echo R0
     R1 | R2 | R3 | R4 | R5)
       SYSTEMS=("${OTHER_SYSTEMS[@]}")
       if [[ "$regime:$protocol" == R1:converge ]]; then SYSTEMS=("${STUDY_SYSTEMS[@]}"); fi
+      if [[ "$regime" == R5 ]]; then read -r -a extra <<<"$R5_EXTRA_SYSTEMS"; SYSTEMS+=("${extra[@]}"); fi
       run_regime "$regime" "$protocol"
       if [[ "$regime:$protocol" == R1:converge ]]; then
         SEEDS_ALL="$SEEDS"
