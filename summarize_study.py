@@ -24,6 +24,7 @@ the bootstrap measures the test-set sampling error only, not the training varian
 """
 
 import argparse
+import io
 import json
 import math
 import re
@@ -34,8 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: find kd/
 
-from kd.io import fail as io_fail, read_appended_jsonl, read_jsonl, read_json, replacing, write_json, write_text
-from kd.systems import order_key
+from kd.io import OutputGroup, fail as io_fail, json_text, read_appended_jsonl, read_jsonl, read_json
+from kd.systems import method_of, order_key
 
 RUN_NAME = re.compile(r"^(?P<system>.+)-s(?P<seed>\d+)$")
 DIRECTION_ORDER = ("de-en", "cs-en", "en-de", "en-cs")
@@ -51,7 +52,10 @@ def parse_args(argv):
     parser.add_argument("--out", required=True, type=Path, help="output folder (summary.json, table.md, curves.png)")
     parser.add_argument("--baseline", default="forward", help="the system every other is tested against")
     parser.add_argument("--settings", type=Path, help="a JSON file of the regime's settings, copied into summary.json")
-    parser.add_argument("--checkpoint", default="best", help="which checkpoint the systems were evaluated with")
+    parser.add_argument("--checkpoint", default="best", help="which checkpoint the systems were evaluated with (a label)")
+    parser.add_argument("--kd-checkpoint", choices=("best", "final"), default="best",
+                        help="the checkpoint the KD systems were scored at (the SFT systems: best/); decides how "
+                             "a seed that did not learn is recognised")
     return parser.parse_args(argv)
 
 
@@ -76,15 +80,39 @@ def read_metrics(run):
     return [r for r in rows if r["type"] == "train"], [r for r in rows if r["type"] == "valid"]
 
 
-def run_facts(run):
-    """What one training run says about itself: best validation loss and epoch, epochs, hard fraction."""
+def did_not_learn(results, valid_rows, checkpoint):
+    """Why a run's scored checkpoint is not a trained model, in words; None when it is. `checkpoint`:
+    "best" (the best validation score by the run's --best-metric) or "final"."""
+    metric = results.get("best_metric", "loss")
+    key = f"valid_{metric}"
+    scored = [row for row in valid_rows if row.get(key) is not None]
+    if not scored:
+        return None
+    first = scored[0]
+    if checkpoint == "best":
+        if results["best_step"] == first["step"] and results["steps"] > first["step"]:
+            return (f"kept the checkpoint of its first validation (step {first['step']}): no later validation "
+                    f"{metric} of its {results['steps']} steps was better")
+        return None
+    final = scored[-1]
+    worse = final[key] > first[key] if metric == "loss" else final[key] < first[key]
+    if worse and final["step"] > first["step"]:
+        return (f"its final validation {metric} ({final[key]:.2f}) is worse than at its first validation "
+                f"({first[key]:.2f}, step {first['step']}): it unlearned")
+    return None
+
+
+def run_facts(run, checkpoint="best"):
+    """What one training run says about itself: best validation loss and epoch, epochs, hard fraction,
+    and whether the checkpoint scored (best/ or final/) is a trained model (did_not_learn)."""
     results = read_json(run / "all_results.json")
     train_rows, valid_rows = read_metrics(run)
     steps_per_epoch = results["steps"] / results["epochs"] if results["epochs"] else None
     facts = {"best_valid_loss": results["best_valid_loss"], "epochs_trained": results["epochs"],
              "best_epoch": (results["best_step"] / steps_per_epoch
                             if results["best_step"] is not None and steps_per_epoch else None),
-             "stopped_early": results.get("stopped_early")}
+             "stopped_early": results.get("stopped_early"),
+             "did_not_learn": did_not_learn(results, valid_rows, checkpoint)}
     for key in ("hard_fraction", "mean_difficulty"):
         with_key = [r for r in train_rows if r.get(key) is not None]
         facts[f"{key}_start"] = with_key[0][key] if with_key else None
@@ -141,6 +169,21 @@ def bootstrap_p(system_stats, baseline_stats, directions):
     return out
 
 
+def not_a_result(entry):
+    """The words of a table row that must show no number: a seed missing, or seeds that did not learn."""
+    if entry.get("incomplete"):
+        return "incomplete: " + "; ".join(f"seed {seed}: {why}" for seed, why in sorted(entry["incomplete"].items()))
+    failed = entry.get("did_not_learn") or {}
+    if failed:
+        seed, why = sorted(failed.items())[0]
+        return f"did not learn in {len(failed)}/{len(entry['seeds'])} seeds (seed {seed}: {why})"
+    return None
+
+
+def runs_seeds(system_runs):
+    return [seed for seed, _ in system_runs]
+
+
 def fmt(entry, digits=2):
     if entry is None:
         return "–"
@@ -172,6 +215,11 @@ def make_table(summary):
                     "–" if teacher.get("epochs_trained") is None else f"{teacher['epochs_trained']:.1f}", "–"])
         lines.append("| " + " | ".join(cells) + " |")
     for name, entry in summary["systems"].items():
+        words = not_a_result(entry)
+        if words:  # no number that looks like a result: the row says what happened, summary.json has the rest
+            cells = [name, str(len(entry["seeds"]))] + ["–"] * len(directions) + [words] + ["–"] * (len(head) - 3 - len(directions))
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
         test = entry.get("significance")
         delta = "–" if not test else f"{test['avg']['delta']:+.2f} (p={test['avg']['p_value']:.3f})"
         wins = "–" if entry.get("seeds_beating_baseline") is None else \
@@ -196,11 +244,14 @@ def make_table(summary):
             f"to the epoch limit without stopping early (their validation loss was still improving within "
             f"the patience: not shown to have converged); 'best at epoch 1': seeds stopped by early stopping "
             f"whose validation loss never went below its first epoch's (they keep an almost untrained model: "
-            f"stopped, not converged).\n")
+            f"stopped, not converged). A system with a seed that did not learn (its scored checkpoint is its first "
+            f"validation's, or its final one scores worse than its first validation) or with a seed missing is "
+            f"shown in words, without numbers (summary.json keeps them).\n")
     return "\n".join(lines) + "\n" + note
 
 
-def plot_curves(summary_runs, out_path, regime):
+def plot_curves(summary_runs, regime):
+    """The curves figure as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,11 +286,12 @@ def plot_curves(summary_runs, out_path, regime):
             axis.legend(fontsize=7)
     fig.suptitle(f"Regime {regime}: mean over seeds")
     fig.tight_layout()
+    buffer = io.BytesIO()
     try:
-        with replacing(out_path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(buffer, format="png", dpi=110)
     finally:
         plt.close(fig)
+    return buffer.getvalue()
 
 
 def main(argv=None):
@@ -250,9 +302,9 @@ def main(argv=None):
     runs = {}
     for run in sorted(args.runs.iterdir()):
         match = RUN_NAME.match(run.name)
-        if match and (run / "COMPLETED").is_file():
+        if match and run.is_dir():  # an incomplete run is reported as such (never silently left out)
             runs.setdefault(match["system"], []).append((int(match["seed"]), run))
-    if not runs:
+    if not any((run / "COMPLETED").is_file() for system_runs in runs.values() for _, run in system_runs):
         fail(f"--runs {args.runs}", "no completed <system>-s<seed> run", "run the study's training steps first")
     systems = sorted(runs, key=lambda s: (*order_key(s), s))  # kd/systems.py's order
     directions = [d for d in DIRECTION_ORDER if (args.refs / f"{d}.jsonl").is_file()] + sorted(
@@ -272,18 +324,25 @@ def main(argv=None):
         if (teacher_run / "all_results.json").is_file():
             summary["teacher"].update(run_facts(teacher_run))
     for system in systems:
-        seeds, results, facts = [], [], []
+        method = method_of(system) or system
+        checkpoint = "best" if method == "sft" else args.kd_checkpoint
+        seeds, results, facts, incomplete = [], [], [], {}
         for seed, run in sorted(runs[system]):
             result_file = args.results / f"{run.name}.json"
-            if not result_file.is_file():
-                continue  # trained, not yet scored
+            if not (run / "COMPLETED").is_file():
+                incomplete[seed] = f"{run.name} has no COMPLETED (its training did not finish)"
+            elif not result_file.is_file():
+                incomplete[seed] = f"{result_file.name} is missing (its generate and evaluate steps did not run)"
+            if seed in incomplete:
+                continue
             seeds.append(seed)
             results.append(read_json(result_file))
-            facts.append(run_facts(run))
+            facts.append(run_facts(run, checkpoint))
             per_seed_stats[(system, seed)] = bleu_statistics(args.hyps / run.name, args.refs, directions)
-        if not seeds:
+        if incomplete:  # never a mean over fewer seeds than the system ran: the cell says what is missing
+            summary["systems"][system] = {"seeds": sorted(runs_seeds(runs[system])), "incomplete": incomplete}
             continue
-        entry = {"seeds": seeds,
+        entry = {"seeds": seeds, "checkpoint": checkpoint,
                  "bleu": {d: mean_std([r["directions"][d]["bleu"] for r in results]) for d in directions},
                  "chrf": {d: mean_std([r["directions"][d]["chrf"] for r in results]) for d in directions},
                  "teacher_bleu": mean_std([r["average"].get("teacher_bleu") for r in results]),
@@ -291,28 +350,34 @@ def main(argv=None):
         entry["bleu"]["avg"] = mean_std([r["average"]["bleu"] for r in results])
         entry["chrf"]["avg"] = mean_std([r["average"]["chrf"] for r in results])
         for key in facts[0]:
-            if key != "stopped_early":
+            if key not in ("stopped_early", "did_not_learn"):
                 entry[key] = mean_std([f[key] for f in facts])
         entry["stopped_early"] = [f["stopped_early"] for f in facts]
+        entry["did_not_learn"] = {seed: f["did_not_learn"] for seed, f in zip(seeds, facts) if f["did_not_learn"]}
         entry["_results"] = {seed: r["average"]["bleu"] for seed, r in zip(seeds, results)}
         summary["systems"][system] = entry
 
-    # significance against the baseline, over the seeds both have
-    avg_by_seed = {system: entry.pop("_results") for system, entry in summary["systems"].items()}
-    if args.baseline in summary["systems"]:
+    # significance against the baseline, over the seeds both have (not for a system that did not learn)
+    avg_by_seed = {system: entry.pop("_results", {}) for system, entry in summary["systems"].items()}
+    baseline = summary["systems"].get(args.baseline, {})
+    if args.baseline in summary["systems"] and "incomplete" not in baseline and not baseline.get("did_not_learn"):
         for system, entry in summary["systems"].items():
             shared = [s for s in entry["seeds"] if s in avg_by_seed[args.baseline]]
-            if system == args.baseline or not shared:
+            if system == args.baseline or not shared or "incomplete" in entry or entry.get("did_not_learn"):
                 continue
             entry["significance"] = bootstrap_p([per_seed_stats[(system, s)] for s in shared],
                                                 [per_seed_stats[(args.baseline, s)] for s in shared], directions)
             entry["seeds_beating_baseline"] = sum(avg_by_seed[system][s] > avg_by_seed[args.baseline][s] for s in shared)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "summary.json", summary)
-    write_text(args.out / "table.md", make_table(summary))
-    plot_curves({s: [run for _, run in sorted(runs[s])] for s in systems}, args.out / "curves.png", args.regime)
-    print(make_table(summary))
+    # the three outputs appear together or not at all (kd.io.OutputGroup)
+    table = make_table(summary)
+    png = plot_curves({s: [run for _, run in sorted(runs[s]) if (run / "COMPLETED").is_file()] for s in systems},
+                      args.regime)
+    with OutputGroup() as outputs:
+        outputs.write_text(args.out / "summary.json", json_text(summary))
+        outputs.write_text(args.out / "table.md", table)
+        outputs.write_bytes(args.out / "curves.png", png)
+    print(table)
     print(f"wrote {args.out}/summary.json, table.md, curves.png")
     return summary
 

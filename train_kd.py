@@ -134,6 +134,10 @@ CHECKPOINT_NAME = re.compile(r"^(step|epoch)_(\d+)$")
 STAT_COLUMNS = 5
 # the methods with hard tokens (the skewed loss acts there): skew (every token) and the selecting ones
 HARD_TOKEN_METHODS = tuple(m for m in TARGET_MIX_METHODS if REGISTRY[m].hard != "none")
+# The collapse of the skewed loss (README, "The collapse"): over the last COLLAPSE_WINDOWS logging windows
+# the mean d of the hard tokens rose by at least COLLAPSE_RISE (relative, and in all but one of the
+# window-to-window steps) while the training loss fell and the mean d of all tokens did not fall.
+COLLAPSE_WINDOWS, COLLAPSE_RISE = 5, 0.05
 TRAINER_STATE = "trainer_state.json"
 # The checkpoint's position in its epoch is counted in batches of this many examples: these cannot change.
 FIXED_ON_RESUME = ("batch_size", "train_examples")
@@ -225,6 +229,8 @@ class TrainerState:
     validations_without_improvement: int = 0
     window: Optional[LogWindow] = None
     auto_gamma: Optional[AutoGamma] = None  # the running Γ of --gamma auto
+    windows: list = field(default_factory=list)  # the last logged windows (step, loss, d, d of the hard tokens)
+    collapse_warning: Optional[str] = None       # said once, when the collapse's signature shows
     # not saved: derived at resume, or about the steps since it
     last_valid: Optional[float] = None      # the last validation loss
     last_score: Optional[float] = None      # the last validation score by --best-metric
@@ -241,7 +247,8 @@ class TrainerState:
                 "validations_without_improvement": self.validations_without_improvement,
                 "train_tokens": self.train_tokens, "train_seconds": self.train_seconds,
                 "window": self.window.state_dict(),
-                "auto_gamma": self.auto_gamma.state_dict() if self.auto_gamma else None}
+                "auto_gamma": self.auto_gamma.state_dict() if self.auto_gamma else None,
+                "windows": self.windows, "collapse_warning": self.collapse_warning}
 
     def load_state_dict(self, state):
         self.global_step, self.train_tokens, self.train_seconds = (state["global_step"], state["train_tokens"],
@@ -254,6 +261,7 @@ class TrainerState:
             self.window.load_state_dict(state["window"])
         if self.auto_gamma and state.get("auto_gamma"):  # else (resumed into --gamma auto) Γ starts afresh
             self.auto_gamma.load_state_dict(state["auto_gamma"])
+        self.windows, self.collapse_warning = state.get("windows", []), state.get("collapse_warning")
 
 
 # =============================================================================================
@@ -915,8 +923,44 @@ def record_step(run, state, step):
             row["gamma"] = step.gamma  # the Γ this step used (+inf at step 1: written as null)
         write_metrics(run, row)
         state.window = LogWindow(len(run.directions))
+        watch_for_collapse(run, state, row)
         return row
     return None
+
+
+def collapse_signature(windows, method="selfevo", beta=0.5):
+    """The warning of a collapsing skewed loss, in words, or None. `windows`: the logged windows, oldest
+    first, as (step, loss, mean d, mean d of the hard tokens); the last COLLAPSE_WINDOWS are read."""
+    recent = [w for w in windows[-COLLAPSE_WINDOWS:] if None not in w]
+    if len(recent) < COLLAPSE_WINDOWS:
+        return None
+    steps, losses, difficulty, hard = zip(*recent)
+    rises = sum(b > a for a, b in zip(hard, hard[1:]))
+    if not (hard[-1] >= hard[0] * (1 + COLLAPSE_RISE) and rises >= COLLAPSE_WINDOWS - 2
+            and losses[-1] < losses[0] and difficulty[-1] >= difficulty[0]):
+        return None
+    bound = -math.log(1 - beta) if beta < 1 else math.inf
+    return (f"{method}: the mean difficulty d = KL(ỹ‖q) of the hard tokens rose {hard[0]:.2f} -> {hard[-1]:.2f} "
+            f"over the last {COLLAPSE_WINDOWS} logging windows (steps {steps[0]}-{steps[-1]}) while the training loss "
+            f"fell {losses[0]:.3f} -> {losses[-1]:.3f} and the mean d of all tokens did not fall ({difficulty[0]:.2f} -> "
+            f"{difficulty[-1]:.2f}): the signature of the collapse of the skewed loss. Its per-token loss is bounded by "
+            f"-log(1-β) = {bound:.2f} and a hard token the student gets badly wrong sits near that bound with almost "
+            f"no pull on its reference (about βq/(1-β) of noevo's), so the hard tokens stop learning while the easy "
+            f"ones improve (README: the collapse). Watch the validation BLEU (--best-metric bleu); a larger --beta and "
+            f"selfevo_token are the variants the study measured.")
+
+
+def watch_for_collapse(run, state, row):
+    """After each logged window of a method with hard tokens: warn once when the collapse's signature shows."""
+    if run.args.method not in HARD_TOKEN_METHODS:
+        return
+    state.windows = (state.windows + [(row["step"], row["loss"], row.get("mean_difficulty"),
+                                       row.get("mean_difficulty_hard"))])[-COLLAPSE_WINDOWS:]
+    if state.collapse_warning is None:
+        message = collapse_signature(state.windows, run.args.method, row.get("beta", run.args.beta))
+        if message:
+            state.collapse_warning = message
+            warnings.warn(message)
 
 
 def validation_loss(accelerator, model, weight, valid_set, micro_batch_size, pad_token_id, vocab_size):
@@ -1086,6 +1130,7 @@ def finish(run, state):
         "best_score": state.best_score,
         "best_step": state.best_step,
         "stopped_early": state.stopped_early,
+        "collapse_warning": state.collapse_warning,
         "steps": state.global_step,
         "epochs": state.global_step / run.steps_per_epoch,
         "train_tokens": state.train_tokens,

@@ -231,8 +231,10 @@ class OutputGroup:
         return self
 
     def write_text(self, path, text):
+        return self.write_bytes(path, _encoded(text, Path(path)))
+
+    def write_bytes(self, path, data):
         path = Path(path)
-        data = _encoded(text, path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = _temporary_name(path)

@@ -64,6 +64,11 @@ set -euo pipefail
 # SFT trains beside the teacher); noevo: see the header. pipelines/beyond.sh sets others.
 : "${QUICKSTART_SYSTEMS:=selfevo skew reverse forward seqkd student_sft}"
 : "${QUICKSTART_SEEDS:=$SEED}"
+# how every system is trained and selected (regimes.sh): converge_bleu, to convergence with early
+# stopping on the validation BLEU and its best-BLEU checkpoint (the study's first protocol, converge,
+# stopped on the validation loss: for the skewed methods it rises for the first epochs, and a run
+# whose teacher came out stronger kept an untrained epoch-1 checkpoint: README)
+: "${QUICKSTART_PROTOCOL:=converge_bleu}"
 : "${LANES:=2}"                 # trainings at once (one per core)
 : "${THREADS:=1}"               # torch threads per process (OMP_NUM_THREADS): tiny matrices gain
                                 # little from a second thread, and oversubscribed OpenMP threads on a
@@ -73,6 +78,7 @@ if [[ "$QUICK" == 1 ]]; then
   : "${TEACHER_SIZE:=2 48 2}" "${STUDENT_SIZE:=1 32 2}"
   : "${BASE_EPOCHS:=1}" "${BASE_MAX_STEPS:=3}" "${EPOCHS:=2}" "${TEACHER_EPOCHS:=2}" "${PATIENCE:=1}" "${MIN_EPOCHS:=0}"
   : "${BATCH_SIZE:=16}" "${BASE_BATCH_SIZE:=16}" "${MAX_NEW_TOKENS:=16}" "${TRAIN_EXTRA_ARGS:=--logging-steps 1}"
+  : "${VALID_DECODE_ROWS:=4}"
   # the DATA_DIR variant
   : "${DEMO_TRAIN_PAIRS:=300}" "${MAX_STEPS:=4}" "${TEACHER_MAX_STEPS:=4}" "${STUDENT_WARMUP_STEPS:=2}"
   : "${EVAL_STEPS:=2}" "${SUBSET:=200}"
@@ -150,13 +156,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/regimes.sh"
 # shellcheck disable=SC2034  # read by regimes.sh and common.sh
 {
   MICRO_BATCH_SIZE="$BATCH_SIZE" EVAL_STEPS="" MAX_STEPS=""
-  STUDY_EXP="$EXP" STUDY_DATA="$OUT/data/$EXP" STUDY_RESULTS="$OUT/results"
+  STUDY_EXP="$EXP" STUDY_DATA="$OUT/data/$EXP" STUDY_RESULTS="$OUT/results" REGIME_EXP_PER_PROTOCOL=0
   read -r -a SYSTEMS <<<"$QUICKSTART_SYSTEMS"
   SEEDS="$QUICKSTART_SEEDS"
-  CHECKPOINT=best
+  CHECKPOINT="best validation BLEU"
+  if [[ "$QUICKSTART_PROTOCOL" == converge ]]; then CHECKPOINT="best validation loss"; fi
 }
-run_regime R1
-summarize "$STUDY_EXP"
+run_regime R1 "$QUICKSTART_PROTOCOL"
+summarize "$STUDY_EXP" "$STUDY_EXP"
 say "quickstart finished in $((SECONDS - QUICKSTART_START))s"
 echo
 cat "$STUDY_RESULTS/$STUDY_EXP/table.md"

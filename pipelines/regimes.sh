@@ -31,6 +31,8 @@
 #             KD_EPOCHS epochs (per regime, from the student SFT's convergence: kd_epochs), final
 #             checkpoint. The KD runs also translate VALID_DECODE_ROWS validation rows at each epoch
 #             and keep their best validation BLEU in best/ (for the bleu protocol)
+#   converge_bleu  every system to convergence as converge, but early stopping and the checkpoint by
+#             the validation BLEU (VALID_DECODE_ROWS rows): the quickstart's protocol
 #   bleu      selection by a translation metric (as fairseq's --best-checkpoint-metric bleu): SFT
 #             systems to convergence with early stopping on the validation BLEU, best BLEU
 #             checkpoint; KD systems the paper protocol's runs (the same KD_EPOCHS) at their best
@@ -110,16 +112,16 @@ protocol_flags() {
   decode+=" --valid-decode-batch-size $GEN_BATCH_SIZE"
   case "$PROTOCOL:$1" in
     converge:* | paper:sft) converge_flags ;;
-    bleu:sft) echo "$(converge_flags) --best-metric bleu $decode" ;;
+    bleu:sft | converge_bleu:*) echo "$(converge_flags) --best-metric bleu $decode" ;;
     paper:* | bleu:*) echo "--epochs ${KD_EPOCHS:?KD_EPOCHS not set (pipeline bug)} --best-metric bleu $decode --save-total-limit 1" ;;
-    *) die "PROTOCOL=$PROTOCOL: choose converge, paper or bleu" ;;
+    *) die "PROTOCOL=$PROTOCOL: choose converge, converge_bleu, paper or bleu" ;;
   esac
 }
 
 # protocol_checkpoint METHOD: the checkpoint a run of METHOD is evaluated with under PROTOCOL.
 protocol_checkpoint() {
   case "$PROTOCOL:$1" in
-    paper:sft | converge:* | bleu:*) echo best ;;
+    paper:sft | converge:* | converge_bleu:* | bleu:*) echo best ;;
     paper:*) echo final ;;
   esac
 }
@@ -128,7 +130,7 @@ protocol_checkpoint() {
 protocol_source() {
   case "$PROTOCOL:$1" in
     paper:sft) echo "${STUDY_EXP}_$REGIME" ;;
-    bleu:sft | converge:*) ;;
+    bleu:sft | converge:* | converge_bleu:*) ;;
     bleu:*) echo "${STUDY_EXP}_${REGIME}_paper" ;;
   esac
 }
@@ -255,8 +257,10 @@ run_regime() {
   local system
   for system in "${SYSTEMS[@]}"; do system_spec "$system" >/dev/null; done   # an unknown name stops here
   SHARED_EXP="${STUDY_EXP}_$REGIME_DATA" REGIME_EXP="${STUDY_EXP}_$REGIME"
-  if [[ "$PROTOCOL" != converge ]]; then
-    REGIME_EXP+="_$PROTOCOL"
+  # each protocol of a study regime in its own experiment (a single-protocol pipeline, the quickstart,
+  # sets REGIME_EXP_PER_PROTOCOL=0)
+  if [[ "$PROTOCOL" != converge && "${REGIME_EXP_PER_PROTOCOL:-1}" == 1 ]]; then REGIME_EXP+="_$PROTOCOL"; fi
+  if [[ "$PROTOCOL" == paper || "$PROTOCOL" == bleu ]]; then
     KD_EPOCHS="$(kd_epochs "$REGIME")"
     say "== $REGIME, protocol $PROTOCOL: KD runs of $KD_EPOCHS epochs"
   fi
@@ -324,11 +328,16 @@ print(math.ceil(statistics.median(epochs)))
 EOF
 }
 
-# summarize REGIME: $STUDY_RESULTS/<regime>[_<protocol>]/{summary.json,table.md,curves.png} and the
-# settings it ran with (settings_json). Uses RUNS HYPS RESULTS TEST_DIR of the regime that just ran.
+# summarize REGIME [NAME]: $STUDY_RESULTS/NAME/{summary.json,table.md,curves.png} (NAME: <regime>, or
+# <regime>_<protocol> for a protocol other than converge) and the settings it ran with (settings_json).
+# Uses RUNS HYPS RESULTS TEST_DIR of the regime that just ran.
 summarize() {
   local regime="$1" dest="$STUDY_RESULTS/$1"
-  if [[ "${PROTOCOL:-converge}" != converge ]]; then dest+="_$PROTOCOL"; fi
+  if [[ -n "${2:-}" ]]; then
+    dest="$STUDY_RESULTS/$2"
+  elif [[ "${PROTOCOL:-converge}" != converge ]]; then
+    dest+="_$PROTOCOL"
+  fi
   step "summarize $regime" "$LOGS/summarize.log" up_to_date "$dest/table.md" "$RESULTS"/*.json -- \
     write_summary "$regime" "$dest"
 }
@@ -337,8 +346,10 @@ write_summary() {
   local regime="$1" dest="$2"
   mkdir -p "$dest"
   settings_json >"$dest/settings.json.partial" && mv "$dest/settings.json.partial" "$dest/settings.json"
+  # the KD systems' scored checkpoint (KD_CHECKPOINT_SCORED: set by a regime with its own protocol, R0)
   "$PYTHON" summarize_study.py --regime "$regime" --runs "$RUNS" --hyps "$HYPS" --results "$RESULTS" \
-    --refs "$TEST_DIR" --out "$dest" --settings "$dest/settings.json" --checkpoint "$CHECKPOINT"
+    --refs "$TEST_DIR" --out "$dest" --settings "$dest/settings.json" --checkpoint "$CHECKPOINT" \
+    --kd-checkpoint "${KD_CHECKPOINT_SCORED:-$(protocol_checkpoint kd)}"
 }
 
 # settings_json: the settings of the regime that just ran, for its summary (the variables named below).

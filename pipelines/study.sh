@@ -152,7 +152,7 @@ run_r0() {
   done
   run_lanes r0_job "${jobs[@]}"
   CHECKPOINT="final (KD), best (SFT)"
-  summarize R0
+  KD_CHECKPOINT_SCORED=final summarize R0
 }
 
 # ---- R1: the sweeps of Fig. 2 at toy scale (seed 1; seeds 2-3 where forward KD is beaten) ----

@@ -174,3 +174,40 @@ def test_a_validation_file_without_references_is_refused_naming_it(tiny_models, 
         train(tiny_models, files, tmp_path / "out", "--best-metric", "bleu")
     assert "bare.jsonl:1" in str(stop.value) and "reference" in str(stop.value)
     assert Path(bare).is_file() and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the collapse warning
+# ---------------------------------------------------------------------------------------------
+
+def windows(hard, loss, difficulty):
+    return [(10 * (i + 1), l, d, h) for i, (h, l, d) in enumerate(zip(hard, loss, difficulty))]
+
+
+def test_collapse_signature_fires_on_the_collapse_and_not_on_a_healthy_run():
+    # the collapse: the hard tokens' d climbs while the loss falls and the mean d does not fall
+    collapse = windows(hard=[3.3, 3.5, 3.7, 3.9, 4.2], loss=[0.60, 0.57, 0.55, 0.52, 0.50],
+                       difficulty=[3.0, 3.1, 3.2, 3.3, 3.5])
+    message = train_kd.collapse_signature(collapse, "selfevo", beta=0.5)
+    assert message.startswith("selfevo: the mean difficulty d = KL(ỹ‖q) of the hard tokens rose 3.30 -> 4.20 "
+                              "over the last 5 logging windows (steps 10-50) while the training loss fell 0.600 -> "
+                              "0.500")
+    assert "-log(1-β) = 0.69" in message
+    # healthy: d of every token falls (the hard set shrinks to the hardest tokens, whose mean d may rise)
+    healthy = windows(hard=[3.3, 3.5, 3.7, 3.9, 4.2], loss=[0.60, 0.57, 0.55, 0.52, 0.50],
+                      difficulty=[3.0, 2.6, 2.1, 1.7, 1.2])
+    assert train_kd.collapse_signature(healthy) is None
+    assert train_kd.collapse_signature(collapse[:4]) is None                                  # too few windows
+    rising_loss = windows([3.3, 3.5, 3.7, 3.9, 4.2], [0.50, 0.52, 0.55, 0.57, 0.60], [3.0] * 5)
+    assert train_kd.collapse_signature(rising_loss) is None                                   # no learning at all
+    noisy = windows([3.3, 3.6, 3.4, 3.7, 3.5], [0.60, 0.57, 0.55, 0.52, 0.50], [3.0] * 5)
+    assert train_kd.collapse_signature(noisy) is None                                         # no steady rise
+    assert train_kd.collapse_signature(windows([None] * 5, [0.6] * 5, [3.0] * 5)) is None    # no hard token
+
+
+def test_a_healthy_selfevo_run_gives_no_collapse_warning(tiny_models, files, tmp_path, recwarn):
+    results = train(tiny_models, files, tmp_path / "run", *RUN, "--logging-steps", 1, method="selfevo")
+    assert results["collapse_warning"] is None
+    assert not [w for w in recwarn if "collapse" in str(w.message)]
+    rows = metric_rows(tmp_path / "run", "train")
+    assert all("mean_difficulty_hard" in row for row in rows)

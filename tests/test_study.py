@@ -186,3 +186,82 @@ def test_study_quick_r5_under_the_three_protocols(tmp_path):
     logs = tmp_path / "logs"
     assert "selfevo-s1/final" in (logs / "study_R5_paper" / "generate_selfevo-s1.log").read_text().splitlines()[2]
     assert "selfevo-s1/best" in (logs / "study_R5_bleu" / "generate_selfevo-s1.log").read_text().splitlines()[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# summaries: a missing seed and a seed that did not learn are said in words, never averaged in
+# ---------------------------------------------------------------------------------------------
+
+def fake_regime(root, refs, runs):
+    """runs: {run name: dict(valid=[(step, loss, bleu)], best_step, steps, metric, scored=True, completed=True)}."""
+    for name, spec in runs.items():
+        run = root / "runs" / name
+        run.mkdir(parents=True)
+        rows = [{"type": "valid", "step": step, "epoch": step / 2, "valid_loss": loss,
+                 **({} if bleu is None else {"valid_bleu": bleu})} for step, loss, bleu in spec["valid"]]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run / "all_results.json").write_text(json.dumps({
+            "best_valid_loss": min(loss for _, loss, _ in spec["valid"]), "epochs": spec["steps"] / 2,
+            "steps": spec["steps"], "best_step": spec["best_step"], "stopped_early": False,
+            "best_metric": spec.get("metric", "loss")}))
+        if spec.get("completed", True):
+            (run / "COMPLETED").write_text("done\n")
+        if spec.get("scored", True):
+            write_dir(root / "hyps" / name, "en-de", [{"id": f"t{i}", "hypothesis": h} for i, h in enumerate(HYPS)])
+            (root / "results").mkdir(exist_ok=True)
+            (root / "results" / f"{name}.json").write_text(json.dumps({
+                "directions": {"en-de": {"bleu": 30.0, "chrf": 50.0}}, "average": {"bleu": 30.0, "chrf": 50.0}}))
+    return ["--regime", "RX", "--runs", str(root / "runs"), "--hyps", str(root / "hyps"), "--results",
+            str(root / "results"), "--refs", str(refs), "--out", str(root / "summary")]
+
+
+def learned(**extra):
+    return {"valid": [(2, 3.0, 1.0), (4, 2.0, 5.0), (6, 1.5, 9.0)], "best_step": 6, "steps": 6, **extra}
+
+
+def test_a_missing_seed_is_reported_in_words_not_dropped(tmp_path, tiny_test_set):
+    argv = fake_regime(tmp_path, tiny_test_set, {
+        "forward-s1": learned(), "forward-s2": learned(),
+        "selfevo-s1": learned(), "selfevo-s2": learned(completed=False),
+        "skew-s1": learned(), "skew-s2": learned(scored=False)})
+    summary = summarize_study.main(argv)
+    selfevo, skew = summary["systems"]["selfevo"], summary["systems"]["skew"]
+    assert selfevo["incomplete"] == {2: "selfevo-s2 has no COMPLETED (its training did not finish)"}
+    assert skew["incomplete"] == {2: "skew-s2.json is missing (its generate and evaluate steps did not run)"}
+    assert "bleu" not in selfevo and "significance" not in selfevo and selfevo["seeds"] == [1, 2]
+    table = (tmp_path / "summary" / "table.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| selfevo |"))
+    assert "incomplete: seed 2: selfevo-s2 has no COMPLETED" in row and "30.00" not in row
+    assert json.loads((tmp_path / "summary" / "summary.json").read_text())["systems"]["skew"]["incomplete"]
+    assert summary["systems"]["forward"]["bleu"]["avg"]["n"] == 2
+
+
+def test_a_seed_that_did_not_learn_is_shown_as_such(tmp_path, tiny_test_set):
+    argv = fake_regime(tmp_path, tiny_test_set, {
+        "forward-s1": learned(), "selfevo-s1": learned(best_step=2),                 # best/ = first validation
+        "skew-s1": {"valid": [(2, 2.0, 8.0), (4, 3.0, 4.0), (6, 4.0, 2.0)], "best_step": 2, "steps": 6,
+                    "metric": "bleu"}})
+    summary = summarize_study.main(argv)
+    assert "first validation (step 2)" in summary["systems"]["selfevo"]["did_not_learn"][1]
+    assert "significance" not in summary["systems"]["selfevo"]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in (tmp_path / "summary" / "table.md").read_text().splitlines()}
+    assert "did not learn in 1/1 seeds (seed 1: kept the checkpoint of its first validation" in rows["selfevo"]
+    assert "30.00" not in rows["selfevo"] and "30.00" in rows["forward"]
+
+    # KD systems scored at final/ (the paper protocol): a final validation BLEU below the first one
+    summary = summarize_study.main([*argv, "--out", str(tmp_path / "final"), "--kd-checkpoint", "final"])
+    assert "final validation bleu (2.00) is worse than at its first validation (8.00" in \
+        summary["systems"]["skew"]["did_not_learn"][1]
+    assert not summary["systems"]["forward"]["did_not_learn"] and not summary["systems"]["selfevo"]["did_not_learn"]
+
+
+def test_the_three_outputs_appear_together_or_not_at_all(tmp_path, tiny_test_set, monkeypatch):
+    argv = fake_regime(tmp_path, tiny_test_set, {"forward-s1": learned(), "selfevo-s1": learned()})
+
+    def broken(*args):
+        raise RuntimeError("the figure could not be drawn")
+
+    monkeypatch.setattr(summarize_study, "plot_curves", broken)
+    with pytest.raises(RuntimeError):
+        summarize_study.main(argv)
+    assert not (tmp_path / "summary").exists() or not any((tmp_path / "summary").iterdir())

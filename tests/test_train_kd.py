@@ -20,7 +20,8 @@ from run_helpers import metric_rows, small_files, weights
 TRAIN_KEYS = {"type", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "steps_in_window"}
 RESULT_KEYS = {"method", "hyperparameters", "changed_args", "final_valid_loss", "best_valid_loss", "best_step", "steps", "epochs",
                "train_tokens", "train_seconds", "tokens_per_s", "dropped_too_long", "final_dir", "best_dir",
-               "stopped_early", "trainable_parameters", "total_parameters", "best_metric", "best_score", "final_score"}
+               "stopped_early", "trainable_parameters", "total_parameters", "best_metric", "best_score", "final_score",
+               "collapse_warning"}
 
 
 @pytest.fixture(scope="module")
