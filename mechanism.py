@@ -28,6 +28,14 @@ Outputs in --out (each written completely or not at all):
                    start and after training; hard tokens' share of the gradient; d after training
                    by starting d; mean d by frequency bucket
 
+With --snapshots K, each run of a method with a skewed loss (skew, selfevo, selfevo_token) keeps K
+checkpoints, and at step 0 and at each of them the measured tokens give (collapse.json, collapse.png):
+the hard fraction, the mean d over all tokens and over the hard ones, the share of the hard tokens
+whose loss ℓ_t sits at its bound (ℓ_t ≥ 0.9·(−log(1−β)): KL(ỹ‖q̂) ≤ −log(1−β) since q̂ ≥ (1−β)ỹ), and
+the pull on the reference token r_t = −∂ℓ_t/∂log q_t against KL(ỹ‖q)'s (ỹ_t): for a hard token it is
+βq_t/q̂_t of it, next to nothing where q_t is small. Per-token points of the last snapshot feed the
+figure (the pull against q of the reference; the loss against d).
+
 One process, one device (CUDA when available): the training runs are single-process train_kd.py
 runs with --batch-size examples per step; teacher logits of the measured batches are cached once.
 """
@@ -45,7 +53,7 @@ import torch
 import train_kd
 from kd.data import IGNORE_INDEX, TrainCollator, TranslationDataset, read_rows, shifted_targets
 from kd.io import replacing, write_text
-from kd.losses import KD_METHODS, METHODS, LossConfig, compute_loss
+from kd.losses import KD_METHODS, METHODS, REGISTRY, LossConfig, compute_loss
 from kd.models import check_model_path, load_model, load_tokenizer, tokenizer_mismatch
 
 # The methods measured by default: the three of the paper's argument, forward KD as the usual
@@ -56,6 +64,8 @@ LOSS_DEFAULTS = LossConfig("noevo")  # one source of truth for λ, α, β, Γ
 D_BINS_PER_DECADE = 2
 D_DECADES_BELOW_GAMMA, D_DECADES_ABOVE_GAMMA = 3, 2
 FREQUENCY_BUCKETS = 5
+NEAR_BOUND = 0.9   # a hard token whose skewed loss is at least 0.9 × −log(1−β) "sits at the bound"
+POINTS = 2000      # hard tokens kept per snapshot for the scatter panels
 
 
 def parse_args(argv):
@@ -79,6 +89,10 @@ def parse_args(argv):
     parser.add_argument("--beta", type=float, default=LOSS_DEFAULTS.beta, help="β of Eq. 6")
     parser.add_argument("--gamma", type=float, default=LOSS_DEFAULTS.gamma, help="Γ of Eq. 8: hard when d > Γ")
     parser.add_argument("--seed", type=int, default=42, help="seed of the measured batches and of the training runs")
+    parser.add_argument("--snapshots", type=int, default=0,
+                        help="also measure the skewed loss during training, at K evenly spaced steps of each run "
+                             "(collapse.json, collapse.png): the hard tokens' loss against its bound -log(1-β) and "
+                             "the pull on their reference token")
     parser.add_argument("--out", required=True, help="folder for mechanism.json and mechanism.png")
     return parser.parse_args(argv)
 
@@ -91,6 +105,8 @@ def check_args(args):
                          f"choose among {', '.join(KD_METHODS)}")
     if args.steps < 0:
         raise SystemExit(f"mechanism.py: --steps must be >= 0, got {args.steps}")
+    if args.snapshots < 0 or (args.snapshots and args.snapshots > args.steps):
+        raise SystemExit(f"mechanism.py: --snapshots must be between 0 and --steps ({args.steps}), got {args.snapshots}")
     for name in ("batches", "batch_size", "max_length"):
         if getattr(args, name) < 1:
             raise SystemExit(f"mechanism.py: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -257,6 +273,127 @@ def measure(model, batches, teacher_rows, methods, args, device, freq_buckets):
     return result
 
 
+# =============================================================================================
+# The skewed loss during training (--snapshots): its bound and the pull on the reference token
+# =============================================================================================
+
+def token_loss_and_pull(method, student_logits, teacher_logits, targets, *, kd_ratio, target_mix, beta, gamma):
+    """Per token (rows of student_logits [N, V]): the method's loss ℓ_t, the hard flag, q of the reference
+    token, and the pull on it: r_t = −∂ℓ_t/∂log q_t at the reference (the weight with which the loss pulls
+    log q of the reference up; KL(ỹ‖q) pulls with ỹ_t, the skewed KL(ỹ‖q̂) with ỹ_t·βq_t/q̂_t)."""
+    config = LossConfig(method, kd_ratio=kd_ratio, target_mix=target_mix, beta=beta, gamma=gamma, chunk_size=0)
+    with torch.no_grad():  # the engine's own hard/easy decision (Eq. 8)
+        hard = compute_loss(config, student_logits, teacher_logits, targets, token_stats=True)[1]["token_hard"]
+    log_q = torch.log_softmax(student_logits.double(), -1).detach().requires_grad_(True)
+    log_p = torch.log_softmax(teacher_logits.double(), -1)
+    loss = REGISTRY[method].formula(log_q, log_p, targets, hard, config)  # the entry's per-token formula
+    (grad,) = torch.autograd.grad(loss.sum(), log_q)
+    at_target = targets[:, None]
+    return {"loss": loss.detach(), "hard": hard, "q_ref": log_q.detach().gather(1, at_target).squeeze(1).exp(),
+            "pull_ref": -grad.gather(1, at_target).squeeze(1)}
+
+
+def snapshot_measures(model, batches, teacher_rows, method, args, device):
+    """The skewed loss of `method` at one snapshot of the student, over the measured tokens: how many
+    tokens are hard, how close their loss is to the bound −log(1−β), how much pull their reference keeps
+    against KL(ỹ‖q)'s (noevo's ỹ_t), and the per-token points of the pull figure."""
+    settings = dict(kd_ratio=args.kd_ratio, target_mix=args.target_mix, beta=args.beta, gamma=args.gamma)
+    parts = {"loss": [], "hard": [], "q_ref": [], "pull_ref": [], "pull_noevo": [], "d": []}
+    model.eval()
+    for batch, teacher_logits in zip(batches, teacher_rows):
+        targets = shifted_targets(batch["labels"])
+        counted = targets != IGNORE_INDEX
+        logits = student_logits_of(model, batch, counted, device)
+        teacher, rows_targets = teacher_logits.to(device), targets[counted].to(device)
+        measured = token_loss_and_pull(method, logits, teacher, rows_targets, **settings)
+        reference = token_loss_and_pull("noevo", logits, teacher, rows_targets, **settings)
+        for key in ("loss", "hard", "q_ref", "pull_ref"):
+            parts[key].append(measured[key].cpu().numpy())
+        parts["pull_noevo"].append(reference["pull_ref"].cpu().numpy())  # ỹ_t: the unskewed pull
+        parts["d"].append(reference["loss"].cpu().numpy())               # noevo's loss is d = KL(ỹ‖q)
+    tokens = {key: np.concatenate(value) for key, value in parts.items()}
+    hard = tokens["hard"].astype(bool)
+    bound = -math.log(1 - args.beta) if args.beta < 1 else math.inf
+    ratio = tokens["pull_ref"] / np.maximum(tokens["pull_noevo"], np.finfo(np.float64).tiny)
+    near = tokens["loss"] >= NEAR_BOUND * bound
+    return {
+        "hard_fraction": float(hard.mean()),
+        "mean_d": float(tokens["d"].mean()),
+        "mean_d_hard": mean_or_none(tokens["d"][hard]),
+        "loss_bound": bound,
+        "hard_near_bound": mean_or_none(near[hard]),            # share of the hard tokens with ℓ ≥ 0.9·bound
+        "hard_loss_over_bound_mean": mean_or_none(tokens["loss"][hard] / bound),
+        "hard_pull_ratio_median": float(np.median(ratio[hard])) if hard.any() else None,
+        "easy_pull_ratio_median": float(np.median(ratio[~hard])) if (~hard).any() else None,
+        "hard_q_ref_median": float(np.median(tokens["q_ref"][hard])) if hard.any() else None,
+        "points": {"q_ref": tokens["q_ref"][hard][:POINTS].tolist(), "pull_ratio": ratio[hard][:POINTS].tolist(),
+                   "loss_over_bound": (tokens["loss"][hard][:POINTS] / bound).tolist(),
+                   "d": tokens["d"][hard][:POINTS].tolist()},
+    }
+
+
+def plot_collapse(snapshots, settings, path):
+    """collapse.png: over training, the hard tokens near the bound and their pull; at the last snapshot,
+    the pull on the reference against q (theory: βq/((1−β)ỹ + βq) of noevo's) and the loss against d."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    beta = settings["beta"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for i, (method, runs) in enumerate(snapshots.items()):
+        steps = [run["step"] for run in runs]
+        color = f"C{i}"
+        axes[0].plot(steps, [run["hard_fraction"] for run in runs], "-o", color=color, markersize=3,
+                     label=f"{method}: hard fraction")
+        axes[0].plot(steps, [run["hard_near_bound"] or 0 for run in runs], "--o", color=color, markersize=3,
+                     label=f"{method}: hard tokens with ℓ ≥ {NEAR_BOUND:g}·bound")
+        axes[0].plot(steps, [run["hard_pull_ratio_median"] or 0 for run in runs], ":o", color=color, markersize=3,
+                     label=f"{method}: median pull of the hard / noevo's")
+        last = runs[-1]["points"]
+        if last["q_ref"]:
+            axes[1].scatter(last["q_ref"], last["pull_ratio"], s=4, color=color, alpha=0.4, label=method)
+            axes[2].scatter(last["d"], last["loss_over_bound"], s=4, color=color, alpha=0.4, label=method)
+    q = np.logspace(-6, 0, 100)
+    axes[1].plot(q, beta * q / ((1 - beta) + beta * q), color="black", linewidth=1,
+                 label="βq/((1−β) + βq): ỹ_t = 1 (α = 0)")
+    axes[0].set_xlabel("optimizer step")
+    axes[0].set_title("the skewed loss over training (measured tokens)")
+    axes[0].legend(fontsize=6)
+    axes[1].set_xscale("log")
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("q of the reference token (hard tokens, last snapshot)")
+    axes[1].set_ylabel("pull on the reference / noevo's (ỹ_t)")
+    axes[1].set_title("the pull vanishes where q is small")
+    axes[1].legend(fontsize=7)
+    axes[2].axhline(1.0, color="grey", linestyle=":", label="the bound −log(1−β)")
+    axes[2].set_xscale("log")
+    axes[2].set_xlabel("d = KL(ỹ‖q) (hard tokens, last snapshot)")
+    axes[2].set_ylabel("loss / −log(1−β)")
+    axes[2].set_title("hard tokens sit at the bound")
+    axes[2].legend(fontsize=7)
+    fig.suptitle(f"The skewed loss during training (β = {beta}, Γ = {settings['gamma']}, α = {settings['target_mix']})")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+
+
+def measure_snapshots(run_dir, method, batches, teacher_rows, args, device):
+    """snapshot_measures at step 0 and at every checkpoint the run kept (step_N / epoch_N), in step order."""
+    from safetensors.torch import load_file
+
+    model = load_model(args.student).to(device)
+    rows = [{"step": 0, **snapshot_measures(model, batches, teacher_rows, method, args, device)}]
+    kept = sorted((json.loads((folder / "trainer_state.json").read_text())["global_step"], folder)
+                  for folder in run_dir.glob("*_*") if (folder / "trainer_state.json").is_file())
+    for step, checkpoint in kept:
+        model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+        rows.append({"step": step, **snapshot_measures(model.to(device), batches, teacher_rows, method, args, device)})
+    del model
+    return rows
+
+
 def reset_accelerate():
     """train_kd.main builds an Accelerator per call; accelerate keeps process-wide singletons."""
     from accelerate.state import AcceleratorState, GradientState
@@ -265,14 +402,15 @@ def reset_accelerate():
     GradientState._reset_state()
 
 
-def train_briefly(method, args, folder):
-    """args.steps optimizer steps of train_kd.py from --student; returns the final model folder."""
+def train_briefly(method, args, folder, save_steps=0):
+    """args.steps optimizer steps of train_kd.py from --student (a checkpoint every save_steps, all kept);
+    returns the final model folder and the results."""
     argv = ["--method", method, "--student", args.student, "--teacher", args.teacher,
             "--train-file", args.train_file, "--output-dir", str(folder),
             "--batch-size", str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size or args.batch_size),
             "--lr", str(args.lr), "--max-steps", str(args.steps), "--epochs", str(10**6),
             "--max-length", str(args.max_length), "--seed", str(args.seed), "--logging-steps", str(args.steps),
-            "--save-total-limit", "1",
+            "--save-total-limit", "0" if save_steps else "1", "--save-steps", str(save_steps),
             "--kd-ratio", str(args.kd_ratio), "--target-mix", str(args.target_mix), "--beta", str(args.beta),
             "--gamma", str(args.gamma)]
     try:
@@ -444,10 +582,15 @@ def main(argv=None):
     print(f"step 0: {start[REFERENCE_METHOD]['d'].size} tokens, hard fraction "
           f"{summary_methods[REFERENCE_METHOD]['start']['hard_fraction']:.3f}")
 
+    snapshots = {}
     if args.steps > 0:
         with tempfile.TemporaryDirectory(prefix="mechanism_", dir=out_dir.parent if out_dir.parent.exists() else None) as tmp:
             for method in methods:
-                final_dir, results = train_briefly(method, args, Path(tmp) / method)
+                every = args.steps // args.snapshots if args.snapshots else 0
+                final_dir, results = train_briefly(method, args, Path(tmp) / method, save_steps=every)
+                if args.snapshots and REGISTRY[method].hard != "none":  # the methods with a skewed loss
+                    snapshots[method] = measure_snapshots(Path(tmp) / method, method, batches, teacher_rows, args,
+                                                          device)
                 model = load_model(str(final_dir)).to(device)
                 end = measure(model, batches, teacher_rows, list(dict.fromkeys([REFERENCE_METHOD, method])),
                               args, device, freq_buckets)
@@ -478,6 +621,13 @@ def main(argv=None):
     }
     js, png = write_outputs(summary, out_dir)
     print(f"wrote {js}\nwrote {png}")
+    if snapshots:
+        collapse = {"settings": summary["settings"], "near_bound": NEAR_BOUND, "methods": snapshots}
+        with replacing(out_dir / "collapse.png") as tmp_png:
+            plot_collapse(snapshots, summary["settings"], tmp_png)
+            write_text(out_dir / "collapse.json", json.dumps(collapse, indent=2, allow_nan=False) + "\n")
+        print(f"wrote {out_dir / 'collapse.json'}\nwrote {out_dir / 'collapse.png'}")
+        summary["collapse"] = collapse
     return summary
 
 
