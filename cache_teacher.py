@@ -19,6 +19,7 @@ Resumable: run the same command again after a kill; finished shards are kept, th
 import argparse
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -74,13 +75,14 @@ def compare_build(existing, wanted, out):
                  for name in wanted if existing.get(name) != wanted.get(name)]
     if different:
         fail(f"--out {out}", "holds a cache built with other settings: " + "; ".join(different),
-             "choose another --out, or delete that folder to rebuild it")
+             "choose another --out, or delete that folder to rebuild it", code=CONFIG_ERROR)
 
 
 def main(argv=None):
     args = parse_args(argv)
     quiet_cpu_runs()
     from accelerate import Accelerator
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     top_k = parse_top_k(args.top_k)
@@ -105,6 +107,8 @@ def main(argv=None):
 
     vocab = AutoConfig.from_pretrained(args.teacher).vocab_size
     if top_k is not None and top_k >= vocab:
+        accelerator.print(f"--top-k {top_k} is not below the teacher's vocabulary ({vocab} tokens): the full "
+                          "distribution is stored, as with --top-k all")
         top_k = None  # K >= V keeps everything: the full distribution
     build = {
         "format": FORMAT,
@@ -122,6 +126,9 @@ def main(argv=None):
         "dtype": args.dtype,
         "teacher_dtype": args.teacher_dtype,
         "examples_per_shard": args.examples_per_shard,
+        # the teacher's batches decide its padding, which moves bf16 results in the last bits: a resumed
+        # build must use the same
+        "batch_size": args.batch_size,
     }
     if accelerator.is_main_process:
         if (out / BUILD).is_file():
@@ -162,10 +169,17 @@ def main(argv=None):
                 parts.append({k: v.cpu() for k, v in compress_rows(log_p, top_k).items()})
                 offsets.append(offsets[-1] + log_p.shape[0])
         tokens += offsets[-1]
-        with replacing(out / shard_name(shard)) as tmp:
-            save_file(shard_arrays(parts, offsets, top_k, vocab, args.dtype), str(tmp))  # no metadata: its
-            # order in the header varies between runs, and the same shard should have the same bytes
-            os.chmod(tmp, 0o644)  # save_file makes a private file; the cache is shared by the runs of a sweep
+        try:
+            with replacing(out / shard_name(shard)) as tmp:
+                save_file(shard_arrays(parts, offsets, top_k, vocab, args.dtype), str(tmp))  # no metadata: its
+                # order in the header varies between runs, and the same shard should have the same bytes
+                os.chmod(tmp, 0o644)  # save_file makes a private file; the cache is shared by the runs of a sweep
+        except (OSError, SafetensorError) as error:  # replacing() removed the half-written file
+            free = shutil.disk_usage(out).free
+            reason = (f"the disk is full ({free // 2**20} MiB free)" if free < 64 * 2**20 or "space" in str(error)
+                      else " ".join(str(error).split()))
+            fail(f"{out / shard_name(shard)}", f"could not be written: {reason}",
+                 "free some space, then run the same command again: it keeps the finished shards and builds the rest")
         accelerator.print(f"{shard_name(shard)}: examples {first}-{end - 1}, {offsets[-1]} positions")
     seconds = time.perf_counter() - start_time
     accelerator.wait_for_everyone()

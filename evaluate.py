@@ -105,18 +105,38 @@ def matched_hypotheses(path, references):
     """The `hypothesis` of each reference row, matched by id, in reference order."""
     rows = read_rows(path, required=("id", "hypothesis"), text_fields=("hypothesis",))
     if len(rows) < len(references):
-        fail(str(path), f"{len(rows)} hypotheses for {len(references)} references",
-             "generate the missing rows (run generate.py again to resume), or pass --limit to score a prefix")
+        have = {row["id"] for row in rows}
+        missing = [i for i, row in enumerate(references) if row["id"] not in have]
+        if missing and missing == list(range(len(references) - len(missing), len(references))):
+            todo = ("generate the missing rows (run generate.py again to resume), or pass --limit "
+                    f"{len(references) - len(missing)} to score the first rows only")
+        else:  # a hole in the middle (a row lost, a blank line where it was): --limit would not help
+            first = missing[0] if missing else 0
+            blank = next((i + 1 for i, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n")[:-1])
+                          if not line.strip()), None)
+            todo = (f"the first missing is id {references[first]['id']!r} (row {first + 1} of the references)"
+                    + (f"; line {blank} of the file is blank" if blank else "")
+                    + "; regenerate the file with generate.py (delete it first)")
+        fail(str(path), f"{len(rows)} hypotheses for {len(references)} references", todo)
     if len(rows) > len(references):
         fail(str(path), f"{len(rows)} hypotheses for {len(references)} references (more hypotheses than references)",
              "pass the test folder these hypotheses were generated from, or the --limit used with generate.py")
-    by_id = {row["id"]: row["hypothesis"] for row in rows}
+    by_id = {row["id"]: row for row in rows}
     missing = [row["id"] for row in references if row["id"] not in by_id]
     if missing:
         extra = next(row["id"] for row in rows if row["id"] not in {r["id"] for r in references})
         fail(str(path), f"ids that do not match the references ({len(missing)} missing, first {missing[0]!r}; "
              f"first unknown {extra!r})", "hypotheses and references must come from the same test file")
-    return [by_id[row["id"]] for row in references]
+    # ids alone do not tie a hypothesis to its reference (two test sets can share ids): each row must
+    # carry the source it translates (generate.py keeps it), the reference's own
+    for reference in references:
+        hypothesis = by_id[reference["id"]]
+        if "source" in reference and hypothesis.get("source") != reference["source"]:
+            what = ("has no source to check it against its reference" if "source" not in hypothesis else
+                    f"translates another source ({hypothesis['source']!r}; the reference's is {reference['source']!r})")
+            fail(f"{path}: id {reference['id']!r}", what,
+                 "score the hypotheses generate.py made from this very test file (it keeps each row's source)")
+    return [by_id[row["id"]]["hypothesis"] for row in references]
 
 
 def target_language(direction, references, path):

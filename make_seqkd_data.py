@@ -15,7 +15,10 @@ becomes the teacher's `hypothesis` (the first line of its response, as evaluate.
 the human reference moves to `human_reference`. A row whose teacher translation is empty (the
 teacher produced EOS or only blank lines) is dropped and counted: it would teach the student to
 stop at once. Every training row must have its translation in --hyps (the same ids, generate.py's
-output on that very file), else nothing is written. The output appears complete or not at all.
+output on that very file), and each translation must be of its row (the same direction and source
+text; ids alone could come from another prepared file), with no translation of a row that is not
+there; else nothing is written, and the first mismatch is named. The output appears complete or not
+at all.
 """
 
 import argparse
@@ -46,6 +49,20 @@ def seqkd_rows(train_rows, hyp_rows, hyps_name):
         fail(hyps_name, f"no translation of {len(missing)} of the {len(train_rows)} training rows "
              f"(first: id {missing[0]!r})", "run generate.py on the training file to the end (it resumes), "
              "then run this again")
+    train_ids = {row["id"] for row in train_rows}
+    extra = [row["id"] for row in hyp_rows if row["id"] not in train_ids]
+    if extra:
+        fail(hyps_name, f"holds {len(extra)} translation(s) of rows that are not in the training file (first: id "
+             f"{extra[0]!r})", "pass generate.py's output on this very training file")
+    # ids alone do not tie a translation to its row (two prepared files can share ids): the row it
+    # translates must have the training row's direction and source text (generate.py keeps both)
+    for row in train_rows:
+        hyp = by_id[row["id"]]
+        for field in ("direction", "source"):
+            if field in row and hyp.get(field) != row[field]:
+                fail(hyps_name, f"the translation of id {row['id']!r} is of another row: its {field} is "
+                     f"{hyp.get(field)!r}, the training row's {row[field]!r}",
+                     "pass generate.py's output on this very training file")
     rows, dropped = [], 0
     for row in train_rows:
         hypothesis = by_id[row["id"]]["hypothesis"]

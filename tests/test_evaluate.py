@@ -62,8 +62,10 @@ def ref_rows(direction, sources, references):
 
 
 def hyp_rows(direction, hypotheses, order=None):
-    rows = [{"id": f"test-{direction}-{i}", "direction": direction, "hypothesis": h, "raw": h}
-            for i, h in enumerate(hypotheses)]
+    """generate.py's rows: the reference row's id, direction and source, and the hypothesis."""
+    sources = {"de-en": GERMAN, "en-de": ENGLISH}.get(direction, ENGLISH[:6])
+    rows = [{"id": f"test-{direction}-{i}", "direction": direction, "source": sources[i % len(sources)],
+             "hypothesis": h, "raw": h} for i, h in enumerate(hypotheses)]
     return [rows[i] for i in order] if order else rows
 
 
@@ -278,6 +280,13 @@ def bad_case(files, case):
     rows = [json.loads(line) for line in target.read_text("utf-8").splitlines()]
     if case == "fewer":
         write_jsonl(target, rows[:-1])
+    elif case == "prefix":  # generation stopped before the last reference row
+        write_jsonl(target, [row for row in rows if row["id"] != "test-de-en-11"])
+    elif case == "blank_in_the_middle":  # the file is in reference order by id; blank out test-de-en-5
+        rows = sorted(rows, key=lambda row: int(row["id"].rsplit("-", 1)[1]))
+        lines = [json.dumps(row, ensure_ascii=False) for row in rows]
+        lines[5] = ""
+        target.write_text("\n".join(lines) + "\n", "utf-8")
     elif case == "ids":
         rows[3]["id"] = "test-de-en-999"
         write_jsonl(target, rows)
@@ -300,11 +309,19 @@ def bad_case(files, case):
         write_jsonl(target, rows)
     elif case == "more":
         write_jsonl(target, rows + [{**rows[0], "id": "test-de-en-extra"}])
+    elif case == "other_test_set":  # the same ids, another test set's sentences
+        write_jsonl(target, [{**row, "source": row["source"] + " (another test set)"} for row in rows])
+    elif case == "no_source":
+        write_jsonl(target, [{k: v for k, v in row.items() if k != "source"} for row in rows])
     return hyps, target
 
 
 @pytest.mark.parametrize("case, message", [
     ("fewer", r"de-en\.jsonl: 11 hypotheses for 12 references"),
+    ("prefix", r"de-en\.jsonl: 11 hypotheses for 12 references; generate the missing rows \(run generate\.py again "
+               r"to resume\), or pass --limit 11 to score the first rows only"),
+    ("blank_in_the_middle", r"de-en\.jsonl: 11 hypotheses for 12 references; the first missing is id 'test-de-en-5' "
+                            r"\(row 6 of the references\); line 6 of the file is blank; regenerate the file"),
     ("ids", r"de-en\.jsonl: ids that do not match the references.*test-de-en-999"),
     ("duplicate", r"de-en\.jsonl:\d+: id 'test-de-en-11' appears twice \(first on line \d+\)"),
     ("empty", r"de-en\.jsonl: no rows \(an empty file\)"),
@@ -315,6 +332,9 @@ def bad_case(files, case):
     ("number_hypothesis", r"de-en\.jsonl:5: hypothesis is 42, not a string"),
     ("more", r"de-en\.jsonl: 13 hypotheses for 12 references \(more hypotheses than references\); pass the test "
              r"folder these hypotheses were generated from, or the --limit used with generate\.py$"),
+    ("other_test_set", r"de-en\.jsonl: id 'test-de-en-0': translates another source \('.*\(another test set\)'; "
+                       r"the reference's is '.*'\); score the hypotheses generate\.py made from this very test file"),
+    ("no_source", r"de-en\.jsonl: id 'test-de-en-0': has no source to check it against its reference"),
 ])
 def test_bad_input_names_the_file_and_writes_nothing(files, case, message):
     hyps, target = bad_case(files, case)

@@ -84,3 +84,24 @@ def test_student_trains_on_the_seqkd_file(translated, demo_data, tiny_models, tm
     assert results["steps"] == 3 and (tmp_path / "run" / "final" / "config.json").is_file()
     losses = [row["loss"] for row in read_rows(tmp_path / "run" / "metrics.jsonl") if row["type"] == "train"]
     assert len(losses) == 3 and all(loss == loss for loss in losses)
+
+
+def test_translations_of_other_rows_with_the_same_ids_are_refused(translated, demo_data, tmp_path):
+    """Another prepared training file with the same ids (another --demo seed) translated by the teacher:
+    every id matches, every row is another sentence. Also a changed direction and an extra id."""
+    hyps = read_rows(translated["hyps"])
+    train = read_rows(translated["train"])
+    out = tmp_path / "out.jsonl"
+    edited = tmp_path / "hyps.jsonl"
+    other = [{**hyp, "source": hyp["source"] + " (another file)"} for hyp in hyps]
+    for rows, message in (
+            (other, f"the translation of id {train[0]['id']!r} is of another row: its source is"),
+            ([{**hyps[0], "direction": "xx-yy"}] + hyps[1:], f"id {train[0]['id']!r} is of another row: its "
+                                                             "direction is 'xx-yy'"),
+            (hyps + [{**hyps[0], "id": "train-de-en-999999"}], "holds 1 translation(s) of rows that are not in the "
+                                                                "training file (first: id 'train-de-en-999999')")):
+        write_jsonl(edited, rows)
+        with pytest.raises(UserError) as error:
+            make_seqkd_data.main(["--train-file", str(translated["train"]), "--hyps", str(edited), "--out", str(out)])
+        assert message in str(error.value) and "generate.py's output on this very training file" in str(error.value)
+        assert not out.exists()

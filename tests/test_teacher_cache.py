@@ -222,3 +222,74 @@ def test_on_policy_with_a_cache_is_refused(tiny_models, train_file, full_cache, 
         train(tiny_models, train_file, tmp_path / "a", "forward", ["--teacher-cache", str(full_cache)],
               "--on-policy-ratio", 0.5)
     assert "the student's own samples are not in the cache" in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# every shard checked before training starts; configuration errors exit 2 and leave nothing
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["top_k", "positions", "flipped_bytes", "no_folder", "other_data"])
+def test_a_damaged_or_edited_cache_stops_before_anything_is_written(case, tiny_models, train_file, full_cache,
+                                                                    tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(full_cache, cache)
+    manifest = json.loads((cache / MANIFEST).read_text())
+    data = train_file
+    if case == "top_k":
+        manifest["top_k"] = 16
+        message = f"shard {shard_name(0)}: holds arrays of shapes"
+    elif case == "positions":
+        manifest["shards"][2]["positions"] += 1
+        manifest["positions"] += 1
+        message = f"shard {shard_name(2)}: holds arrays of shapes"
+    elif case == "flipped_bytes":
+        raw = bytearray((cache / shard_name(7)).read_bytes())
+        raw[-9] ^= 0x55
+        (cache / shard_name(7)).write_bytes(bytes(raw))
+        message = f"shard {shard_name(7)}: does not match its sha256 in the manifest (the cache is damaged or was edited)"
+    elif case == "no_folder":
+        shutil.rmtree(cache)
+        message = f"--teacher-cache {cache}: does not exist; build it with cache_teacher.py"
+    else:
+        data = tmp_path / "other.jsonl"
+        data.write_text("".join(train_file.read_text().splitlines(keepends=True)[1:]))
+        message = "was built for other training data than this run"
+    if cache.is_dir():
+        (cache / MANIFEST).write_text(json.dumps(manifest))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        train(tiny_models, data, out, "forward", ["--teacher-cache", str(cache)])
+    assert stop.value.code == 2 and message in str(stop.value), str(stop.value)
+    assert not out.exists()  # not even config.json
+
+
+def test_cache_teacher_settings_that_differ_from_the_existing_cache_exit_2(tiny_models, train_file, full_cache):
+    with pytest.raises(SystemExit) as stop:
+        build(tiny_models, train_file, full_cache, "--dtype", "fp16")
+    assert stop.value.code == 2 and "dtype ('fp32' -> 'fp16')" in str(stop.value)
+    assert json.loads((full_cache / MANIFEST).read_text())["batch_size"] == 3  # recorded (decides the padding)
+
+
+def test_top_k_above_the_vocabulary_stores_the_full_distribution_and_says_so(tiny_models, train_file, tmp_path,
+                                                                             capsys):
+    manifest = build(tiny_models, train_file, tmp_path / "k", "--dtype", "fp32", "--examples-per-shard", "80",
+                     top_k=100000)
+    assert manifest["top_k"] is None
+    assert "--top-k 100000 is not below the teacher's vocabulary (600 tokens): the full distribution is stored" \
+        in capsys.readouterr().out
+
+
+def test_a_full_disk_during_the_build_stops_in_words_and_leaves_sound_shards(tiny_models, train_file, small_tmpfs):
+    from safetensors import safe_open
+
+    out = small_tmpfs / "cache"
+    with pytest.raises(SystemExit) as stop:  # 80 full fp32 rows of 600 tokens do not fit in 1 MiB
+        build(tiny_models, train_file, out, "--dtype", "fp32")
+    message = str(stop.value)
+    assert "could not be written: the disk is full" in message and "Traceback" not in message
+    assert "run the same command again: it keeps the finished shards" in message
+    assert not list(out.glob(".*.tmp")) and not (out / MANIFEST).exists()
+    finished = sorted(out.glob("shard-*.safetensors"))
+    for path in finished:  # what it leaves is sound
+        with safe_open(str(path), framework="np") as handle:
+            assert handle.get_tensor("log_probs").shape[1] == 600
