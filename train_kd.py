@@ -119,7 +119,7 @@ from kd.decoding import HFGenerator, decode_rounds, first_line
 from kd.gamma import AutoGamma
 from kd.io import (WriteError, describe_os_error, fail, fail_with, jsonl_text, read_appended_jsonl, read_json,
                    replacing_folder, write_json, write_jsonl, write_text)
-from kd.lora import add_adapters, merged_state_dict, trainable_parameters
+from kd.lora import add_adapters, merged_state_dict, target_problem, trainable_parameters
 from kd.metrics import corpus_bleu, corpus_chrf
 from kd.losses import KD_METHODS, REGISTRY, TARGET_MIX_METHODS, compute_loss, compute_loss_from_hidden, shared_vocab_size
 from kd.models import load_model, load_tokenizer, tokenizer_mismatch
@@ -139,8 +139,13 @@ HARD_TOKEN_METHODS = tuple(m for m in TARGET_MIX_METHODS if REGISTRY[m].hard != 
 # window-to-window steps) while the training loss fell and the mean d of all tokens did not fall.
 COLLAPSE_WINDOWS, COLLAPSE_RISE = 5, 0.05
 TRAINER_STATE = "trainer_state.json"
-# The checkpoint's position in its epoch is counted in batches of this many examples: these cannot change.
-FIXED_ON_RESUME = ("batch_size", "train_examples")
+# Arguments that cannot change within a run, not even with --allow-changed-args, and why.
+FIXED_ON_RESUME = {
+    "batch_size": "the checkpoint's place in its epoch is counted in its batches",
+    "train_examples": "the checkpoint's place in its epoch is counted in its batches",
+    "lora_r": "the adapters' shapes depend on it",
+    "lora_target_modules": "the adapters sit on those modules",
+}
 
 
 def parse_args(argv=None):
@@ -339,8 +344,9 @@ def check_resume(state, current, resume_path, allow_changed):
     fixed = [name for name in changes if name in FIXED_ON_RESUME]
     if fixed:
         fail(f"--resume-from-checkpoint {resume_path}", f"saved with other arguments: {listed}",
-             f"{', '.join(fixed)} cannot change within a run (the checkpoint's place in its epoch depends on them); "
-             "resume with the original --batch-size and training data", code=CONFIG_ERROR)
+             f"{', '.join(fixed)} cannot change within a run ("
+             + "; ".join(dict.fromkeys(FIXED_ON_RESUME[name] for name in fixed)) + "); resume with the "
+             "checkpoint's values of them, or start a new run", code=CONFIG_ERROR)
     if changes and not allow_changed:
         fail(f"--resume-from-checkpoint {resume_path}", f"saved with other arguments: {listed}",
              "resume with the checkpoint's values, or pass --allow-changed-args to apply the new ones from its "
@@ -673,16 +679,45 @@ def setup_models(run):
     run.teacher_weight = teacher.get_output_embeddings().weight if teacher is not None and run.lean_teacher else None
 
 
+def check_lora_targets(args):
+    """--lora-target-modules against the student's module names, from its config alone (a skeleton on
+    the meta device: no weights are read), before anything is written."""
+    if not args.lora_r:
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(args.student)
+    # the model class itself, not from_config: under DeepSpeed ZeRO-3 from_config partitions the parameters
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM._model_mapping[type(config)](config)
+    problem = target_problem([name for name, _ in skeleton.named_modules()], args.lora_target_modules)
+    if problem:
+        fail(f"--lora-target-modules {' '.join(args.lora_target_modules)}", problem,
+             "name linear layers of the student (e.g. q_proj v_proj), or all-linear", code=CONFIG_ERROR)
+
+
 def setup(args):
-    """The run, ready to train; None when it had completed (--resume-from-checkpoint latest)."""
+    """The run, ready to train; None when it had completed (--resume-from-checkpoint latest). A
+    configuration error stops with exit status 2 and leaves nothing behind: the checks run before
+    config.json is written, and one found later (a model that does not load as asked) removes what this
+    run wrote."""
     run = Run(args, check_args(args), Path(args.output_dir))
     rows = check_inputs(run)
     if rows is None:
         return None
     setup_accelerator(run)
     setup_data(run, *rows)
+    check_lora_targets(args)
+    fresh = not run.output_dir.exists()
     write_config(run)
-    setup_models(run)
+    try:
+        setup_models(run)
+    except SystemExit as stop:
+        if getattr(stop, "code", None) == CONFIG_ERROR and run.resume_path is None and run.accelerator.is_main_process:
+            (run.output_dir / "config.json").unlink(missing_ok=True)
+            if fresh and not any(run.output_dir.iterdir()):
+                run.output_dir.rmdir()
+        raise
     return run
 
 

@@ -21,10 +21,32 @@ ALPHA_PER_RANK = 2.0  # --lora-alpha default: α = 2r
 PREFIX = "base_model.model."
 
 
+def target_problem(module_names, target_modules):
+    """Why target_modules cannot be the adapters' targets in a model with these module names, or None.
+    A name matches a module whose dotted name ends with it (as peft matches). The lm_head is refused:
+    train_kd.py computes the loss from the lm_head weight itself (kd/losses.py, the memory-lean path),
+    so an adapter on it would never be trained."""
+    if target_modules == ["all-linear"]:
+        return None
+    leaves = {name.rsplit(".", 1)[-1] for name in module_names if name}
+    if "lm_head" in target_modules:
+        return ("the lm_head cannot have an adapter here: the loss reads its weight directly (the memory-lean "
+                "path of kd/losses.py), so the adapter would never train")
+    unknown = [name for name in target_modules
+               if not any(module == name or module.endswith("." + name) for module in module_names)]
+    if unknown:
+        return (f"no module of the student is called {', '.join(unknown)} (its module names end in: "
+                f"{', '.join(sorted(leaves))[:300]})")
+    return None
+
+
 def add_adapters(model, r, alpha, dropout, target_modules):
     """The peft model with LoRA adapters of rank r on target_modules (a list of names, or ["all-linear"])."""
     from peft import LoraConfig, get_peft_model
 
+    problem = target_problem([name for name, _ in model.named_modules()], list(target_modules))
+    if problem:
+        raise ValueError(problem)
     targets = target_modules[0] if target_modules == ["all-linear"] else list(target_modules)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                         task_type="CAUSAL_LM")

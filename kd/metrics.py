@@ -239,7 +239,10 @@ class LanguageGuesser:
     def __init__(self, languages=()):
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
-        self.identifier = LanguageIdentifier.from_pickled_model(MODEL_FILE, norm_probs=True)
+        if hasattr(LanguageIdentifier, "from_model_file"):  # py3langid 0.4 (numpy 2): its model file format
+            self.identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+        else:  # py3langid 0.2.x / 0.3.x: the pickled model
+            self.identifier = LanguageIdentifier.from_pickled_model(MODEL_FILE, norm_probs=True)
         known = set(self.identifier.nb_classes)
         self.languages = sorted({*CANDIDATE_LANGUAGES, *languages} & known)
         self.identifier.set_languages(self.languages)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import warnings
 from dataclasses import dataclass, field
 
 from kd.gamma import DEFAULT_MOMENTUM, DEFAULT_QUANTILE, AutoGamma
@@ -228,14 +227,22 @@ def build_loss_config(args):
 def check_args(args):
     """Every check of the command line that needs no model and no data: one message, exit status 2.
     Fills in the defaults that depend on other arguments. Returns the LossConfig."""
+    for arg in SCHEMA:  # every number flag: a finite number (inf and nan would reach the JSON and the loss)
+        value = getattr(args, arg.dest)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"{arg.flag} {value}", "must be a finite number", "pass a finite value", code=CONFIG_ERROR)
+    if isinstance(args.gamma, float) and args.gamma < 0:
+        fail(f"--gamma {args.gamma}", "is below 0: d = KL(ỹ‖q) is never negative, so every token would be hard "
+             "(that is --method skew)", "pass Γ >= 0 (the paper's 0.4), or --method skew", code=CONFIG_ERROR)
     if args.teacher and args.teacher_cache:
         fail("--teacher-cache", "replaces --teacher", "pass one of the two", code=CONFIG_ERROR)
     if args.method in KD_METHODS and not (args.teacher or args.teacher_cache):
         fail(f"--method {args.method}", "distils from a teacher", "pass --teacher PATH or --teacher-cache DIR "
              "(only sft runs without one)", code=CONFIG_ERROR)
     if args.method not in KD_METHODS and (args.teacher or args.teacher_cache):
-        warnings.warn("--teacher / --teacher-cache is ignored by --method sft")
-        args.teacher = args.teacher_cache = None
+        flag = "--teacher" if args.teacher else "--teacher-cache"
+        fail(f"--method {args.method} with {flag}", "trains on the references alone: the teacher would be unused",
+             f"drop {flag}, or pass a distillation --method", code=CONFIG_ERROR)
     loss_config = build_loss_config(args)
     if args.gamma == "auto":
         if args.method not in SELECTING_METHODS or args.top_k is not None:

@@ -148,3 +148,41 @@ def test_lora_under_ddp_and_deepspeed(config, processes, tiny_models, files, tmp
     assert any(not torch.equal(merged.state_dict()[k], v) for k, v in base.state_dict().items())
     assert (out / "final" / "adapter" / "adapter_model.safetensors").is_file()
     assert train_kd.list_checkpoints(out)  # a complete checkpoint (epoch_1: 2 steps an epoch here)
+
+
+@pytest.mark.parametrize("targets, message", [
+    (("lm_head",), "--lora-target-modules lm_head: the lm_head cannot have an adapter here: the loss reads its "
+                   "weight directly"),
+    (("q_proj", "lm_head"), "--lora-target-modules q_proj lm_head: the lm_head cannot have an adapter here"),
+    (("q_proj", "nonexistent_proj"), "--lora-target-modules q_proj nonexistent_proj: no module of the student is "
+                                     "called nonexistent_proj"),
+])
+def test_adapters_on_the_lm_head_or_a_misspelt_module_stop_before_anything_is_written(targets, message, tiny_models,
+                                                                                     files, tmp_path, monkeypatch):
+    """lm_head alone crashed with a traceback, next to q_proj its adapter never trained (the lean loss path
+    reads the base lm_head weight), and a misspelt name next to a valid one was ignored."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the targets were checked")
+
+    monkeypatch.setattr(train_kd, "load_model", refuse)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        train_kd.main(argv(tiny_models, files["train8"], out, "--batch-size", 8, "--lora-target-modules", *targets))
+    assert stop.value.code == 2 and str(stop.value).startswith(f"train_kd.py: {message}"), str(stop.value)
+    assert not out.exists()  # no config.json left behind
+
+
+def test_a_resume_cannot_change_the_adapters_shape(tiny_models, files, tmp_path):
+    run = ("--batch-size", 4, "--micro-batch-size", 4, "--max-steps", 3, "--lr", 1e-2, "--save-steps", 1,
+           "--save-total-limit", 0)
+    full = tmp_path / "full"
+    train_kd.main(argv(tiny_models, files["train16"], full, *run))
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copytree(full / "step_1", stopped / "step_1")
+    with pytest.raises(SystemExit) as stop:  # was: size mismatch for ...lora_A... (a traceback)
+        train_kd.main(argv(tiny_models, files["train16"], stopped, *run, "--resume-from-checkpoint", "latest",
+                           "--allow-changed-args", "--lora-r", 8))
+    assert stop.value.code == 2
+    assert "--lora-r 4 -> 8" in str(stop.value) and "lora_r cannot change within a run (the adapters' shapes " \
+        "depend on it)" in str(stop.value)

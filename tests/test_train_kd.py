@@ -451,3 +451,38 @@ def test_full_disk_during_a_checkpoint_says_so_and_names_the_checkpoint_to_resum
     assert "\n" not in message
     assert checkpoints(out) == ["step_1"]  # the incomplete step_2/ was removed
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--method", "jsd", "--on-policy-ratio", "1", "--on-policy-temperature", "inf"),
+     "--on-policy-temperature inf: must be a finite number"),
+    (("--method", "forward", "--lr", "nan"), "--lr nan: must be a finite number"),
+    (("--method", "selfevo", "--gamma=-inf"), "--gamma -inf: must be a finite number"),
+    (("--method", "selfevo", "--gamma", "-1"), "--gamma -1.0: is below 0: d = KL(ỹ‖q) is never negative"),
+    (("--method", "sft", "--teacher-cache", "somewhere"), "--method sft with --teacher-cache: trains on the "
+                                                          "references alone: the teacher would be unused"),
+])
+def test_values_accepted_before_without_a_word_are_refused(extra, message, tiny_models, files, tmp_path,
+                                                           no_model_loading):
+    argv = ["--student", tiny_models["student"], "--train-file", files["train8"], "--output-dir",
+            str(tmp_path / "out"), *extra]
+    if "sft" not in extra:
+        argv += ["--teacher", tiny_models["teacher"]]
+    with pytest.raises(SystemExit) as stop:
+        train_kd.main(argv)
+    assert stop.value.code == 2 and str(stop.value).startswith(f"train_kd.py: {message}"), str(stop.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_configuration_error_after_config_json_leaves_nothing(tiny_models, files, tmp_path, monkeypatch):
+    """A check that needs the models fails after config.json was written: the run's folder goes again."""
+    from kd.io import fail
+
+    def not_loadable(*args, **kwargs):
+        fail("--student", "cannot be loaded as asked", "a stand-in for a late configuration error", code=2)
+
+    monkeypatch.setattr(train_kd, "load_model", not_loadable)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        train(tiny_models, files["train8"], out, "sft", "--batch-size", 8)
+    assert stop.value.code == 2 and not out.exists()
