@@ -12,9 +12,24 @@ A generated table sits in a document (Markdown, or a Python docstring) between t
 and NAME is a key of TABLES below: a function that builds the table from the code or the committed
 JSON that holds its numbers. The text after NAME on the opening line is free (it says where the
 table comes from). A marker whose NAME is unknown, or an opening marker without its end, is an error.
+A NAME is letters, digits and `_ . : -`, and ends with a letter or digit.
+
+The tables (every table of numbers in the documents is one of these):
+  methods, methods:code           kd/methods.py's registry
+  study:<folder>                  study/<folder>/summary.json, as summarize_study.make_table writes it
+                                  (one per folder; a new summary gets its name automatically)
+  study:quickstart:brief          study/quickstart/summary.json, the README's short form
+  study:selfevo-vs-forward        every regime study/R*/summary.json: selfevo against forward KD
+  study:gammaauto-vs-selfevo      the same for --gamma auto against Γ = 0.4
+  study:seeds                     every regime's average BLEU per seed
+  mechanism:<run>[:bins|:by-start|:frequency]   study/mechanism_<run>/mechanism.json
+  bench:*                         bench/results/*.json
+Every name must be used by a document (tests/test_docs.py), so a new summary without its table in
+the write-up fails the tests.
 """
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -22,20 +37,461 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from kd.methods import equations_table  # noqa: E402
+import summarize_study  # noqa: E402
+from kd.methods import HYPERPARAMETERS, REGISTRY, equations_table  # noqa: E402
+
+STUDY = ROOT / "study"
+BENCH = ROOT / "bench" / "results"
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def markdown(head, rows, align=None) -> str:
+    """A Markdown table; align: one of "l"/"r" per column (default: first left, the others right)."""
+    align = align or ["l"] + ["r"] * (len(head) - 1)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def p_text(p) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+# ----------------------------------------------------------------------------- the methods
+
+
+def methods_code_table() -> str:
+    """Each method's code: its formula, its hand-derived gradient if any, its flags and properties."""
+    rows = []
+    for m in REGISTRY.values():
+        flags = ", ".join(f"`--{h.replace('_', '-')}` ({HYPERPARAMETERS[h].metadata['symbol']})"
+                          for h in m.hyperparameters) or "—"
+        fast = f"`fast_paths.{m.fast.__name__}`" if m.fast else "— (autograd of the formula)"
+        teacher = "—" if not m.needs_teacher else ("yes" if m.stored_teacher else "no")
+        rows.append([f"`{m.name}`", f"`methods.{m.formula.__name__}`", fast, flags, "yes" if m.on_policy else "no", teacher])
+    return markdown(["`--method`", "formula (kd/)", "hand-derived gradient (kd/)", "train_kd.py flags",
+                     "`--on-policy-ratio`", "`--teacher-cache`"], rows, ["l"] * 6)
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def study_folders():
+    """{folder name: its summary.json} for every study/<folder>/summary.json."""
+    return {path.parent.name: path for path in sorted(STUDY.glob("*/summary.json"))}
+
+
+def regime_summaries():
+    """{regime folder: summary} of the study's regimes (study/R*/), in name order."""
+    return {name: read_json(path) for name, path in study_folders().items() if re.match(r"R\d", name)}
+
+
+def study_table(summary) -> str:
+    return summarize_study.make_table(summary)
+
+
+def per_seed(entry):
+    """{seed: average BLEU} of a system."""
+    return dict(zip(entry["seeds"], entry["bleu"]["avg"]["values"]))
+
+
+def epochs_text(entry) -> str:
+    text = summarize_study.fmt(entry.get("epochs_trained"), 1)
+    at_cap = sum(stopped is False for stopped in entry.get("stopped_early", []))
+    if at_cap:
+        text += f" ({at_cap}/{len(entry['seeds'])} at the cap)"
+    stuck = summarize_study.stuck_at_first_epoch(entry)
+    if stuck:
+        text += f" ({stuck}/{len(entry['seeds'])} best at epoch 1)"
+    return text
+
+
+def hard_text(entry) -> str:
+    start, end = entry.get("hard_fraction_start"), entry.get("hard_fraction_end")
+    return "–" if start is None else f"{start['mean']:.2f} → {end['mean']:.2f}"
+
+
+def delta_text(entry) -> str:
+    test = entry.get("significance")
+    return "–" if not test else f"{test['avg']['delta']:+.2f} ({p_text(test['avg']['p_value'])})"
+
+
+def brief_table(summary) -> str:
+    """The README's short form of a summary: average BLEU and the facts of convergence."""
+    baseline = summary["baseline"]
+    rows = []
+    teacher = summary.get("teacher")
+    if teacher:
+        loss = teacher.get("best_valid_loss")
+        epoch, epochs = teacher.get("best_epoch"), teacher.get("epochs_trained")
+        rows.append(["teacher", f"{teacher['bleu']['avg']:.2f}", "–", "–",
+                     "–" if loss is None else f"{loss:.3f}" + ("" if epoch is None else f" ({epoch:.0f})"),
+                     "–" if epochs is None else f"{epochs:.1f}", "–"])
+    for name, entry in summary["systems"].items():
+        words = summarize_study.not_a_result(entry)
+        if words:
+            rows.append([name, words, "–", "–", "–", "–", "–"])
+            continue
+        loss, epoch = entry.get("best_valid_loss"), entry.get("best_epoch")
+        rows.append([name, summarize_study.fmt(entry["bleu"]["avg"]), delta_text(entry),
+                     summarize_study.fmt(entry.get("teacher_bleu")),
+                     "–" if loss is None else f"{summarize_study.fmt(loss, 3)} ({summarize_study.fmt(epoch, 0)})",
+                     epochs_text(entry), hard_text(entry)])
+    return markdown(["system", "avg BLEU", f"Δ vs {baseline} (p)", "BLEU vs teacher", "best valid loss (epoch)",
+                     "epochs", "hard fraction start → end"], rows)
+
+
+def verdict(entry, seeds) -> str:
+    """The pre-registered verdict (study/preregistration_protocols.md): better (Δ > 0, p < 0.05, ahead in
+    at least 2 of 3 seeds), worse (Δ < 0, p < 0.05, ahead in at most 1 of 3), level otherwise."""
+    test, wins = entry.get("significance"), entry.get("seeds_beating_baseline")
+    if not test or wins is None:
+        return "–"
+    delta, p = test["avg"]["delta"], test["avg"]["p_value"]
+    if delta > 0 and p < 0.05 and 3 * wins >= 2 * seeds:
+        return "better"
+    if delta < 0 and p < 0.05 and 3 * wins <= seeds:
+        return "worse"
+    return "level"
+
+
+def versus_baseline_table(summaries, system="selfevo") -> str:
+    """One row per regime: SYSTEM against the baseline (forward KD), the paired bootstrap of
+    summarize_study, the seeds, the per-seed differences, and the pre-registered verdict."""
+    rows = []
+    for name, summary in summaries.items():
+        systems, baseline = summary["systems"], summary["baseline"]
+        if system not in systems or baseline not in systems:
+            continue
+        entry, base = systems[system], systems[baseline]
+        teacher = summary.get("teacher")
+        sft = systems.get("student_sft")
+        cells = [name, "–" if not teacher else f"{teacher['bleu']['avg']:.2f}",
+                 "–" if not sft or summarize_study.not_a_result(sft) else summarize_study.fmt(sft["bleu"]["avg"])]
+        words = summarize_study.not_a_result(base) or summarize_study.not_a_result(entry)
+        if words:
+            rows.append(cells + [words] + ["–"] * 5)
+            continue
+        ours, theirs = per_seed(entry), per_seed(base)
+        shared = [seed for seed in ours if seed in theirs]
+        wins = entry.get("seeds_beating_baseline")
+        rows.append(cells + [summarize_study.fmt(base["bleu"]["avg"]), summarize_study.fmt(entry["bleu"]["avg"]),
+                             delta_text(entry), "–" if wins is None else f"{wins}/{len(shared)}",
+                             ", ".join(f"{ours[s] - theirs[s]:+.2f}" for s in shared), verdict(entry, len(shared))])
+    return markdown(["regime", "teacher", "student SFT", "forward", system, f"Δ {system} − forward (p)",
+                     "seeds ahead", "Δ per seed", "verdict"], rows)
+
+
+def variant_table(summaries, system, reference) -> str:
+    """One row per regime that ran both: SYSTEM against REFERENCE on the same seeds (no bootstrap
+    between them: summary.json tests every system against the baseline only)."""
+    rows = []
+    for name, summary in summaries.items():
+        systems, baseline = summary["systems"], summary["baseline"]
+        if system not in systems or reference not in systems:
+            continue
+        entry, ref = systems[system], systems[reference]
+        words = summarize_study.not_a_result(entry) or summarize_study.not_a_result(ref)
+        if words:
+            rows.append([name, words] + ["–"] * 5)
+            continue
+        ours, theirs = per_seed(entry), per_seed(ref)
+        base = systems.get(baseline)
+        rows.append([name, summarize_study.fmt(entry["bleu"]["avg"]), summarize_study.fmt(ref["bleu"]["avg"]),
+                     "–" if not base or summarize_study.not_a_result(base) else summarize_study.fmt(base["bleu"]["avg"]),
+                     ", ".join(f"{ours[s] - theirs[s]:+.2f}" for s in ours if s in theirs),
+                     f"{hard_text(entry)} ({hard_text(ref)})", f"{epochs_text(entry)} ({epochs_text(ref)})"])
+    return markdown(["regime", system, reference, "forward", f"{system} − {reference}, per seed",
+                     f"hard fraction start → end: {system} ({reference})", f"epochs: {system} ({reference})"], rows)
+
+
+def seeds_table(summaries) -> str:
+    """Every system's average BLEU per seed, in every regime with more than one seed; in brackets the
+    difference to the baseline's run of the same seed."""
+    chosen = {name: s for name, s in summaries.items() if any(len(e["seeds"]) > 1 for e in s["systems"].values())}
+    seeds = sorted({seed for s in chosen.values() for e in s["systems"].values() for seed in e["seeds"]})
+    rows = []
+    for name, summary in chosen.items():
+        baseline = summary["systems"].get(summary["baseline"])
+        theirs = per_seed(baseline) if baseline and not summarize_study.not_a_result(baseline) else {}
+        for system, entry in summary["systems"].items():
+            words = summarize_study.not_a_result(entry)
+            if words:
+                rows.append([name, system, words] + ["–"] * (len(seeds) - 1))
+                continue
+            ours = per_seed(entry)
+            cells = []
+            for seed in seeds:
+                if seed not in ours:
+                    cells.append("–")
+                elif system == summary["baseline"] or seed not in theirs:
+                    cells.append(f"{ours[seed]:.2f}")
+                else:
+                    cells.append(f"{ours[seed]:.2f} ({ours[seed] - theirs[seed]:+.2f})")
+            rows.append([name, system] + cells)
+    return markdown(["regime", "system"] + [f"seed {seed}" for seed in seeds], rows, ["l", "l"] + ["r"] * len(seeds))
+
+
+# ----------------------------------------------------------------------------- the mechanism
+
+
+def mechanism_table(data) -> str:
+    """Per method: the gradient of hard and easy tokens at step 0, its damping against noevo, the hard
+    tokens' share of the squared gradient, and how hard fraction and difficulty moved in training."""
+    steps = data["settings"]["steps"]
+    rows = []
+    for method, m in data["methods"].items():
+        start, end = m["start"], m["end"]
+        rows.append([method, f"{start['grad_norm_mean_hard']:.3f} / {start['grad_norm_mean_easy']:.3f}",
+                     f"{start['ratio_to_noevo_mean_hard']:.3f}",
+                     f"{start['hard_grad_sq_share']:.3f} → {end['hard_grad_sq_share']:.3f}",
+                     f"{start['hard_fraction']:.3f} → {end['hard_fraction']:.3f}",
+                     f"{start['mean_d']:.2f} → {end['mean_d']:.2f}"])
+    return markdown(["method", "mean ‖g‖ hard / easy (step 0)", "hard tokens: ‖g‖ / noevo's (step 0)",
+                     f"hard tokens' share of Σ‖g‖², step 0 → {steps}", f"hard fraction, step 0 → {steps}",
+                     f"mean d, step 0 → {steps}"], rows)
+
+
+def _bin_label(low, high):
+    return f"> {low:.3g}" if high is None else f"({low:.3g}, {high:.3g}]"
+
+
+def mechanism_bins_table(data) -> str:
+    """Mean ‖∂ℓ_t/∂z_t‖ at step 0 per bin of d, and its ratio to noevo's (empty bins left out)."""
+    methods = list(data["methods"])
+    first = data["methods"][methods[0]]["start"]["d_bins"]
+    rows = []
+    for i, b in enumerate(first):
+        if not b["tokens"]:
+            continue
+        cells = []
+        for method in methods:
+            cell = data["methods"][method]["start"]["d_bins"][i]
+            cells.append(f"{cell['grad_norm_mean']:.3f} ({cell['ratio_to_noevo_mean']:.3g}×)")
+        rows.append([_bin_label(b["d_low"], b["d_high"]), b["tokens"]] + cells)
+    return markdown(["d at step 0", "tokens"] + methods, rows)
+
+
+def mechanism_by_start_table(data) -> str:
+    """The same tokens followed through training: mean d at step 0 and after, by their bin at step 0."""
+    methods = list(data["methods"])
+    steps = data["settings"]["steps"]
+    bins = data["methods"][methods[0]]["start"]["d_bins"]
+    rows = []
+    for i, b in enumerate(bins):
+        first = data["methods"][methods[0]]["by_start_bin"][i]
+        if not first["tokens"]:
+            continue
+        rows.append([_bin_label(b["d_low"], b["d_high"]), first["tokens"], f"{first['mean_d_start']:.3f}"]
+                    + [f"{data['methods'][m]['by_start_bin'][i]['mean_d_end']:.3f}" for m in methods])
+    return markdown(["d at step 0", "tokens", "mean d, step 0"] + [f"{m}, step {steps}" for m in methods], rows)
+
+
+def mechanism_frequency_table(data) -> str:
+    """Hard fraction and mean d by frequency bucket of the target token (1: the rarest), step 0 and after."""
+    methods = list(data["methods"])
+    steps = data["settings"]["steps"]
+    rows = []
+    for i, bucket in enumerate(data["frequency_buckets"]):
+        start = data["methods"][methods[0]]["start"]["frequency_buckets"][i]
+        rows.append([bucket["bucket"], f"{bucket['min_count']}-{bucket['max_count']}", bucket["tokens"],
+                     f"{start['hard_fraction']:.2f} / {start['mean_d']:.2f}"]
+                    + [f"{data['methods'][m]['end']['frequency_buckets'][i]['hard_fraction']:.2f} / "
+                       f"{data['methods'][m]['end']['frequency_buckets'][i]['mean_d']:.2f}" for m in methods])
+    return markdown(["bucket", "occurrences in the training targets", "tokens", "step 0: hard fraction / mean d"]
+                    + [f"{m}, step {steps}" for m in methods], rows)
+
+
+# ----------------------------------------------------------------------------- the benchmarks
+
+
+def losses_table(data) -> str:
+    """bench_losses.py: lean path against plain autograd, per method and path."""
+    config = data["config"]
+    unit = "wall" if str(config["device"]).startswith("cuda") else "CPU"
+    rows = [[r["method"], r["path"], f"{r['naive_time_s']:.3f}", f"{r['lean_time_s']:.3f}", f"{r['time_ratio']:.2f}",
+             f"{r['memory_ratio']:.3f}", f"{r['naive_peak_extra_mb']:.0f} → {r['lean_peak_extra_mb']:.0f}",
+             f"{r['hard_fraction']:.2f}"] for r in data["rows"]]
+    table = markdown(["method", "path", f"naive s ({unit})", f"lean s ({unit})", "time lean/naive",
+                      "memory lean/naive", "peak MB naive → lean", "hard fraction"], rows, ["l", "l"] + ["r"] * 6)
+    ratios = ", ".join(f"{path} {value:.2f}×" for path, value in data.get("selfevo_over_forward", {}).items())
+    missed = "; ".join(data.get("goals_missed", [])) or "none"
+    return (table + f"\n\nN = {config['tokens']}, V = {config['vocab']}, H = {config['hidden']}, {config['dtype']}, "
+            f"{config['device']}, {config['threads']} threads, median of {config['repeat']} "
+            f"({data['time_method']}). selfevo / forward time on the lean path: {ratios}. "
+            f"Goals (memory ≤ 0.2×, time ≤ 1.0× naive) missed: {missed}.")
+
+
+def losses_autograd_table(data) -> str:
+    """bench_losses.py's autograd rows: the lean entries with fast_path=False, what a method without a
+    hand-derived gradient runs."""
+    rows = [r for r in data["rows"] if "autograd_time_s" in r]
+    if not rows:
+        return ("(No autograd rows in bench/results/bench_losses.json yet: the committed file predates them. "
+                "`python bench/bench_losses.py` adds them, and `python make_docs.py` then writes the table here.)")
+    unit = "wall" if str(data["config"]["device"]).startswith("cuda") else "CPU"
+    return markdown(["method", "path", f"fast path s ({unit})", f"autograd s ({unit})", "time autograd/fast",
+                     "autograd peak MB", "memory autograd/naive"],
+                    [[r["method"], r["path"], f"{r['lean_time_s']:.3f}", f"{r['autograd_time_s']:.3f}",
+                      f"{r['autograd_over_fast']:.2f}", f"{r['autograd_peak_extra_mb']:.0f}",
+                      f"{r['autograd_memory_ratio']:.3f}"] for r in rows], ["l", "l"] + ["r"] * 5)
+
+
+def train_step_table(data) -> str:
+    """bench_train_step.py: CPU seconds per optimizer step against sft and the ideal KD step."""
+    rows = [[name, f"{m['step_seconds']:.3f}", f"{m['times_sft']:.2f}", f"{m['ratio_to_ideal']:.2f}",
+             f"{m['peak_rss_mib']:.0f}"] for name, m in data["methods"].items()]
+    setup = data["setup"]
+    return (markdown(["method", "CPU s/step", "× sft", "× ideal", "peak RSS MiB"], rows)
+            + f"\n\nIdeal KD step: {data['ideal_kd_times_sft']:.2f}× sft (1 + 2·P_teacher/(6·P_student), "
+              f"P_teacher = {setup['p_teacher_non_embedding']:,}, P_student = {setup['p_student_non_embedding']:,} "
+              f"without the input embedding); batch {setup['batch_size']} in micro-batches of "
+              f"{setup['micro_batch_size']}, {setup['steps']} timed steps, {data['machine']['threads']} thread(s).")
+
+
+def train_step_variants_table(data) -> str:
+    """bench_train_step.py with train_kd.py flags per entry: LoRA and on-policy against forward KD."""
+    rows = [[f"`{name}`", f"{m['step_seconds']:.3f}", f"{m['times_forward']:.2f}", f"{m['tokens_per_step']:,.0f}",
+             f"{m['trainable_parameters']:,}", f"{m['optimizer_state_mib']:.1f}"] for name, m in data["methods"].items()]
+    return markdown(["method", "CPU s/step", "× forward", "response tokens/step", "trainable params",
+                     "AdamW state MiB"], rows)
+
+
+def generate_table(data) -> str:
+    rows = [[r["batch_size"], r["rows"], r["new_tokens"], f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.1f}"]
+            for r in data["runs"]]
+    return (markdown(["batch size", "rows", "new tokens", "seconds", "tokens/s"], rows)
+            + f"\n\n{data['model']}, {data['device']}, {data['threads']} thread(s), {data['max_new_tokens']} new "
+              f"tokens per input, greedy. Batch {data['runs'][-1]['batch_size']} / batch {data['runs'][0]['batch_size']}: "
+              f"{data['speedup']:.2f}×; outputs identical: {'yes' if data['outputs_identical'] else 'no'}.")
+
+
+TEACHER_CACHE_METHODS = ("forward", "reverse", "noevo", "skew", "selfevo", "skew_teacher", "selfevo_token")
+
+
+def teacher_cache_table(data, setup_prefix, dtype="fp16") -> str:
+    """bench_teacher_cache.py, truncation: relative error of loss / gradient against the live teacher
+    per K, and the share of hard/easy decisions that flip (selfevo at Γ = 0.4, and at Γ = median d)."""
+    setup = next(value for key, value in data["setups"].items() if key.startswith(setup_prefix))
+    rows = []
+    for row in setup["truncation"]:
+        if row["dtype"] != dtype:
+            continue
+        methods = row["methods"]
+        rows.append([row["top_k"], f"{row['mean_tail_mass']:.4f}"]
+                    + [f"{methods[m]['loss_rel_error']:.1e} / {methods[m]['grad_rel_error']:.1e}"
+                       for m in TEACHER_CACHE_METHODS if m in methods]
+                    + [f"{methods['selfevo']['hard_easy_flips']:.4f} / {row['flips_at_median_gamma']:.4f}"])
+    methods = [m for m in TEACHER_CACHE_METHODS if m in setup["truncation"][0]["methods"]]
+    return markdown(["K", "tail mass"] + methods + ["flips (Γ = 0.4 / median d)"], rows)
+
+
+def teacher_cache_cost_table(data) -> str:
+    """bench_teacher_cache.py, cost and sweep, on the trained teacher."""
+    setup = next(value for key, value in data["setups"].items() if key.startswith("trained teacher"))
+    cost, sweep = setup["cost"], setup["sweep"]
+    seconds = cost["seconds_per_step"]
+    rows = [
+        ["selfevo step reading the cache / SFT step", f"{cost['cache_step_over_sft']:.2f}",
+         f"{seconds['selfevo_cache']:.3f} s / {seconds['sft']:.3f} s"],
+        ["selfevo step with the live teacher / SFT step", f"{cost['live_step_over_sft']:.2f}",
+         f"{seconds['selfevo_live_teacher']:.3f} s / {seconds['sft']:.3f} s"],
+        ["building the cache / one epoch of teacher forwards", f"{cost['build_over_epoch_of_forwards']:.2f}",
+         f"{cost['cache_build_seconds']:.1f} s / {cost['teacher_epoch_forward_seconds']:.1f} s"],
+        [f"Γ sweep, {sweep['runs']} runs of {sweep['steps_per_run']} steps: one cache / live teacher",
+         f"{sweep['cache_over_live']:.2f}", f"{sweep['cache_seconds']:.1f} s / {sweep['live_seconds']:.1f} s"],
+        ["bytes per response position, K = 128 fp16 (measured, with shard headers)",
+         f"{cost['measured_bytes_per_position']:.0f}", f"{cost['positions']:,} positions"],
+        ["the paper's training data at K = 128 fp16, GiB", f"{cost['paper_data_gib']:.2f}", cost["paper_data_note"]],
+    ]
+    return markdown(["quantity", "value", "measured"], rows, ["l", "r", "l"])
+
+
+def headline_table() -> str:
+    """The README's performance lines: ratios from the benchmarks' JSON."""
+    losses = read_json(BENCH / "bench_losses.json")
+    step = read_json(BENCH / "bench_train_step.json")
+    variants = read_json(BENCH / "bench_train_step_variants.json")
+    cache = read_json(BENCH / "bench_teacher_cache.json")
+    generate = read_json(BENCH / "bench_generate.json")
+
+    def span(values, digits):
+        return f"{min(values):.{digits}f}–{max(values):.{digits}f}"
+
+    hidden = [r for r in losses["rows"] if r["path"] == "hidden" and r["method"] != "sft"]
+    kd = {name: m for name, m in step["methods"].items() if name != "sft"}
+    trained = next(value for key, value in cache["setups"].items() if key.startswith("trained teacher"))
+    lora, forward = variants["methods"]["forward --lora-r 8"], variants["methods"]["forward"]
+    rows = [
+        ["KD loss from hidden states, peak memory lean / naive (KD methods)",
+         span([r["memory_ratio"] for r in hidden], 3), "bench_losses.json"],
+        ["KD loss from hidden states, time lean / naive (KD methods)",
+         span([r["time_ratio"] for r in hidden], 2), "bench_losses.json"],
+        ["training step of a KD method / its ideal (sft × (1 + 2·P_t/(6·P_s)))",
+         span([m["ratio_to_ideal"] for m in kd.values()], 2), "bench_train_step.json"],
+        ["selfevo step / forward KD step", f"{kd['selfevo']['step_seconds'] / kd['forward']['step_seconds']:.2f}",
+         "bench_train_step.json"],
+        ["selfevo step reading a stored teacher / SFT step (live teacher)",
+         f"{trained['cost']['cache_step_over_sft']:.2f} ({trained['cost']['live_step_over_sft']:.2f})",
+         "bench_teacher_cache.json"],
+        ["a Γ sweep with one stored teacher / with the live teacher", f"{trained['sweep']['cache_over_live']:.2f}",
+         "bench_teacher_cache.json"],
+        ["LoRA r = 8: AdamW state / full fine-tuning's (step time)",
+         f"{lora['optimizer_state_mib'] / forward['optimizer_state_mib']:.3f} ({lora['times_forward']:.2f})",
+         "bench_train_step_variants.json"],
+        ["generation, batch 16 / batch 1 (tokens/s)", f"{generate['speedup']:.2f}", "bench_generate.json"],
+    ]
+    return markdown(["measured on a CPU (tiny models; compare ratios, not seconds)", "ratio", "bench/results/"],
+                    rows, ["l", "r", "l"])
+
+
+# ----------------------------------------------------------------------------- the registry of tables
+
+
+def _tables():
+    tables = {
+        "methods": equations_table,
+        "methods:code": methods_code_table,
+        "study:quickstart:brief": lambda: brief_table(read_json(STUDY / "quickstart" / "summary.json")),
+        "study:selfevo-vs-forward": lambda: versus_baseline_table(regime_summaries(), "selfevo"),
+        "study:gammaauto-vs-selfevo": lambda: variant_table(regime_summaries(), "selfevo_gammaauto", "selfevo"),
+        "study:seeds": lambda: seeds_table(regime_summaries()),
+        "bench:headline": headline_table,
+        "bench:losses": lambda: losses_table(read_json(BENCH / "bench_losses.json")),
+        "bench:losses-autograd": lambda: losses_autograd_table(read_json(BENCH / "bench_losses.json")),
+        "bench:losses-1thread": lambda: losses_table(read_json(BENCH / "bench_losses_1thread_forward_noevo_selfevo.json")),
+        "bench:train-step": lambda: train_step_table(read_json(BENCH / "bench_train_step.json")),
+        "bench:train-step-variants": lambda: train_step_variants_table(read_json(BENCH / "bench_train_step_variants.json")),
+        "bench:generate": lambda: generate_table(read_json(BENCH / "bench_generate.json")),
+        "bench:teacher-cache": lambda: teacher_cache_table(read_json(BENCH / "bench_teacher_cache.json"), "trained teacher"),
+        "bench:teacher-cache-tiny": lambda: teacher_cache_table(read_json(BENCH / "bench_teacher_cache.json"), "tiny"),
+        "bench:teacher-cache-cost": lambda: teacher_cache_cost_table(read_json(BENCH / "bench_teacher_cache.json")),
+    }
+    for name, path in study_folders().items():
+        tables[f"study:{name}"] = lambda path=path: study_table(read_json(path))
+    for path in sorted(STUDY.glob("mechanism_*/mechanism.json")):
+        run = path.parent.name[len("mechanism_"):]
+        for suffix, build in (("", mechanism_table), (":bins", mechanism_bins_table),
+                              (":by-start", mechanism_by_start_table), (":frequency", mechanism_frequency_table)):
+            tables[f"mechanism:{run}{suffix}"] = lambda path=path, build=build: build(read_json(path))
+    return tables
+
 
 # name -> the function that builds the table's Markdown
-TABLES = {
-    "methods": equations_table,
-}
+TABLES = _tables()
 # where generated tables may live
-DOCUMENTS = ("README.md", "*/README.md", "docs/*.md", "kd/*.py")
-BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+)\b[^\n]*-->\n)(?P<body>.*?)(<!-- end table:(?P=name) -->)", re.S)
-OPENING = re.compile(r"<!-- table:([\w-]+)\b")
+DOCUMENTS = ("README.md", "*/README.md", "study/*/README.md", "docs/*.md", "kd/*.py")
+NAME = r"[\w.:-]*\w"
+BLOCK = re.compile(rf"(<!-- table:(?P<name>{NAME})(?:[ \t][^\n]*)?-->\n)(?P<body>.*?)(<!-- end table:(?P=name) -->)", re.S)
+OPENING = re.compile(rf"<!-- table:({NAME})(?=[ \t]|-->)")
 
 
 def documents():
-    return sorted({path for pattern in DOCUMENTS for path in ROOT.glob(pattern) if path.is_file()})
+    paths = {path for pattern in DOCUMENTS for path in ROOT.glob(pattern) if path.is_file()}
+    return sorted(path for path in paths if not any(part.startswith(".") for part in path.relative_to(ROOT).parts))
 
 
 def regenerate(text: str, where: str) -> str:
