@@ -127,8 +127,10 @@ def bleu_statistics(hyps_dir, refs_dir, directions):
     out = {}
     for direction in directions:
         refs = read_jsonl(refs_dir / f"{direction}.jsonl", required=("id", "reference", "tgt_lang"))
-        by_id = {row["id"]: row["hypothesis"] for row in read_jsonl(hyps_dir / f"{direction}.jsonl",
-                                                                    required=("id", "hypothesis"))}
+        by_id = {row["id"]: row["hypothesis"] for row in read_jsonl(
+            hyps_dir / f"{direction}.jsonl", required=("id", "hypothesis"),
+            todo=f"translate the test set with this run (the pipeline's step 'generate {hyps_dir.name}', "
+                 "generate.py; a re-run of the pipeline resumes it)")}
         missing = [row["id"] for row in refs if row["id"] not in by_id]
         if missing:
             fail(str(hyps_dir / f"{direction}.jsonl"), f"no hypothesis for {len(missing)} reference ids "

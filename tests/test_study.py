@@ -265,3 +265,12 @@ def test_the_three_outputs_appear_together_or_not_at_all(tmp_path, tiny_test_set
     with pytest.raises(RuntimeError):
         summarize_study.main(argv)
     assert not (tmp_path / "summary").exists() or not any((tmp_path / "summary").iterdir())
+
+
+def test_a_missing_hypotheses_file_names_the_step_that_makes_it(tmp_path, tiny_test_set):
+    argv = fake_regime(tmp_path, tiny_test_set, {"forward-s1": learned(), "selfevo-s1": learned()})
+    (tmp_path / "hyps" / "selfevo-s1" / "en-de.jsonl").unlink()
+    with pytest.raises(SystemExit) as stop:
+        summarize_study.main(argv)
+    assert "selfevo-s1/en-de.jsonl" in str(stop.value) and "step 'generate selfevo-s1'" in str(stop.value)
+    assert "prepare_data.py" not in str(stop.value)
