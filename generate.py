@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: f
 
 import torch
 
-from kd.compat import quiet_cpu_runs
+from kd.compat import deepspeed_kwargs_handlers, quiet_cpu_runs
 from kd.data import encode_prompt
 from kd.decoding import HFGenerator, cut_at_eos, decode_rounds, first_line
 from kd.io import fail, read_appended_jsonl, read_jsonl, write_error, write_jsonl
@@ -173,7 +173,8 @@ def main(argv=None):
     # accelerate's torchrun launcher (accelerate_configs/cpu.yaml with --num_processes > 1) does not pass
     # use_cpu on: without GPUs ask for CPU DDP (gloo) here. DeepSpeed runs its own CPU path.
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    accelerator = Accelerator(cpu=not torch.cuda.is_available() and not deepspeed)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available() and not deepspeed,
+                              kwargs_handlers=deepspeed_kwargs_handlers(deepspeed))
     is_main = accelerator.is_main_process
     tokenizer = load_tokenizer(args.model, padding_side="left")
     synced_gpus = False

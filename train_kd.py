@@ -112,7 +112,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: f
 
 import torch
 
-from kd.compat import attention_mask_for, quiet_cpu_runs
+from kd.compat import attention_mask_for, deepspeed_kwargs_handlers, quiet_cpu_runs
 from kd.data import (IGNORE_INDEX, TrainCollator, TranslationDataset, encode_prompt, length_grouped_order,  # noqa: F401
                      read_rows, shifted_targets)
 from kd.decoding import HFGenerator, decode_rounds, first_line
@@ -483,6 +483,12 @@ def check_inputs(run):
     return train_rows, valid_rows
 
 
+def fsdp_without_its_devices():
+    """An FSDP launch config (accelerate_configs/fsdp.yaml) on a machine without GPUs: accelerate runs
+    FSDP on accelerator devices only, and would stop (no available devices) or run plain DDP instead."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available()
+
+
 def setup_accelerator(run):
     """The Accelerator (student and teacher DeepSpeed plugins under DeepSpeed), the accumulation steps
     and which loss path runs."""
@@ -490,6 +496,10 @@ def setup_accelerator(run):
     from accelerate.utils import DistributedType, GradientAccumulationPlugin, ProjectConfiguration, set_seed
 
     args = run.args
+    if fsdp_without_its_devices():
+        fail("accelerate launch with an FSDP config (accelerate_configs/fsdp.yaml)", "needs GPUs: accelerate runs FSDP on accelerator devices only, and on this machine it would stop or "
+             "run plain DDP instead", "on a CPU use accelerate_configs/deepspeed_zero3.yaml (ZeRO-3 over 2+ "
+             "processes) or accelerate_configs/cpu.yaml (DDP)", code=CONFIG_ERROR)
     plugins = deepspeed_plugins(args)
     accelerator = Accelerator(
         # accelerate's torchrun launcher (any --num_processes > 1) does not pass use_cpu on: on a machine
@@ -498,10 +508,15 @@ def setup_accelerator(run):
         mixed_precision="bf16" if args.bf16 else None,
         deepspeed_plugins=plugins,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),
+        kwargs_handlers=deepspeed_kwargs_handlers(plugins is not None),
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(run.output_dir),
                                             logging_dir=str(run.output_dir / "tensorboard")),
     )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and \
+            accelerator.distributed_type != DistributedType.FSDP:  # never run something else silently
+        fail("accelerate launch", f"asked for FSDP, accelerate set up {accelerator.distributed_type}",
+             "run FSDP on GPUs, or use deepspeed_zero3.yaml", code=CONFIG_ERROR)
     run.accelerator = accelerator
     run.grad_accum = accumulation_steps(args.batch_size, args.micro_batch_size, accelerator.num_processes)
     accelerator.gradient_accumulation_steps = run.grad_accum
@@ -591,6 +606,7 @@ def write_config(run):
         "gradient_accumulation_steps": run.grad_accum,
         "distributed_type": str(accelerator.distributed_type),
         "zero_stage": run.zero_stage,
+        "fsdp_version": accelerator.state.fsdp_plugin.fsdp_version if accelerator.distributed_type == "FSDP" else None,
         "mixed_precision": accelerator.mixed_precision,
         "student_loss_path": "hidden" if run.lean_student else "logits",
         "teacher_loss_path": ("cache" if cache else None) if not args.teacher else (

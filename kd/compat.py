@@ -18,6 +18,18 @@ def quiet_cpu_runs():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def deepspeed_kwargs_handlers(deepspeed):
+    """Accelerator(kwargs_handlers=...) for a DeepSpeed run on a machine without CUDA: accelerate finds no
+    device, picks no process-group backend and every rank then reports one process and index 0 (both
+    ranks act as the main process and read the same data) while DeepSpeed starts a world of N on gloo;
+    naming gloo makes the ranks see each other. GPU runs (NCCL) are left as they are."""
+    if not deepspeed or torch.cuda.is_available():
+        return []
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(backend="gloo")]
+
+
 # transformers 4.x builds the 4D attention mask of every forward pass with torch.vmap when a batch
 # has padding: about 13 ms a call on a CPU, a third of a tiny model's training step (profile of the
 # study's 3x96 student). transformers 5 builds the same mask by broadcasting. The mask is only

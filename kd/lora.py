@@ -71,6 +71,10 @@ def merged_state_dict(state_dict, scaling):
 
 
 def trainable_parameters(model):
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts; under DeepSpeed ZeRO-3 a loaded parameter is partitioned
+    (numel 0 on each rank) and its full size is ds_numel."""
+    def size(p):
+        return getattr(p, "ds_numel", p.numel())
+
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(size(p) for p in model.parameters())

@@ -5,6 +5,7 @@ learning on an over-fit batch, exact resume, refusals, and the launch paths (DDP
     pytest tests/test_onpolicy.py
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -177,14 +178,15 @@ def launch(config, num_processes, args, log):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config, processes", [("cpu.yaml", 2), ("deepspeed_zero3.yaml", 1)], ids=["ddp", "zero3"])
+@pytest.mark.parametrize("config, processes", [("cpu.yaml", 2), ("deepspeed_zero3.yaml", 2)], ids=["ddp", "zero3"])
 def test_on_policy_under_ddp_and_zero3(config, processes, tiny_models, files, tmp_path):
     out = tmp_path / "run"
     output = launch(config, processes, argv(tiny_models, files["train16"], out, "--batch-size", 8, "--micro-batch-size",
                                             2, "--max-steps", 2, "--lr", 3e-3, "--on-policy-ratio", 0.5),
                     tmp_path / "log.txt")
     if config.startswith("deepspeed"):
-        assert "loss path: student logits" in output  # ZeRO-3: generation with synced_gpus
+        assert "loss path: student logits" in output  # ZeRO-3: generation with synced_gpus, 2 ranks in step
+        assert json.loads((out / "config.json").read_text())["num_processes"] == 2
     rows = metric_rows(out)
     assert [row["step"] for row in rows] == [1, 2] and all(row["loss"] == row["loss"] for row in rows)
     assert (out / "COMPLETED").is_file()
