@@ -73,6 +73,7 @@ Outputs in --output-dir (every file and folder appears complete or not at all: k
                      steps_in_window good steps; mean_difficulty only for the methods that build ỹ,
                      kd.losses.TARGET_MIX_METHODS; gamma, the Γ of the row's last step, with --gamma auto);
                      mean_difficulty_hard: the mean d of the hard tokens, where the skewed loss acts;
+                     taid_t: the t of the row's last step, with --method taid (kd/taid.py);
                      {"type": "valid", step, epoch, valid_loss, valid_loss/<dir>} and, when the validation
                      rows are translated (--best-metric bleu|chrf, --valid-decode-rows), valid_bleu,
                      valid_chrf (averages over the directions), valid_bleu/<dir>, valid_chrf/<dir>,
@@ -117,6 +118,7 @@ from kd.data import (IGNORE_INDEX, TrainCollator, TranslationDataset, encode_pro
                      read_rows, shifted_targets)
 from kd.decoding import HFGenerator, decode_rounds, first_line
 from kd.gamma import AutoGamma
+from kd.taid import TaidSchedule
 from kd.io import (WriteError, describe_os_error, fail, fail_with, jsonl_text, read_appended_jsonl, read_json,
                    replacing_folder, write_json, write_jsonl, write_text)
 from kd.lora import add_adapters, merged_state_dict, target_problem, trainable_parameters
@@ -234,6 +236,7 @@ class TrainerState:
     validations_without_improvement: int = 0
     window: Optional[LogWindow] = None
     auto_gamma: Optional[AutoGamma] = None  # the running Γ of --gamma auto
+    taid: Optional[TaidSchedule] = None      # the moving t of --method taid
     windows: list = field(default_factory=list)  # the last logged windows (step, loss, d, d of the hard tokens)
     collapse_warning: Optional[str] = None       # said once, when the collapse's signature shows
     # not saved: derived at resume, or about the steps since it
@@ -253,6 +256,7 @@ class TrainerState:
                 "train_tokens": self.train_tokens, "train_seconds": self.train_seconds,
                 "window": self.window.state_dict(),
                 "auto_gamma": self.auto_gamma.state_dict() if self.auto_gamma else None,
+                "taid": self.taid.state_dict() if self.taid else None,
                 "windows": self.windows, "collapse_warning": self.collapse_warning}
 
     def load_state_dict(self, state):
@@ -266,6 +270,8 @@ class TrainerState:
             self.window.load_state_dict(state["window"])
         if self.auto_gamma and state.get("auto_gamma"):  # else (resumed into --gamma auto) Γ starts afresh
             self.auto_gamma.load_state_dict(state["auto_gamma"])
+        if self.taid and state.get("taid"):
+            self.taid.load_state_dict(state["taid"])
         self.windows, self.collapse_warning = state.get("windows", []), state.get("collapse_warning")
 
 
@@ -742,7 +748,8 @@ def start_or_resume(run):
     metrics.jsonl keeps exactly the rows up to the checkpoint's step."""
     args, accelerator, output_dir = run.args, run.accelerator, run.output_dir
     state = TrainerState(window=LogWindow(len(run.directions)),
-                         auto_gamma=AutoGamma(args.gamma_quantile, args.gamma_momentum) if args.gamma == "auto" else None)
+                         auto_gamma=AutoGamma(args.gamma_quantile, args.gamma_momentum) if args.gamma == "auto" else None,
+                         taid=TaidSchedule.of(run.loss_config) if REGISTRY[args.method].moving_t else None)
     if run.resume_path is not None:
         accelerator.print(f"resuming from {run.resume_path}")
         accelerator.load_state(str(run.resume_path))
@@ -802,9 +809,9 @@ def teacher_inputs(teacher, batch, counted, keep, weight=None):
         return {"teacher_logits": out.logits[counted[:, keep]]}
 
 
-def micro_batch_loss(run, batch, beta, gamma, on_policy=False):
+def micro_batch_loss(run, batch, step_config, on_policy=False):
     """Summed loss over the micro-batch's response tokens, per-direction stat sums [D, 5], and d of
-    each counted token (for --gamma auto)."""
+    each counted token (for --gamma auto). `step_config`: the LossConfig of this step (β, Γ, t)."""
     targets = shifted_targets(batch["labels"])
     counted = targets != IGNORE_INDEX
     keep = counted.any(0).nonzero().squeeze(1)  # the lm_head runs at response positions only
@@ -816,7 +823,6 @@ def micro_batch_loss(run, batch, beta, gamma, on_policy=False):
             teacher_kwargs = teacher_inputs(run.teacher, batch, counted, keep, run.teacher_weight)
     elif run.teacher_cache is not None:  # stored log-probabilities enter the losses as the teacher's logits
         teacher_kwargs = {"teacher_logits": run.teacher_cache.log_probs(batch["index"], counted.sum(1), rows.device)}
-    step_config = dataclasses.replace(run.loss_config, beta=beta, gamma=gamma)
     if on_policy:  # the divergence alone on the student's own sample (kd/onpolicy.py)
         step_config = dataclasses.replace(step_config, kd_ratio=1.0)
     if weight is not None:
@@ -845,6 +851,7 @@ class StepResult:
     lr: float                  # the learning rate the step used
     beta: float
     gamma: float
+    taid_t: Optional[float]    # t of --method taid this step used
     stat_sums: Any             # [D, 5] of this process
     on_policy: list            # per micro-batch: sampled by the student
     seconds: float
@@ -857,6 +864,8 @@ def optimizer_step(run, state, group):
     step_start = time.perf_counter()
     beta = beta_at(state.global_step, run.total_steps, args.beta, args.beta_end)
     gamma = state.auto_gamma.value if state.auto_gamma else run.loss_config.gamma  # one Γ for every micro-batch
+    taid_t = state.taid.value if state.taid else None                              # one t for every micro-batch
+    step_config = dataclasses.replace(run.loss_config, beta=beta, gamma=gamma, taid_t=taid_t)
     # on-policy micro-batches: the student's own responses, sampled before any forward pass of the
     # step so that the token count below counts them (kd/onpolicy.py)
     on_policy = [is_on_policy(args.seed, state.global_step, index, args.on_policy_ratio) for index in range(len(group))]
@@ -876,7 +885,7 @@ def optimizer_step(run, state, group):
     step_difficulties = []
     for micro_batch, sampled in zip(group, on_policy):
         with accelerator.accumulate(run.model):
-            loss_sum, sums, difficulty = micro_batch_loss(run, micro_batch, beta, gamma, sampled)
+            loss_sum, sums, difficulty = micro_batch_loss(run, micro_batch, step_config, sampled)
             accelerator.backward(loss_sum * scale)
             loss_total += loss_sum.detach().double()
             stat_sums += sums
@@ -894,11 +903,13 @@ def optimizer_step(run, state, group):
     if state.auto_gamma:  # Γ of the next step from d of every token of this one, all processes (kd/gamma.py)
         local = torch.cat(step_difficulties)
         state.auto_gamma.update(accelerator.gather(accelerator.pad_across_processes(local, pad_index=math.nan)))
+    if state.taid and good:  # t of the next step from this step's loss, the same on every process (kd/taid.py)
+        state.taid.update(step_loss, state.global_step + 1, run.total_steps)
     lr = run.lr_scheduler.get_last_lr()[0]
     run.lr_scheduler.step()
     run.optimizer.zero_grad()
     state.global_step += 1
-    return StepResult(step_loss, step_tokens, grad_norm, lr, beta, gamma, stat_sums, on_policy,
+    return StepResult(step_loss, step_tokens, grad_norm, lr, beta, gamma, taid_t, stat_sums, on_policy,
                       time.perf_counter() - step_start, good)
 
 
@@ -972,6 +983,8 @@ def record_step(run, state, step):
             row["on_policy_fraction"] = window.on_policy / window.micro_batches
         if state.auto_gamma:
             row["gamma"] = step.gamma  # the Γ this step used (+inf at step 1: written as null)
+        if state.taid:
+            row["taid_t"] = step.taid_t  # the t the window's last step used
         write_metrics(run, row)
         state.window = LogWindow(len(run.directions))
         watch_for_collapse(run, state, row)

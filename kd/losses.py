@@ -132,12 +132,31 @@ def _top_k_hard(difficulty: torch.Tensor, top_k: float) -> torch.Tensor:
     return hard
 
 
-def _hard_tokens(config: LossConfig, difficulty: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
-    """The hard set of n tokens: the method's selection (Eq. 8: d > Γ, or top-K by d), all, or none."""
-    kind = REGISTRY[config.method].hard
-    if kind == "selected":
+def _hard_tokens(config: LossConfig, difficulty: Optional[torch.Tensor], n: int, device,
+                 scores: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The hard set of n tokens: the method's selection (Eq. 8: d > Γ, or top-K by d; or its own rule on
+    its scores), all, or none."""
+    method = REGISTRY[config.method]
+    if method.hard == "selected":
+        if method.select is not None:
+            return method.select(scores, config)
         return _top_k_hard(difficulty, config.top_k) if config.top_k is not None else difficulty > config.gamma
-    return torch.full((n,), kind == "all", dtype=torch.bool, device=device)
+    return torch.full((n,), method.hard == "all", dtype=torch.bool, device=device)
+
+
+def _scores(config: LossConfig, log_q, log_p, targets) -> Optional[torch.Tensor]:
+    """A method's own hardness scores of the tokens (no gradient), or None (selfevo's d decides)."""
+    score = REGISTRY[config.method].score
+    if score is None:
+        return None
+    with torch.no_grad():
+        return score(log_q.detach(), log_p, targets, config)
+
+
+def _selects_over_the_call(config: LossConfig) -> bool:
+    """Whether the hard set needs every token of the call first (top-K, or a rule of the method's own)."""
+    method = REGISTRY[config.method]
+    return method.hard == "selected" and (config.top_k is not None or method.select is not None)
 
 
 def _difficulty(log_q: torch.Tensor, log_p: torch.Tensor, targets: torch.Tensor, config: LossConfig):
@@ -196,7 +215,7 @@ def _plain_loss(config, student_logits, teacher_logits, labels, vocab):
     log_p = None if teacher_rows is None else _log_probs(teacher_rows[:, :vocab].detach(), like=log_q)
     targets = labels[counted_rows]
     difficulty = _difficulty(log_q, log_p, targets, config)
-    hard = _hard_tokens(config, difficulty, targets.numel(), targets.device)
+    hard = _hard_tokens(config, difficulty, targets.numel(), targets.device, _scores(config, log_q, log_p, targets))
     token_losses = _formula_loss(config, log_q, log_p, targets, hard)
     _check_finite(config, [token_losses.detach()], lambda i: (student_rows[:, :vocab].detach(),
                                                               None if teacher_rows is None else teacher_rows[:, :vocab]))
@@ -222,7 +241,8 @@ def _autograd_terms(config: LossConfig, logits: torch.Tensor, teacher_logits: Op
         log_p = None if teacher_logits is None else _log_probs(teacher_logits, like=log_q)
         difficulty = _difficulty(log_q, log_p, targets, config)
         if hard is None:
-            hard = _hard_tokens(config, difficulty, targets.numel(), targets.device)
+            hard = _hard_tokens(config, difficulty, targets.numel(), targets.device,
+                                _scores(config, log_q, log_p, targets))
         loss = _formula_loss(config, log_q, log_p, targets, hard)
         (grad,) = torch.autograd.grad(loss.sum() * scale, z)
     return FastTerms(loss.detach(), difficulty, hard, grad)
@@ -256,14 +276,16 @@ def _run_chunks(config: LossConfig, labels: torch.Tensor, vocab: int,
         return log_q, (None if teacher_chunk is None else _log_probs(teacher_chunk(rows), like=log_q))
 
     forced_hard = None
-    if REGISTRY[config.method].hard == "selected" and config.top_k is not None:
-        # top-K ranks d over the whole call, so d of every token is needed before any loss.
-        difficulties = []
+    if _selects_over_the_call(config):
+        # top-K (or a method's own rule) ranks the tokens of the whole call: every score before any loss
+        parts = []
         for _, rows in chunks:
             log_q, log_p = log_probs_of(rows)
-            difficulties.append(difficulty_(log_q, log_p, labels[rows], config.target_mix))
-        forced_hard = _top_k_hard(torch.cat(difficulties) if difficulties else torch.zeros(0, device=labels.device),
-                                  config.top_k)
+            own = _scores(config, log_q, log_p, labels[rows])
+            parts.append(own if own is not None else difficulty_(log_q, log_p, labels[rows], config.target_mix))
+        every = torch.cat(parts) if parts else torch.zeros(0, device=labels.device)
+        forced_hard = (REGISTRY[config.method].select(every, config) if REGISTRY[config.method].select is not None
+                       else _top_k_hard(every, config.top_k))
 
     loss_sum, token_losses, difficulty_parts, hard_parts = 0.0, [], [], []
     for start, rows in chunks:

@@ -17,6 +17,9 @@ scale of the paper's Γ = 0.4). The symbols of the hyperparameters are those of 
 | `skew_teacher` | (1−λ)(−log q_t) + λ KL(p‖β' q + (1−β') p) | Eq. 10 | λ, β' |
 | `selfevo_token` | as selfevo, but hard tokens: KL(sg(q̂)‖q), q̂ = βq + (1−β)ỹ | NOT the paper: the token-level self-evolution target of the work it builds on | α, β, Γ, K |
 | `jsd` | (1−λ)(−log q_t) + λ JSD_B(p‖q), JSD_B = B KL(p‖M) + (1−B) KL(q‖M), M = B p + (1−B) q; B = 0: KL(p‖q), B = 1: KL(q‖p) | beyond the paper: GKD (Agarwal et al., ICLR 2024) | λ, B |
+| `atkd` | hard (1 − p_t ≥ the median of the call's tokens): (1−ω)(TCKD + NCKD); easy: ω NCKD. TCKD = KL([p_t, 1−p_t]‖[q_t, 1−q_t]), NCKD = KL of the non-target tokens' renormalised distributions | beyond the paper: ATKD (Zhong, Ding et al., ACL 2024) | ω |
+| `akl` | (1−λ)(−log q_t) + λ [w KL(p‖q) + (1−w) KL(q‖p)], w = g_head / (g_head + g_tail), g = Σ \|p_v − q_v\| over the teacher's head (cumulative p ≤ μ) and tail | beyond the paper: AKL (Wu et al., COLING 2025) | λ, μ |
+| `taid` | KL(r‖q), r = softmax((1−t) sg(z_q) + t z_p); t rises from t_start to t_end: t ← min(t_end, max(linear floor, t + α_t sigmoid(m)(1−t))), m the momentum (β_t) of the loss's relative change | beyond the paper: TAID (Shing et al., ICLR 2025) | t_start, t_end, α_t, β_t |
 | `tvd` | (1−λ)(−log q_t) + λ ½ Σ_v \|p_v − q_v\| | beyond the paper: total variation distance, f-divergence KD (Wen et al., ACL 2023) | λ |
 <!-- end table:methods -->
 
@@ -60,11 +63,11 @@ from kd import fast_paths
 
 
 def hyperparameter(default, symbol: str, low: float, high: float, help: str, *, low_open: bool = False,
-                   optional: bool = False):
-    """A LossConfig field that is a hyperparameter: its default, symbol, range [low, high] (or
-    (low, high] with low_open) and the help text of its command-line flag."""
+                   high_open: bool = False, optional: bool = False):
+    """A LossConfig field that is a hyperparameter: its default, symbol, range [low, high] (open at
+    either end with low_open, high_open) and the help text of its command-line flag."""
     return field(default=default, metadata={"symbol": symbol, "low": low, "high": high, "low_open": low_open,
-                                            "optional": optional, "help": help})
+                                            "high_open": high_open, "optional": optional, "help": help})
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,26 @@ class LossConfig:
     jsd_beta: float = hyperparameter(
         0.5, "B", 0.0, 1.0, "B of GKD's generalized JSD: B·KL(p‖M) + (1-B)·KL(q‖M), M = B·p + (1-B)·q; "
         "B = 0 is forward KL(p‖q), B = 1 reverse KL(q‖p)")
+    atkd_easy_weight: float = hyperparameter(
+        0.2, "ω", 0.0, 1.0, "ω of ATKD: the easy tokens' loss (their non-target KD) is weighted ω, the hard "
+        "tokens' (target + non-target KD) 1-ω (ATKD's reference code: alpha = 0.2)")
+    akl_mu: float = hyperparameter(
+        0.5, "μ", 0.0, 1.0, "μ of AKL: the head of the teacher's distribution is its most probable tokens up to a "
+        "cumulative probability of μ (the paper's 0.5)", low_open=True)
+    taid_t_start: float = hyperparameter(
+        0.4, "t_start", 0.0, 1.0, "t of TAID's first step: the target softmax((1-t)·sg(z_q) + t·z_p) starts this "
+        "far from the student toward the teacher (TAID's code: 0.4)", high_open=True)
+    taid_t_end: float = hyperparameter(
+        1.0, "t_end", 0.0, 1.0, "the largest t of TAID, and the end of its linear floor t_start → t_end over the run",
+        low_open=True)
+    taid_alpha: float = hyperparameter(
+        5e-4, "α_t", 0.0, 1.0, "α of TAID's adaptive step: t += α·sigmoid(m)·(1-t) each step, above the linear "
+        "floor (TAID's code: 5e-4)")
+    taid_momentum: float = hyperparameter(
+        0.99, "β_t", 0.0, 1.0, "β of TAID: momentum m of the loss's relative change per step (TAID's code: 0.99)",
+        high_open=True)
+    # the t of this step (train_kd.py moves it by kd/taid.py); None: taid_t_start
+    taid_t: Optional[float] = None
     # how kd/losses.py computes it (not hyperparameters of the objective)
     ignore_index: int = -100
     chunk_size: Optional[int] = None   # tokens per chunk of the lean path; None: automatic; 0: plain autograd
@@ -102,7 +125,11 @@ class LossConfig:
             problem = range_problem(name, getattr(self, name))
             if problem:
                 raise ValueError(f"method {self.method!r}: {problem}")
-        if self.top_k is not None and REGISTRY[self.method].hard != "selected":
+        if self.taid_t_start > self.taid_t_end:
+            raise ValueError(f"taid_t_start {self.taid_t_start} is above taid_t_end {self.taid_t_end}; t only rises")
+        if self.taid_t is not None and not 0.0 <= self.taid_t <= 1.0:
+            raise ValueError(f"taid_t must be None or a number in [0, 1], got {self.taid_t!r}")
+        if self.top_k is not None and self.method not in SELECTING_METHODS:
             raise ValueError(f"top_k selects hard tokens for {' and '.join(SELECTING_METHODS)} only, "
                              f"not for {self.method!r}")
         if self.chunk_size is not None and (
@@ -122,7 +149,7 @@ def range_text(name: str) -> str:
     meta = HYPERPARAMETERS[name].metadata
     if meta["low"] == -math.inf and meta["high"] == math.inf:
         return "any number"
-    return f"{'(' if meta['low_open'] else '['}{meta['low']:g}, {meta['high']:g}]"
+    return f"{'(' if meta['low_open'] else '['}{meta['low']:g}, {meta['high']:g}{')' if meta['high_open'] else ']'}"
 
 
 def range_problem(name: str, value) -> Optional[str]:
@@ -131,8 +158,9 @@ def range_problem(name: str, value) -> Optional[str]:
     if value is None and meta["optional"]:
         return None
     low_ok = (lambda v: v > meta["low"]) if meta["low_open"] else (lambda v: v >= meta["low"])
+    high_ok = (lambda v: v < meta["high"]) if meta["high_open"] else (lambda v: v <= meta["high"])
     if (isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)
-            or not (low_ok(value) and value <= meta["high"])):
+            or not (low_ok(value) and high_ok(value))):
         what = "a number" if range_text(name) == "any number" else f"a number in {range_text(name)}"
         return f"{name} must be {what}, got {value!r}"
     return None
@@ -175,6 +203,20 @@ def target_mix(log_p: torch.Tensor, target: torch.Tensor, alpha: float) -> torch
     """log ỹ of ỹ = (1−α)·y + α·p (Eq. 4): the reference's one-hot mixed with the teacher."""
     log_y = torch.full_like(log_p, -math.inf).scatter_(1, target[:, None], 0.0)
     return mix(1 - alpha, log_y, log_p)
+
+
+def log_rest(log_a: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """log(1 − a_t) as log Σ_{v≠t} a_v: exact even where a_t rounds to 1 (−inf where a_t = 1)."""
+    return torch.logsumexp(log_a.scatter(1, target[:, None], -math.inf), -1, keepdim=True)
+
+
+def non_target(log_a: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """log of a renormalised without the reference token: a_v / (1 − a_t) for v ≠ t, 0 at t
+    (all 0 where a has no mass outside t, so that a KL from it counts 0)."""
+    rest = log_rest(log_a, target)
+    has_rest = rest > -math.inf
+    renormalised = log_a - torch.where(has_rest, rest, 0.0)
+    return torch.where(has_rest, renormalised, -math.inf).scatter(1, target[:, None], -math.inf)
 
 
 # ----------------------------------------------------------------------------- the formulas
@@ -237,6 +279,49 @@ def tvd(log_q, log_p, target, hard, c):
     return (1 - c.kd_ratio) * ce(log_q, target) + c.kd_ratio * total_variation
 
 
+def atkd(log_q, log_p, target, hard, c):
+    # forward KL splits into the target part (a binary KL of p_t against q_t) and the non-target part
+    # (KL of the other tokens' renormalised distributions, weighted 1 − p_t); ATKD drops that weight.
+    # Scale: ATKD's code averages the easy and the hard tokens each over their own count; here every token
+    # counts once in the mean of the batch, half of that under a median split (Adam hardly sees the factor).
+    log_p_t, log_q_t = log_p.gather(1, target[:, None]), log_q.gather(1, target[:, None])
+    target_kd = kl(torch.cat([log_p_t, log_rest(log_p, target)], 1), torch.cat([log_q_t, log_rest(log_q, target)], 1))
+    non_target_kd = kl(non_target(log_p, target), non_target(log_q, target))
+    return torch.where(hard, (1 - c.atkd_easy_weight) * (target_kd + non_target_kd), c.atkd_easy_weight * non_target_kd)
+
+
+def teacher_uncertainty(log_q, log_p, target, c):
+    """ATKD's hardness of a token: the teacher's uncertainty 1 − p_t."""
+    return -torch.expm1(log_p.gather(1, target[:, None]).squeeze(1))
+
+
+def at_or_above_median(scores, c):
+    """ATKD's hard tokens: uncertainty at or above the median of the call's tokens (torch's lower median)."""
+    return scores >= scores.median() if scores.numel() else torch.zeros_like(scores, dtype=torch.bool)
+
+
+def akl(log_q, log_p, target, hard, c):
+    p, q = log_p.exp(), log_q.detach().exp()
+    # the head: the teacher's most probable tokens up to a cumulative probability of μ (its top one always)
+    p_sorted, order = p.sort(dim=-1, descending=True, stable=True)  # ties by vocabulary index
+    head = (p_sorted.cumsum(-1) <= c.akl_mu).scatter(1, torch.zeros_like(target)[:, None], True)
+    gaps = (p_sorted - q.gather(1, order)).abs()
+    head_gap, tail_gap = (gaps * head).sum(-1), (gaps * ~head).sum(-1)
+    total = head_gap + tail_gap
+    head_weight = torch.where(total > 0, head_gap / total.clamp(min=torch.finfo(total.dtype).tiny), 0.5)
+    adaptive = head_weight * kl(log_p, log_q) + (1 - head_weight) * kl(log_q, log_p)
+    return (1 - c.kd_ratio) * ce(log_q, target) + c.kd_ratio * adaptive
+
+
+def taid(log_q, log_p, target, hard, c):
+    t = c.taid_t_start if c.taid_t is None else c.taid_t
+    # softmax((1−t)·sg(z_q) + t·z_p) from log-probabilities: log-softmax shifts each row by a constant,
+    # which the softmax drops. Masked teacher entries (−inf) stay out of the target for any t > 0.
+    teacher_part = torch.where(log_p > -math.inf, t * log_p, -math.inf if t > 0 else 0.0)
+    interpolation = torch.log_softmax((1 - t) * log_q.detach() + teacher_part, -1)
+    return kl(interpolation, log_q)
+
+
 # ----------------------------------------------------------------------------- the registry
 
 
@@ -253,6 +338,11 @@ class Method:
     on_policy: bool = False       # defined on the student's own samples (no reference token): --on-policy-ratio
     stored_teacher: bool = True   # runs from a stored teacher (--teacher-cache)
     fast: Optional[Callable] = None  # hand-derived loss and gradient (kd/fast_paths.py), optional
+    # hard="selected" by another rule than selfevo's (d = KL(ỹ‖q) > Γ, or the top-K by d): each token's
+    # score (no gradient) and the hard set of a call from the scores of all its tokens
+    score: Optional[Callable] = None   # (log_q, log_p, target, c) -> [n]
+    select: Optional[Callable] = None  # (scores [N], c) -> bool [N]
+    moving_t: bool = False        # reads c.taid_t, which train_kd.py moves after every step (kd/taid.py)
 
 
 REGISTRY = {method.name: method for method in (
@@ -276,6 +366,17 @@ REGISTRY = {method.name: method for method in (
     Method("jsd", "(1−λ)(−log q_t) + λ JSD_B(p‖q), JSD_B = B KL(p‖M) + (1−B) KL(q‖M), M = B p + (1−B) q; "
            "B = 0: KL(p‖q), B = 1: KL(q‖p)", "beyond the paper: GKD (Agarwal et al., ICLR 2024)", jsd,
            ("kd_ratio", "jsd_beta"), on_policy=True, fast=fast_paths.jsd),
+    Method("atkd", "hard (1 − p_t ≥ the median of the call's tokens): (1−ω)(TCKD + NCKD); easy: ω NCKD. "
+           "TCKD = KL([p_t, 1−p_t]‖[q_t, 1−q_t]), NCKD = KL of the non-target tokens' renormalised distributions",
+           "beyond the paper: ATKD (Zhong, Ding et al., ACL 2024)", atkd, ("atkd_easy_weight",), hard="selected",
+           on_policy=True, score=teacher_uncertainty, select=at_or_above_median),
+    Method("akl", "(1−λ)(−log q_t) + λ [w KL(p‖q) + (1−w) KL(q‖p)], w = g_head / (g_head + g_tail), g = Σ |p_v − "
+           "q_v| over the teacher's head (cumulative p ≤ μ) and tail", "beyond the paper: AKL (Wu et al., COLING 2025)",
+           akl, ("kd_ratio", "akl_mu"), on_policy=True),
+    Method("taid", "KL(r‖q), r = softmax((1−t) sg(z_q) + t z_p); t rises from t_start to t_end: "
+           "t ← min(t_end, max(linear floor, t + α_t sigmoid(m)(1−t))), m the momentum (β_t) of the loss's relative "
+           "change", "beyond the paper: TAID (Shing et al., ICLR 2025)", taid,
+           ("taid_t_start", "taid_t_end", "taid_alpha", "taid_momentum"), on_policy=True, moving_t=True),
     Method("tvd", "(1−λ)(−log q_t) + λ ½ Σ_v |p_v − q_v|",
            "beyond the paper: total variation distance, f-divergence KD (Wen et al., ACL 2023)", tvd,
            ("kd_ratio",), on_policy=True),
@@ -285,7 +386,8 @@ REGISTRY = {method.name: method for method in (
 METHODS = tuple(REGISTRY)
 KD_METHODS = tuple(name for name, m in REGISTRY.items() if m.needs_teacher)
 TARGET_MIX_METHODS = tuple(name for name, m in REGISTRY.items() if m.target_mix)   # report d
-SELECTING_METHODS = tuple(name for name, m in REGISTRY.items() if m.hard == "selected")
+# the methods whose hard tokens are those of d = KL(ỹ‖q) > Γ (or the top-K by d): --gamma, --top-k
+SELECTING_METHODS = tuple(name for name, m in REGISTRY.items() if m.hard == "selected" and m.select is None)
 ON_POLICY_METHODS = tuple(name for name, m in REGISTRY.items() if m.on_policy)
 STORED_TEACHER_METHODS = tuple(name for name, m in REGISTRY.items() if m.needs_teacher and m.stored_teacher)
 
@@ -296,8 +398,13 @@ def _check_registry():
         unknown = [h for h in method.hyperparameters if h not in HYPERPARAMETERS]
         if unknown:
             raise ValueError(f"method {name!r} reads {unknown}, which are not LossConfig hyperparameters")
-        if method.hard not in ("none", "all", "selected") or (method.hard != "none" and not method.target_mix):
-            raise ValueError(f"method {name!r}: hard={method.hard!r} needs target_mix=True (d = KL(ỹ‖q) decides)")
+        if method.hard not in ("none", "all", "selected"):
+            raise ValueError(f"method {name!r}: hard={method.hard!r}; choose none, all or selected")
+        if method.hard != "none" and not method.target_mix and method.select is None:
+            raise ValueError(f"method {name!r}: hard={method.hard!r} needs target_mix=True (d = KL(ỹ‖q) decides) "
+                             "or its own score and select")
+        if (method.score is None) != (method.select is None):
+            raise ValueError(f"method {name!r}: a selection of its own needs both score and select")
 
 
 _check_registry()

@@ -56,6 +56,9 @@ SYSTEMS = {system.name: system for system in (
     System("jsd_onpolicy", "jsd", ("--jsd-beta", "$JSD_BETA", "--on-policy-ratio", "$ON_POLICY_RATIO",
                                    "--on-policy-max-new-tokens", "$MAX_NEW_TOKENS"),
            note="GKD: a share of the batches on the student's own samples"),
+    System("atkd", "atkd", note="ATKD: median split by the teacher's uncertainty (defaults of kd/methods.py)"),
+    System("akl", "akl", ("--kd-ratio", "$KD_RATIO"), note="AKL: forward and reverse KL mixed per token"),
+    System("taid", "taid", note="TAID: toward a moving interpolation of student and teacher (kd/taid.py)"),
     System("tvd", "tvd", ("--kd-ratio", "$KD_RATIO"), note="total variation distance"),
 )}
 

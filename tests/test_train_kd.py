@@ -4,6 +4,8 @@ are written, micro-batching does not change the update, resume is exact, bad inp
 import contextlib
 import io
 import json
+import math
+import re
 import shutil
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import train_kd
 from kd.data import IGNORE_INDEX, TrainCollator, TranslationDataset
 from kd.io import read_jsonl
 from kd.losses import KD_METHODS, METHODS, TARGET_MIX_METHODS
+from kd.methods import HYPERPARAMETERS, methods_reading, range_text
 from kd.models import load_tokenizer, tiny_llama, train_tokenizer
 from run_helpers import metric_rows, small_files, weights
 
@@ -53,10 +56,12 @@ def test_method_trains_and_writes_outputs(method, tiny_models, files, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / method
-    # 8 examples = one batch: every step sees the same batch, so the loss must go down.
+    # 8 examples = one batch: every step sees the same batch, so the loss must go down. taid's target
+    # moves with t (tests/test_taid.py): held at t_start here, so that its losses compare across steps.
+    fixed_t = ("--taid-t-end", 0.4) if method == "taid" else ()
     results = train(tiny_models, files["train8"], out, method, "--batch-size", 8, "--micro-batch-size", 4,
                     "--epochs", 8, "--lr", 3e-3, "--warmup-ratio", 0, "--lr-scheduler", "constant_with_warmup",
-                    "--save-total-limit", 2, valid_file=files["valid"])
+                    "--save-total-limit", 2, *fixed_t, valid_file=files["valid"])
 
     train_rows = metric_rows(out, "train")
     assert [row["step"] for row in train_rows] == list(range(1, 9))
@@ -72,11 +77,16 @@ def test_method_trains_and_writes_outputs(method, tiny_models, files, tmp_path):
             expected |= {"mean_difficulty"} | {f"mean_difficulty/{d}" for d in directions}
         if method in train_kd.HARD_TOKEN_METHODS:  # skew and the selecting methods: d of the hard tokens
             expected |= {"mean_difficulty_hard"}
+        if method == "taid":
+            expected |= {"taid_t"}
+            assert row["taid_t"] == 0.4
         assert set(row) == expected
         assert row["tokens"] > 0 and row["tokens_per_s"] > 0 and row["grad_norm"] > 0
         assert row["steps_in_window"] == 1  # --logging-steps 1
     if method == "skew":
         assert all(row["hard_fraction"] == 1.0 for row in train_rows)
+    if method == "atkd":  # the median split: at least half of each call's tokens (the lower median's ties), not all
+        assert all(0.5 <= row["hard_fraction"] < 1.0 for row in train_rows)
     if method in ("forward", "reverse", "noevo", "skew_teacher"):
         assert all(row["hard_fraction"] == 0.0 for row in train_rows)
 
@@ -422,6 +432,25 @@ def test_bad_input_fails_early_naming_the_argument(case, tiny_models, files, tmp
         train_kd.main(argv)
     assert str(stop.value).startswith("train_kd.py: ") and "\n" not in str(stop.value)
     assert getattr(stop.value, "code") == (str(stop.value) if code == 1 else code)
+
+
+@pytest.mark.parametrize("name", sorted(HYPERPARAMETERS))
+def test_every_hyperparameter_out_of_its_range_is_refused_before_a_model_loads(name, tiny_models, files, tmp_path,
+                                                                             no_model_loading):
+    """Each flag of kd/methods.py's LossConfig, set just outside its range, stops with the flag and the range."""
+    meta = HYPERPARAMETERS[name].metadata
+    if meta["low"] == -math.inf and meta["high"] == math.inf:
+        bad = "nan"
+    else:
+        bad = f"{meta['high'] + 0.5:g}" if meta["high"] != math.inf else f"{meta['low'] - 0.5:g}"
+    method = methods_reading(name)[0]
+    flag = "--" + name.replace("_", "-")
+    argv = ["--method", method, "--student", tiny_models["student"], "--teacher", tiny_models["teacher"],
+            "--train-file", str(files["train12"]), "--output-dir", str(tmp_path / "out"), flag, bad]
+    with pytest.raises(SystemExit, match=re.escape(flag) + ".*" + re.escape(bad)) as stop:
+        train_kd.main(argv)
+    message = str(stop.value)
+    assert range_text(name) in message if range_text(name) != "any number" else "finite" in message
 
 
 def test_accumulation_steps_and_help():
