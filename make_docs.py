@@ -84,9 +84,16 @@ def study_folders():
     return {path.parent.name: path for path in sorted(STUDY.glob("*/summary.json"))}
 
 
+PROTOCOL_ORDER = ("", "cap80", "paper", "bleu")  # a regime's folders: R1, R1_cap80, R1_paper, R1_bleu
+
+
 def regime_summaries():
-    """{regime folder: summary} of the study's regimes (study/R*/), in name order."""
-    return {name: read_json(path) for name, path in study_folders().items() if re.match(r"R\d", name)}
+    """{regime folder: summary} of the study's regimes (study/R*/), by regime, then protocol."""
+    def order(name):
+        regime, _, variant = name.partition("_")
+        return regime, PROTOCOL_ORDER.index(variant) if variant in PROTOCOL_ORDER else len(PROTOCOL_ORDER), variant
+    return {name: read_json(study_folders()[name]) for name in sorted(study_folders(), key=order)
+            if re.match(r"R\d", name)}
 
 
 def study_table(summary) -> str:
@@ -171,9 +178,11 @@ def versus_baseline_table(summaries, system="selfevo") -> str:
         sft = systems.get("student_sft")
         cells = [name, "–" if not teacher else f"{teacher['bleu']['avg']:.2f}",
                  "–" if not sft or summarize_study.not_a_result(sft) else summarize_study.fmt(sft["bleu"]["avg"])]
-        words = summarize_study.not_a_result(base) or summarize_study.not_a_result(entry)
-        if words:
-            rows.append(cells + [words] + ["–"] * 5)
+        base_words, words = summarize_study.not_a_result(base), summarize_study.not_a_result(entry)
+        if base_words or words:  # each system its number or its words; no comparison
+            rows.append(cells + [base_words or summarize_study.fmt(base["bleu"]["avg"]),
+                                 words or summarize_study.fmt(entry["bleu"]["avg"]), "–", "–", "–",
+                                 f"{system} did not learn" if words else "forward did not learn"])
             continue
         ours, theirs = per_seed(entry), per_seed(base)
         shared = [seed for seed in ours if seed in theirs]

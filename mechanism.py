@@ -277,6 +277,17 @@ def measure(model, batches, teacher_rows, methods, args, device, freq_buckets):
 # The skewed loss during training (--snapshots): its bound and the pull on the reference token
 # =============================================================================================
 
+def teacher_confidence(teacher_rows, targets):
+    """How sure the teacher is on the measured tokens: the mean probability of the reference token,
+    the share of tokens where it exceeds 0.9, and the mean entropy (nats) of its distribution."""
+    log_p = torch.cat([torch.log_softmax(rows.double(), -1) for rows in teacher_rows])
+    reference = torch.cat(targets)
+    p_reference = log_p.gather(1, reference[:, None]).squeeze(1).exp()
+    entropy = -(log_p.exp() * log_p.clamp(min=torch.finfo(log_p.dtype).min)).sum(-1)
+    return {"mean_p_reference": float(p_reference.mean()), "share_p_reference_above_0.9": float((p_reference > 0.9).double().mean()),
+            "mean_entropy": float(entropy.mean()), "tokens": int(reference.numel())}
+
+
 def token_loss_and_pull(method, student_logits, teacher_logits, targets, *, kd_ratio, target_mix, beta, gamma):
     """Per token (rows of student_logits [N, V]): the method's loss ℓ_t, the hard flag, q of the reference
     token, and the pull on it: r_t = −∂ℓ_t/∂log q_t at the reference (the weight with which the loss pulls
@@ -574,6 +585,7 @@ def main(argv=None):
         counted = shifted_targets(batch["labels"]) != IGNORE_INDEX
         teacher_rows.append(student_logits_of(teacher, batch, counted, device).cpu())
     del teacher
+    teacher_stats = teacher_confidence(teacher_rows, [targets[targets != IGNORE_INDEX] for targets in shifted])
 
     student = load_model(args.student).to(device)
     start = measure(student, batches, teacher_rows, methods, args, device, freq_buckets)
@@ -612,6 +624,7 @@ def main(argv=None):
             "tokens_measured": int(measured_targets.size),
             "training_target_tokens": int(vocab_counts.sum()),
         },
+        "teacher": teacher_stats,
         "d_bin_edges": d_edges,
         "frequency_bucket_edges": freq_edges,
         "frequency_buckets": [{"bucket": b + 1, "tokens": int(c.size),

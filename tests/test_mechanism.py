@@ -135,6 +135,20 @@ def test_end_to_end_writes_both_files(run):
     for method, runs in written["methods"].items():
         assert {"start", "end", "by_start_bin"} <= set(runs), method
         assert sum(row["tokens"] for row in runs["by_start_bin"]) == settings["tokens_measured"]
+    teacher = written["teacher"]
+    assert teacher["tokens"] == settings["tokens_measured"]
+    assert 0 < teacher["mean_p_reference"] < 1 and 0 <= teacher["share_p_reference_above_0.9"] <= 1
+    assert teacher["mean_entropy"] > 0
+
+
+def test_teacher_confidence_by_hand():
+    """Two tokens: p = [¾, ¼] with reference 0 (p_ref ¾), and p = [0.95, 0.05] with reference 0 (above 0.9)."""
+    rows = [torch.tensor([[math.log(3.0), 0.0], [math.log(19.0), 0.0]])]
+    stats = mechanism.teacher_confidence(rows, [torch.tensor([0, 0])])
+    entropy = lambda p: -(p * math.log(p) + (1 - p) * math.log(1 - p))  # noqa: E731
+    assert stats["mean_p_reference"] == pytest.approx((0.75 + 0.95) / 2, rel=1e-6)
+    assert stats["share_p_reference_above_0.9"] == 0.5 and stats["tokens"] == 2
+    assert stats["mean_entropy"] == pytest.approx((entropy(0.75) + entropy(0.95)) / 2, rel=1e-6)
 
 
 def test_bins_and_buckets_partition_the_measured_tokens(run):
