@@ -6,11 +6,15 @@
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml cache_teacher.py ... --teacher-dtype bf16
     # then, for any KD method, in place of --teacher:
     accelerate launch ... train_kd.py --method selfevo --teacher-cache cache/teacher-k32 ...
+    # RS-KD's sampled teacher instead (unbiased for the losses linear in p), as many bytes as --top-k 32 fp16:
+    python cache_teacher.py ... --out cache/teacher-s66 --sampling 66
 
 For every training example (the rows of --train-file that fit --max-length, as train_kd.py reads
 them) and every response position it stores the teacher's top-K log-probabilities, their token ids
-and the log of the remaining mass (--top-k all: the full distribution). Format, and how a stored row
-enters the losses: kd/teacher_cache.py. The cache is valid for one train file, tokenizer, template
+and the log of the remaining mass (--top-k all: the full distribution), or with --sampling S, S
+tokens drawn from the teacher's distribution (RS-KD; seeded per example by --sampling-seed, so a
+build is the same on any number of processes). Format, and how a stored row enters the losses:
+kd/teacher_cache.py; which one to choose: bench/README.md, "A stored teacher". The cache is valid for one train file, tokenizer, template
 and --max-length (manifest.json records them; train_kd.py refuses a cache that does not match).
 
 Resumable: run the same command again after a kill; finished shards are kept, the rest are built.
@@ -33,8 +37,8 @@ from kd.compat import attention_mask_for, quiet_cpu_runs
 from kd.data import IGNORE_INDEX, REQUIRED_FIELDS, TrainCollator, TranslationDataset
 from kd.io import fail, fail_with, read_json, read_jsonl, replacing, write_json
 from kd.models import DTYPES, check_model_path, load_model, load_tokenizer
-from kd.teacher_cache import (BUILD, FORMAT, MANIFEST, compress_rows, data_template, file_sha256, shard_arrays,
-                              shard_name, teacher_sha256, tokenizer_sha256)
+from kd.teacher_cache import (BUILD, FORMAT, MANIFEST, compress_rows, data_template, file_sha256, sample_rows,
+                              shard_arrays, shard_name, teacher_sha256, tokenizer_sha256)
 
 CONFIG_ERROR = 2
 
@@ -44,8 +48,12 @@ def parse_args(argv=None):
     parser.add_argument("--teacher", required=True, help="teacher model: save_pretrained folder or hub name")
     parser.add_argument("--train-file", required=True, help="train.jsonl made by prepare_data.py (the KD runs' file)")
     parser.add_argument("--out", required=True, help="cache folder (created; a resumed build continues in it)")
-    parser.add_argument("--top-k", required=True,
+    parser.add_argument("--top-k",
                         help="K largest log-probabilities kept per position (the rest as one mass), or 'all'")
+    parser.add_argument("--sampling", type=int,
+                        help="instead of --top-k: S draws per position from the teacher's distribution (RS-KD), each "
+                             "weighing 1/S; 2 bytes a draw (V <= 65536): S = 2K + 2 costs what --top-k K --dtype fp16 does")
+    parser.add_argument("--sampling-seed", type=int, default=0, help="seed of the draws (with the example's index)")
     parser.add_argument("--max-length", type=int, default=512, help="as train_kd.py --max-length (paper: 512)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="precision of the stored log-probabilities (ids are integers, the rest mass float32)")
@@ -85,7 +93,13 @@ def main(argv=None):
     from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
-    top_k = parse_top_k(args.top_k)
+    if (args.top_k is None) == (args.sampling is None):
+        fail("--top-k/--sampling", "--sampling with --top-k" if args.top_k is not None else "neither was given",
+             "pass one of them: --top-k K (or all) keeps the K most probable tokens, --sampling S draws S tokens",
+             code=CONFIG_ERROR)
+    if args.sampling is not None and args.sampling < 1:
+        fail(f"--sampling {args.sampling}", "must be at least 1 draw", "pass e.g. --sampling 66", code=CONFIG_ERROR)
+    top_k = None if args.sampling is not None else parse_top_k(args.top_k)
     for name in ("max_length", "batch_size", "examples_per_shard"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} {getattr(args, name)}", "must be at least 1", "pass a positive number",
@@ -123,7 +137,9 @@ def main(argv=None):
         "examples": len(dataset),
         "dropped_too_long": dataset.dropped_too_long,
         "top_k": top_k,
-        "dtype": args.dtype,
+        "sampling": args.sampling,
+        "sampling_seed": args.sampling_seed if args.sampling is not None else None,
+        "dtype": args.dtype if args.sampling is None else None,  # sampled rows hold token ids only
         "teacher_dtype": args.teacher_dtype,
         "examples_per_shard": args.examples_per_shard,
         # the teacher's batches decide its padding, which moves bf16 results in the last bits: a resumed
@@ -166,12 +182,16 @@ def main(argv=None):
                                  logits_to_keep=keep, use_cache=False).logits
             for row in range(len(examples)):
                 log_p = torch.log_softmax(logits[row][counted[row, keep]].float(), dim=-1)
-                parts.append({k: v.cpu() for k, v in compress_rows(log_p, top_k).items()})
+                if args.sampling is not None:  # the draws of an example depend on the seed and its index only
+                    generator = torch.Generator().manual_seed(args.sampling_seed * 1_000_003 + batch_start + row)
+                    parts.append(sample_rows(log_p, args.sampling, generator))
+                else:
+                    parts.append({k: v.cpu() for k, v in compress_rows(log_p, top_k).items()})
                 offsets.append(offsets[-1] + log_p.shape[0])
         tokens += offsets[-1]
         try:
             with replacing(out / shard_name(shard)) as tmp:
-                save_file(shard_arrays(parts, offsets, top_k, vocab, args.dtype), str(tmp))  # no metadata: its
+                save_file(shard_arrays(parts, offsets, top_k, vocab, args.dtype, args.sampling), str(tmp))  # no metadata: its
                 # order in the header varies between runs, and the same shard should have the same bytes
                 os.chmod(tmp, 0o644)  # save_file makes a private file; the cache is shared by the runs of a sweep
         except (OSError, SafetensorError) as error:  # replacing() removed the half-written file

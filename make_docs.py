@@ -70,7 +70,8 @@ def methods_code_table() -> str:
         flags = ", ".join(f"`--{h.replace('_', '-')}` ({HYPERPARAMETERS[h].metadata['symbol']})"
                           for h in m.hyperparameters) or "—"
         fast = f"`fast_paths.{m.fast.__name__}`" if m.fast else "— (autograd of the formula)"
-        teacher = "—" if not m.needs_teacher else ("yes" if m.stored_teacher else "no")
+        teacher = "—" if not m.needs_teacher else ("no" if not m.stored_teacher else
+                                                   "top-K only (reads KL(q‖p))" if m.reverse_kl else "top-K or sampled")
         rows.append([f"`{m.name}`", f"`methods.{m.formula.__name__}`", fast, flags, "yes" if m.on_policy else "no", teacher])
     return markdown(["`--method`", "formula (kd/)", "hand-derived gradient (kd/)", "train_kd.py flags",
                      "`--on-policy-ratio`", "`--teacher-cache`"], rows, ["l"] * 6)
@@ -417,6 +418,40 @@ def teacher_cache_cost_table(data) -> str:
         ["the paper's training data at K = 128 fp16, GiB", f"{cost['paper_data_gib']:.2f}", cost["paper_data_note"]],
     ]
     return markdown(["quantity", "value", "measured"], rows, ["l", "r", "l"])
+
+
+def teacher_sampling_table(data, top_k=None) -> str:
+    """bench_teacher_cache.py, sampling: per KD method, top-K against sampled rows of the same bytes (K = the
+    cache's default, 128): relative error and bias of the loss and of the gradient, the flips."""
+    setup = next(value for value in data["setups"].values() if "sampling" in value)
+    top_k = top_k or data["settings"]["default_k"]
+    entry = next(row for row in setup["sampling"] if row["top_k"] == top_k)
+    rows = []
+    for method, kinds in entry["methods"].items():
+        cells = [method]
+        for kind in ("top_k", "sampled"):
+            r = kinds.get(kind)
+            if r is None:
+                cells += ["refused (KL(q‖p) of sparse rows)"] + ["–"] * 2
+                continue
+            floor = f" (floor {r['floor']:.1e})" if kind == "sampled" else ""
+            cells += [f"{r['loss_error']:.1e} / {r['loss_bias']:+.1e}", f"{r['grad_error']:.1e} / {r['grad_bias']:.1e}{floor}",
+                      f"{r['flips']:.4f}"]
+        rows.append(cells)
+    k, s = entry["top_k"], entry["sampling"]
+    return markdown(["method", f"top-K {k}: loss error / bias", "gradient error / bias", "flips",
+                     f"sampled {s}: loss error / bias", "gradient error / bias (floor)", "flips"], rows)
+
+
+def teacher_sampling_budget_table(data, methods=("forward", "noevo", "selfevo", "skew", "jsd")) -> str:
+    """bench_teacher_cache.py, sampling: the gradient's bias per byte budget, top-K against sampled rows."""
+    setup = next(value for value in data["setups"].values() if "sampling" in value)
+    rows = []
+    for entry in setup["sampling"]:
+        rows.append([f"{entry['bytes_per_position']['top_k']}", f"{entry['top_k']} / {entry['sampling']}"]
+                    + [f"{entry['methods'][m]['top_k']['grad_bias']:.1e} / {entry['methods'][m]['sampled']['grad_bias']:.1e}"
+                       for m in methods])
+    return markdown(["bytes per position", "K / S"] + [f"{m}: gradient bias top-K / sampled" for m in methods], rows)
 
 
 def headline_table() -> str:

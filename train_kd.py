@@ -118,14 +118,15 @@ from kd.data import (IGNORE_INDEX, TrainCollator, TranslationDataset, encode_pro
                      read_rows, shifted_targets)
 from kd.decoding import HFGenerator, decode_rounds, first_line
 from kd.gamma import AutoGamma
-from kd.taid import TaidSchedule
 from kd.io import (WriteError, describe_os_error, fail, fail_with, jsonl_text, read_appended_jsonl, read_json,
                    replacing_folder, write_json, write_jsonl, write_text)
 from kd.lora import add_adapters, merged_state_dict, target_problem, trainable_parameters
 from kd.metrics import corpus_bleu, corpus_chrf
 from kd.losses import KD_METHODS, REGISTRY, TARGET_MIX_METHODS, compute_loss, compute_loss_from_hidden, shared_vocab_size
+from kd.methods import reads_reverse_kl
 from kd.models import load_model, load_tokenizer, tokenizer_mismatch
 from kd.onpolicy import is_on_policy, sample_micro_batch, sampling_seed
+from kd.taid import TaidSchedule
 from kd.teacher_cache import TeacherCache, run_fingerprint
 from kd.train_args import CONFIG_ERROR, NOT_TRAINING_ARGS, REPORTED_ARGS, check_args  # noqa: F401
 from kd.train_args import parse_args as _parse_args
@@ -569,6 +570,12 @@ def setup_data(run, train_rows, valid_rows):
         except ValueError as error:
             fail(f"--teacher-cache {args.teacher_cache}", str(error), "pass a cache of a teacher of the student's "
                  "family", code=CONFIG_ERROR)
+        if run.teacher_cache.sampling and reads_reverse_kl(run.loss_config):
+            fail(f"--teacher-cache {args.teacher_cache} with --method {args.method}", f"the cache holds "
+                 f"{run.teacher_cache.sampling} sampled tokens per position (its manifest: sampling "
+                 f"{run.teacher_cache.sampling}), zero probability elsewhere, and this loss reads KL(q‖p), infinite "
+                 "wherever the student puts mass on a token not drawn", "pass --teacher, or a top-K cache "
+                 "(cache_teacher.py --top-k)", code=CONFIG_ERROR)
     if args.best_metric != "loss" or args.valid_decode_rows is not None:
         run.decode_rows = decode_subset(valid_rows, args.valid_decode_rows)
     run.tokenizer, run.vocab_size, run.directions = tokenizer, vocab_size, run.train_set.directions

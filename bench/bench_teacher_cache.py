@@ -9,6 +9,12 @@ Measured, written to --out (JSON) and printed:
                selfevo), the share of tokens whose hard/easy decision d > Γ flips (selfevo), the mean
                teacher tail mass (1 − top-K mass); the flips also at Γ = the median live d of
                the micro-batch (half the tokens hard: where the decision is most sensitive). Stored as fp32 (truncation alone) and in --dtype.
+  sampling     (with --teacher) per K of --top-k: top-K in --dtype against RS-KD's sampled rows
+               (cache_teacher.py --sampling S) of the same bytes per position (S = 2K + 2 draws of 2 bytes),
+               every KD method: the relative error of the loss and of its gradient, their bias (the error
+               of the mean over --draws independent draws: what remains in expectation; top-K draws nothing,
+               its bias is its error), the noise floor of that mean (error/√draws: a bias at the floor is no
+               bias), and the hard/easy flips of the selecting methods.
   cost         (with --teacher): train_kd.py seconds per optimizer step of SFT, of selfevo with the live
                teacher and with the cache; the CPU time to build the cache against one epoch of plain teacher
                forward passes (each timing repeated --repeats times, interleaved, the fastest kept); bytes per response position, and the size for the paper's 52,574 examples.
@@ -38,7 +44,8 @@ from kd.data import IGNORE_INDEX, TrainCollator, TranslationDataset
 from kd.io import read_jsonl, write_json
 from kd.losses import KD_METHODS, compute_loss
 from kd.models import load_model, load_tokenizer
-from kd.teacher_cache import compress_rows, dense_log_probs
+from kd.methods import LossConfig, reads_reverse_kl
+from kd.teacher_cache import compress_rows, dense_log_probs, sample_rows
 
 GAMMA = 0.4
 ALMA_EXAMPLES = 52574
@@ -125,6 +132,63 @@ def truncation(teacher_path, student_path, train_file, ks, dtype, examples):
     return table
 
 
+def relative(a, b):
+    return float((a - b).norm() / b.norm()) if b.norm() > 0 else float((a - b).norm())
+
+
+def sampling_vs_top_k(teacher_path, student_path, train_file, ks, dtype, examples, draws):
+    """Top-K (stored in dtype) against sampled rows of the same bytes, every KD method: error and bias of
+    the loss and the gradient against the live teacher, flips of the hard/easy decision."""
+    tokenizer = load_tokenizer(student_path)
+    teacher, student = load_model(teacher_path).eval(), load_model(student_path).eval()
+    parts = []
+    for batch in batches(train_file, tokenizer, examples, 16):
+        t_logits, labels = response_logits(teacher, batch)
+        s_logits, _ = response_logits(student, batch)
+        parts.append((torch.log_softmax(t_logits, -1), s_logits, labels))
+    vocab = parts[0][0].shape[1]
+    store_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    table = []
+    for top_k in ks:
+        if top_k >= vocab:
+            continue
+        samples = 2 * top_k + 2  # 2-byte ids (V <= 65536) in the bytes of K fp16 log-probs, K ids and one rest
+        stats = {m: {kind: {"loss_error": [], "loss_bias": [], "grad_error": [], "grad_bias": [], "floor": [],
+                            "flips": []} for kind in ("top_k", "sampled")} for m in KD_METHODS}
+        for index, (log_p, s_logits, labels) in enumerate(parts):
+            dense_k, _ = stored(log_p, top_k, store_dtype)
+            drawn = [dense_log_probs(None, sample_rows(log_p, samples, torch.Generator().manual_seed(
+                1000 * index + r))["token_ids"], None, vocab) for r in range(draws)]
+            for method in KD_METHODS:
+                live_loss, live_grad, live_hard = loss_and_grad(method, s_logits, log_p, labels)
+                kinds = {"top_k": [dense_k]}
+                if not reads_reverse_kl(LossConfig(method)):  # train_kd.py refuses those with a sampled cache
+                    kinds["sampled"] = drawn
+                for kind, teachers in kinds.items():
+                    results = [loss_and_grad(method, s_logits, teacher_rows, labels) for teacher_rows in teachers]
+                    losses = torch.tensor([r[0] for r in results], dtype=torch.float64)
+                    grads = torch.stack([r[1] for r in results])
+                    row = stats[method][kind]
+                    row["loss_error"].append(float((losses - live_loss).abs().mean()) / abs(live_loss))
+                    row["loss_bias"].append((float(losses.mean()) - live_loss) / abs(live_loss))
+                    errors = [relative(g, live_grad) for g in grads]
+                    row["grad_error"].append(sum(errors) / len(errors))
+                    row["grad_bias"].append(relative(grads.mean(0), live_grad))
+                    row["floor"].append(sum(errors) / len(errors) / math.sqrt(len(errors)))
+                    row["flips"].append(sum(float((r[2] != live_hard).float().mean()) for r in results) / len(results))
+        mean = lambda values: sum(values) / len(values)  # noqa: E731
+        entry = {"top_k": top_k, "sampling": samples, "dtype": dtype, "vocab": vocab, "draws": draws,
+                 "bytes_per_position": {"top_k": top_k * (2 + 2) + 4, "sampled": samples * 2},
+                 "methods": {m: {kind: {name: mean(values) for name, values in row.items()}
+                                 for kind, row in kinds_.items() if row["loss_error"]}
+                             for m, kinds_ in stats.items()}}
+        table.append(entry)
+        forward = entry["methods"]["forward"]
+        print(f"  K={top_k} / S={samples}: forward gradient bias {forward['top_k']['grad_bias']:.2e} (top-K) / "
+              f"{forward['sampled']['grad_bias']:.2e} (sampled, floor {forward['sampled']['floor']:.2e})", flush=True)
+    return table
+
+
 def parameters(path):
     return sum(p.numel() for p in load_model(path).parameters())
 
@@ -157,7 +221,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--gammas", default="0.1 0.2 0.3 0.4 0.5 0.6", help="fig2.sh's GAMMAS")
     parser.add_argument("--sweep-steps", type=int, default=4, help="optimizer steps per run of the sweep")
-    parser.add_argument("--parts", default="truncation,cost,sweep",
+    parser.add_argument("--draws", type=int, default=16, help="independent draws of the sampled rows (their bias)")
+    parser.add_argument("--parts", default="truncation,sampling,cost,sweep",
                         help="which parts to run; the others keep their results from --out when it exists")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each timing (the fastest counts)")
     parser.add_argument("--out", default="bench/results/bench_teacher_cache.json")
@@ -188,6 +253,11 @@ def main(argv=None):
                 print(f"truncation, trained teacher {args.teacher}", flush=True)
                 setup["truncation"] = truncation(args.teacher, args.student, args.train_file, args.top_k, args.dtype,
                                                  args.examples)
+                write_json(args.out, report)
+            if "sampling" in parts:
+                print(f"sampling against top-K, trained teacher {args.teacher}", flush=True)
+                setup["sampling"] = sampling_vs_top_k(args.teacher, args.student, args.train_file, args.top_k,
+                                                      args.dtype, args.examples, args.draws)
                 write_json(args.out, report)
             if "cost" in parts:
                 setup["cost"] = cost(args, work)

@@ -343,6 +343,7 @@ class Method:
     score: Optional[Callable] = None   # (log_q, log_p, target, c) -> [n]
     select: Optional[Callable] = None  # (scores [N], c) -> bool [N]
     moving_t: bool = False        # reads c.taid_t, which train_kd.py moves after every step (kd/taid.py)
+    reverse_kl: bool = False      # reads KL(q‖p): infinite against a sampled teacher, zero off its draws
 
 
 REGISTRY = {method.name: method for method in (
@@ -350,7 +351,7 @@ REGISTRY = {method.name: method for method in (
     Method("forward", "(1−λ)(−log q_t) + λ KL(p‖q)", "Eq. 3", forward, ("kd_ratio",), on_policy=True,
            fast=fast_paths.forward),
     Method("reverse", "(1−λ)(−log q_t) + λ KL(q‖p)", "Sec. 4.3", reverse, ("kd_ratio",), on_policy=True,
-           fast=fast_paths.reverse),
+           reverse_kl=True, fast=fast_paths.reverse),
     Method("noevo", "KL(ỹ‖q), ỹ = (1−α) y + α p", "Eq. 4", noevo, ("target_mix",), target_mix=True,
            fast=fast_paths.noevo),
     Method("skew", "KL(ỹ‖q̂), q̂ = β q + (1−β) ỹ (every token)", "Eq. 6-7", skew, ("target_mix", "beta"),
@@ -372,7 +373,7 @@ REGISTRY = {method.name: method for method in (
            on_policy=True, score=teacher_uncertainty, select=at_or_above_median),
     Method("akl", "(1−λ)(−log q_t) + λ [w KL(p‖q) + (1−w) KL(q‖p)], w = g_head / (g_head + g_tail), g = Σ |p_v − "
            "q_v| over the teacher's head (cumulative p ≤ μ) and tail", "beyond the paper: AKL (Wu et al., COLING 2025)",
-           akl, ("kd_ratio", "akl_mu"), on_policy=True),
+           akl, ("kd_ratio", "akl_mu"), on_policy=True, reverse_kl=True),
     Method("taid", "KL(r‖q), r = softmax((1−t) sg(z_q) + t z_p); t rises from t_start to t_end: "
            "t ← min(t_end, max(linear floor, t + α_t sigmoid(m)(1−t))), m the momentum (β_t) of the loss's relative "
            "change", "beyond the paper: TAID (Shing et al., ICLR 2025)", taid,
@@ -408,6 +409,11 @@ def _check_registry():
 
 
 _check_registry()
+
+
+def reads_reverse_kl(config: LossConfig) -> bool:
+    """Whether the loss of `config` holds a KL(q‖p), which a sparse (sampled) teacher makes infinite."""
+    return REGISTRY[config.method].reverse_kl or (config.method == "jsd" and config.jsd_beta == 1.0)
 
 
 def methods_reading(name: str) -> tuple:

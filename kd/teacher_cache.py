@@ -12,12 +12,22 @@ train file that fit --max-length) and per response position (where the shifted l
   log_rest  [T]     log of the remaining mass, log Σ_{v not in top-K} p_v (float32, log-sum-exp of
                     the others: no cancellation when the top-K hold almost everything)
 With --top-k all, log_probs is [T, V] (the full distribution) and there are no ids and no rest.
+With --sampling S (RS-KD, Anshumann et al., ACL 2025) there is only
+  token_ids [T, S]  S draws with replacement from the teacher's distribution p, sorted (a token
+                    drawn c times appears c times); each draw weighs 1/S
+at 2 bytes a draw for V <= 65536: S = 2K + 2 takes the bytes of top-K in fp16 (K·(2 + 2) + 4).
 
 How a stored row enters the losses (`TeacherCache.log_probs`): the dense log-distribution
     log p̃_v = stored log p_v            for v in the top-K,
     log p̃_v = log_rest − log(V − K)     for every other v   (the rest spread evenly),
 handed to kd/losses.py as the teacher's logits. p̃ sums to 1, so the losses' log-softmax leaves it as
 it is (up to rounding) and every KL stays finite; with --top-k all it is the teacher's distribution.
+A sampled row is p̂_v = (draws of v)/S: zero outside the drawn tokens, and E[p̂] = p, so every loss
+linear in p (forward KD's KL(p‖q) up to a constant, noevo's KL(ỹ‖q)) has the live teacher's
+gradient in expectation, where top-K's truncation is biased (RS-KD's argument). A loss that is not
+linear in p (skew, selfevo's d > Γ, JSD, TVD, ...) is biased with either (bench/bench_teacher_cache.py
+measures both), and a reverse KL(q‖p̂) is infinite wherever the student puts mass on an undrawn token:
+train_kd.py refuses those methods with a sampled cache.
 Cutting to the vocabulary shared with the student and renormalising there is the same as for live
 teacher logits (log_softmax of log-probabilities cut to V' equals log_softmax of the logits cut to V').
 
@@ -126,6 +136,14 @@ def token_id_dtype(vocab: int):
     return np.uint16 if vocab <= 2**16 else np.int32
 
 
+def sample_rows(log_p: torch.Tensor, draws: int, generator: torch.Generator) -> dict:
+    """The stored form of a sampled row set: `draws` tokens per row of log_p [T, V], drawn with
+    replacement from p (torch.multinomial on the CPU generator, so that a build is the same on any
+    device), sorted within each row."""
+    ids = torch.multinomial(log_p.float().exp().cpu(), draws, replacement=True, generator=generator)
+    return {"token_ids": ids.sort(dim=-1).values}
+
+
 def compress_rows(log_p: torch.Tensor, top_k: Optional[int]) -> dict:
     """The stored form of the teacher's log-probabilities log_p [T, V] (float32): the full rows
     (top_k None), or the top-K log-probs, their ids and the log of the rest."""
@@ -136,11 +154,16 @@ def compress_rows(log_p: torch.Tensor, top_k: Optional[int]) -> dict:
     return {"log_probs": values, "token_ids": ids, "log_rest": torch.logsumexp(others, dim=-1)}
 
 
-def shard_arrays(parts: list, offsets: list, top_k: Optional[int], vocab: int, dtype: str) -> dict:
-    """numpy arrays of one shard from the per-example compressed rows."""
+def shard_arrays(parts: list, offsets: list, top_k: Optional[int], vocab: int, dtype: str,
+                 sampling: Optional[int] = None) -> dict:
+    """numpy arrays of one shard from the per-example compressed (or sampled) rows."""
     def cat(name, empty_shape, empty_dtype):
         tensors = [part[name] for part in parts if name in part]
         return torch.cat(tensors) if tensors else torch.zeros(empty_shape, dtype=empty_dtype)
+
+    if sampling is not None:
+        return {"token_offsets": np.asarray(offsets, dtype=np.int64),
+                "token_ids": cat("token_ids", (0, sampling), torch.long).numpy().astype(token_id_dtype(vocab))}
 
     width = vocab if top_k is None else top_k
     log_probs = cat("log_probs", (0, width), torch.float32)
@@ -158,12 +181,17 @@ def shard_arrays(parts: list, offsets: list, top_k: Optional[int], vocab: int, d
 # ----------------------------------------------------------------------------- reading
 
 
-def dense_log_probs(log_probs: torch.Tensor, ids: Optional[torch.Tensor], log_rest: Optional[torch.Tensor],
+def dense_log_probs(log_probs: Optional[torch.Tensor], ids: Optional[torch.Tensor], log_rest: Optional[torch.Tensor],
                     vocab: int) -> torch.Tensor:
     """log p̃ [T, V] of stored rows: the top-K log-probs at their ids, log_rest − log(V − K) elsewhere
-    (the rest spread evenly); rows without ids are the full distribution already."""
+    (the rest spread evenly); rows without ids are the full distribution already; sampled rows (ids
+    only) are log of (draws of v)/S, −inf at the tokens not drawn."""
     if ids is None:
         return log_probs
+    if log_probs is None:
+        counts = torch.zeros(ids.shape[0], vocab, dtype=torch.float32).scatter_add_(
+            1, ids, torch.ones(ids.shape, dtype=torch.float32))
+        return (counts / ids.shape[1]).log()
     spread = log_rest - math.log(vocab - ids.shape[1])  # each other token's share of the rest, in log
     return spread[:, None].expand(-1, vocab).clone().scatter_(1, ids, log_probs)
 
@@ -194,7 +222,8 @@ class TeacherCache:
                  "build a cache for this run (cache_teacher.py with its --train-file, --max-length and the "
                  "student's tokenizer) or pass --teacher", code=CONFIG_ERROR)
         self.vocab = self.manifest["vocab_size"]
-        self.top_k = self.manifest["top_k"]  # None: the full distribution
+        self.top_k = self.manifest["top_k"]  # None: the full distribution (or sampled rows)
+        self.sampling = self.manifest.get("sampling")  # S draws per position (RS-KD), or None
         self.per_shard = self.manifest["examples_per_shard"]
         self._open = {}
         self._verify()
@@ -210,7 +239,7 @@ class TeacherCache:
         from safetensors import SafetensorError, safe_open
 
         manifest = self.manifest
-        width = self.vocab if self.top_k is None else self.top_k
+        width = self.sampling or (self.vocab if self.top_k is None else self.top_k)
         shards = manifest["shards"]
         if len(shards) != math.ceil(manifest["examples"] / self.per_shard):
             self._bad_shard("(all)", f"{len(shards)} shards for {manifest['examples']} examples of "
@@ -235,12 +264,16 @@ class TeacherCache:
             except (SafetensorError, OSError, ValueError, KeyError) as error:
                 self._bad_shard(shard["file"], f"cannot be read ({error})")
             positions = shard["positions"]
-            expected = {"token_offsets": (examples + 1,), "log_probs": (positions, width)}
-            if self.top_k is not None:
-                expected.update(token_ids=(positions, width), log_rest=(positions,))
+            if self.sampling:
+                expected = {"token_offsets": (examples + 1,), "token_ids": (positions, width)}
+            else:
+                expected = {"token_offsets": (examples + 1,), "log_probs": (positions, width)}
+                if self.top_k is not None:
+                    expected.update(token_ids=(positions, width), log_rest=(positions,))
             if shapes != expected or int(offsets[-1]) != positions:
                 self._bad_shard(shard["file"], f"holds arrays of shapes {shapes}, the manifest (top_k "
-                                               f"{self.top_k}, vocab {self.vocab}) says {expected}")
+                                               f"{self.top_k}, sampling {self.sampling}, vocab {self.vocab}) says "
+                                               f"{expected}")
 
     def _shard(self, index):
         if index not in self._open:
@@ -257,10 +290,13 @@ class TeacherCache:
         return self._open[index]
 
     def example_rows(self, example: int):
-        """(log_probs [T, K or V] float32, token_ids [T, K] int64 or None, log_rest [T] or None) of one example."""
+        """(log_probs [T, K or V] float32, token_ids [T, K] int64 or None, log_rest [T] or None) of one example;
+        sampled rows: (None, token_ids [T, S], None)."""
         handle, offsets = self._shard(example // self.per_shard)
         local = example % self.per_shard
         start, end = int(offsets[local]), int(offsets[local + 1])
+        if self.sampling:
+            return None, torch.from_numpy(np.asarray(handle.get_slice("token_ids")[start:end], dtype=np.int64)), None
         raw = handle.get_slice("log_probs")[start:end]
         if self.manifest["dtype"] == "bf16":
             log_probs = torch.from_numpy(np.ascontiguousarray(raw).view(np.int16)).view(torch.bfloat16).float()
@@ -278,8 +314,9 @@ class TeacherCache:
         rows = []
         for example, count in zip(examples.tolist(), counts.tolist()):
             log_probs, ids, rest = self.example_rows(example)
-            if log_probs.shape[0] != count:
-                fail(f"{self.argument} {self.folder}", f"example {example} has {log_probs.shape[0]} stored response "
+            stored = (ids if log_probs is None else log_probs).shape[0]
+            if stored != count:
+                fail(f"{self.argument} {self.folder}", f"example {example} has {stored} stored response "
                      f"positions, this run counts {count}", "build the cache for this run's data and tokenizer")
             rows.append(dense_log_probs(log_probs, ids, rest, self.vocab))
         dense = torch.cat(rows) if rows else torch.zeros(0, self.vocab)

@@ -45,11 +45,18 @@ def test_bench_teacher_cache_runs(tiny_models, demo_data, tmp_path):
     out = tmp_path / "teacher_cache.json"
     run_bench("bench_teacher_cache.py", "--teacher", tiny_models["teacher"], "--student", tiny_models["student"],
               "--train-file", demo_data / "train.jsonl", "--top-k", "8", "--default-k", "8", "--examples", "8",
-              "--steps", "1", "--sweep-steps", "1", "--gammas", "0.4", "--batch-size", "8", "--out", out)
+              "--steps", "1", "--sweep-steps", "1", "--gammas", "0.4", "--batch-size", "8", "--draws", "4",
+              "--out", out)
     report = json.loads(out.read_text())
     trained = report["setups"][f"trained teacher {tiny_models['teacher']}"]
     assert {row["top_k"] for row in trained["truncation"]} == {8}
     assert trained["cost"]["cache_step_over_sft"] > 0 and trained["sweep"]["runs"] == 1
+    (sampling,) = trained["sampling"]
+    assert (sampling["top_k"], sampling["sampling"], sampling["draws"]) == (8, 18, 4)
+    assert sampling["bytes_per_position"] == {"top_k": 36, "sampled": 36}
+    for method, kinds in sampling["methods"].items():  # top-K draws nothing: its bias is its error
+        assert kinds["top_k"]["grad_bias"] == pytest.approx(kinds["top_k"]["grad_error"], rel=1e-9), method
+        assert ("sampled" in kinds) == (method not in ("reverse", "akl")), method
 
 
 @pytest.mark.slow
