@@ -137,7 +137,7 @@ CHECKPOINT_NAME = re.compile(r"^(step|epoch)_(\d+)$")
 STAT_COLUMNS = 5
 # the methods with hard tokens (the skewed loss acts there): skew (every token) and the selecting ones
 HARD_TOKEN_METHODS = tuple(m for m in TARGET_MIX_METHODS if REGISTRY[m].hard != "none")
-# The collapse of the skewed loss (README, "The collapse"): over the last COLLAPSE_WINDOWS logging windows
+# The collapse of the skewed loss (study/README.md, "Protocols and R5"): over the last COLLAPSE_WINDOWS logging windows
 # the mean d of the hard tokens rose by at least COLLAPSE_RISE (relative, and in all but one of the
 # window-to-window steps) while the training loss fell and the mean d of all tokens did not fall.
 COLLAPSE_WINDOWS, COLLAPSE_RISE = 5, 0.05
@@ -1017,7 +1017,7 @@ def collapse_signature(windows, method="selfevo", beta=0.5):
             f"{difficulty[-1]:.2f}): the signature of the collapse of the skewed loss. Its per-token loss is bounded by "
             f"-log(1-β) = {bound:.2f} and a hard token the student gets badly wrong sits near that bound with almost "
             f"no pull on its reference (about βq/(1-β) of noevo's), so the hard tokens stop learning while the easy "
-            f"ones improve (README: the collapse). Watch the validation BLEU (--best-metric bleu); a larger --beta and "
+            f"ones improve (study/README.md, R5). Watch the validation BLEU (--best-metric bleu); a larger --beta and "
             f"selfevo_token are the variants the study measured.")
 
 

@@ -67,7 +67,7 @@ read -r -a TABLE1_KD_SYSTEMS <<<"$("$PYTHON" "$REPO_ROOT/kd/systems.py" list tab
 # The pipeline settings that the systems' flags read (KD_RATIO, BETA, ...), passed to kd/systems.py
 read -r -a SYSTEM_SETTINGS <<<"$("$PYTHON" "$REPO_ROOT/kd/systems.py" settings)"
 
-# The stored teacher (cache_teacher.py; README "A stored teacher"): K and the storage precision.
+# The stored teacher (cache_teacher.py; bench/README.md, "A stored teacher"): K and the storage precision.
 : "${TEACHER_CACHE:=0}"
 : "${TEACHER_CACHE_TOP_K:=128}"
 : "${TEACHER_CACHE_DTYPE:=fp16}"

@@ -18,7 +18,7 @@ set -euo pipefail
 
 # ---- settings (each overridable from the environment) ----
 : "${EXP:=fig2}"
-: "${TEACHER_CACHE:=1}"   # one teacher pass for all KD runs (README "A stored teacher"); 0: live teacher
+: "${TEACHER_CACHE:=1}"   # one teacher pass for all KD runs (bench/README.md, "A stored teacher"); 0: live teacher
 : "${GAMMAS:=0.1 0.2 0.3 0.4 0.5 0.6}"        # Fig. 2a
 : "${TOPKS:=0.1 0.2 0.3 0.4 0.5}"             # Fig. 2b (fraction of the batch's tokens)
 : "${BETAS:=0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9}"   # Fig. 2c

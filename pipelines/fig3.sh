@@ -16,7 +16,7 @@ set -euo pipefail
 
 # ---- settings (each overridable from the environment) ----
 : "${EXP:=fig3}"
-: "${TEACHER_CACHE:=1}"   # one teacher pass for all KD runs (README "A stored teacher"); 0: live teacher
+: "${TEACHER_CACHE:=1}"   # one teacher pass for all KD runs (bench/README.md, "A stored teacher"); 0: live teacher
 : "${SCHEDULES:=0.5:0.5 0.5:0.0 0.5:0.25 0.7:0.0 0.9:0.5}"
 : "${EVAL_SPLIT:=test}"
 # shellcheck source=pipelines/paper.sh disable=SC1091

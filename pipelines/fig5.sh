@@ -16,7 +16,7 @@ set -euo pipefail
 
 # ---- settings (each overridable from the environment) ----
 : "${EXP:=fig5}"
-: "${TEACHER_CACHE:=1}"   # one teacher pass for all KD runs (README "A stored teacher"); 0: live teacher
+: "${TEACHER_CACHE:=1}"   # one teacher pass for all KD runs (bench/README.md, "A stored teacher"); 0: live teacher
 : "${LAMBDAS:=0.3 0.5 0.7 1.0}"
 : "${EVAL_SPLIT:=test}"
 : "${REFERENCE_TABLE:=table1}"    # whose forward/selfevo results are drawn as reference lines

@@ -4,7 +4,7 @@
 #
 #   bash pipelines/quickstart.sh
 #
-# The study's regime R1 (pipelines/regimes.sh; README: "Does it reproduce?") at quickstart size:
+# The study's regime R1 (pipelines/regimes.sh; study/README.md) at quickstart size:
 #   1. the embedded demo task (prepare_data.py --demo: synthetic de<->en and cs<->en) with its
 #      monolingual corpus (--demo-monolingual), a tiny Llama teacher (4 layers x 128) and a student
 #      of about half its parameters (3 x 96), with a tokenizer trained here (make_tiny_models.py);
@@ -14,8 +14,10 @@
 #      skew, selfevo at the paper's λ = α = β = 0.5, Γ = 0.4) from the student's base model, and
 #      sequence-level KD (seqkd: the student's SFT on the teacher's greedy translations of the
 #      training set, Kim & Rush 2016), each trained to convergence (up to EPOCHS epochs, stopped
-#      after PATIENCE epochs without a better validation loss but not before MIN_EPOCHS) and kept at
-#      its best validation checkpoint; two trainings at once (LANES, one per core). NoEvo KD is not
+#      after PATIENCE epochs without a better validation BLEU but not before MIN_EPOCHS) and kept at
+#      its best validation-BLEU checkpoint (QUICKSTART_PROTOCOL=converge_bleu; a system whose kept
+#      checkpoint is its first is shown in words, not as a number); two trainings at once (LANES, one
+#      per core). NoEvo KD is not
 #      run: at λ = α it has exactly forward KD's gradient, so its row would repeat forward's (a
 #      first run of this quickstart showed it to the last digit; the study runs it once in R1);
 #   4. greedy translation of the 4 test directions, BLEU/chrF (COMET when COMET_MODEL is set),
@@ -67,7 +69,7 @@ set -euo pipefail
 # how every system is trained and selected (regimes.sh): converge_bleu, to convergence with early
 # stopping on the validation BLEU and its best-BLEU checkpoint (the study's first protocol, converge,
 # stopped on the validation loss: for the skewed methods it rises for the first epochs, and a run
-# whose teacher came out stronger kept an untrained epoch-1 checkpoint: README)
+# whose teacher came out stronger kept an untrained epoch-1 checkpoint: study/README.md)
 : "${QUICKSTART_PROTOCOL:=converge_bleu}"
 : "${LANES:=2}"                 # trainings at once (one per core)
 : "${THREADS:=1}"               # torch threads per process (OMP_NUM_THREADS): tiny matrices gain
@@ -86,7 +88,7 @@ if [[ "$QUICK" == 1 ]]; then
 else
   # R1 at quickstart size: R1's data, models and epochs, 50 test sentences a direction instead of
   # 100: 1,000 training rows, 2,000 monolingual sentences a language (with 1,000 the base models
-  # were weaker and the skewed methods were still far from converged at epoch 33: README), the
+  # were weaker and the skewed methods were still far from converged at epoch 33: study/README.md), the
   # teacher 4x128, the student 3x96 (0.52x its parameters).
   : "${TRAIN_PAIRS:=250}" "${EVAL_PAIRS:=50}" "${MONO_SENTENCES:=2000}" "${VOCAB_SIZE:=1000}"
   : "${TEACHER_SIZE:=4 128 4}" "${STUDENT_SIZE:=3 96 4}"
@@ -113,7 +115,7 @@ fi
 : "${DATA_SEED:=$SEED}" "${MODEL_SEED:=0}"
 if [[ -z "$DATA_DIR" ]]; then
   # The KD runs read the teacher's distributions from a cache built once after the teacher
-  # (cache_teacher.py): a KD step then costs about an SFT step instead of 1.35x (README, "A stored
+  # (cache_teacher.py): a KD step then costs about an SFT step instead of 1.35x (bench/README.md, "A stored
   # teacher"). K = all in fp32 stores the full distribution, so the runs are the live teacher's.
   : "${TEACHER_CACHE:=1}" "${TEACHER_CACHE_TOP_K:=all}" "${TEACHER_CACHE_DTYPE:=fp32}"
 fi

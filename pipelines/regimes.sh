@@ -24,7 +24,7 @@
 #       each language pair); everything else R1's
 # (R0, the first quickstart's regime, is in study.sh: it reuses common.sh's table_pipeline.)
 #
-# ---- the protocols (README, "Does it reproduce?"; PROTOCOL of run_regime) ----
+# ---- the protocols (study/preregistration_protocols.md; PROTOCOL of run_regime) ----
 #   converge  every system trained to convergence: early stopping on the validation loss (PATIENCE,
 #             MIN_EPOCHS, up to EPOCHS), best validation-loss checkpoint (the study's first protocol)
 #   paper     the paper's: SFT systems as converge (best validation checkpoint); KD systems a fixed

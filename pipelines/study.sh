@@ -2,11 +2,11 @@
 # The fidelity study: does Self-Evolution KD do what the paper says, and when? Pre-registered
 # regimes on the demo task, every regime varying one factor from R1, at least 3 seeds a cell.
 #
-#   bash pipelines/study.sh                     # every regime (projected: about 3 hours on 2 CPU cores)
+#   bash pipelines/study.sh                     # every regime (converge: about 4.3 hours on 2 CPU cores)
 #   REGIMES="R1" bash pipelines/study.sh        # one regime
 #   QUICK=1 OUT=/tmp/s bash pipelines/study.sh  # a few steps, 1 seed: what the tests run
 #
-# Regimes (README: "Does it reproduce?"; the settings below were fixed before any result was seen,
+# Regimes (study/README.md; the settings below were fixed before any result was seen,
 # for the reasons written next to them):
 #   R0  the first quickstart's regime: random-init student, 150 SFT warm-up steps, 150 KD steps,
 #       final checkpoint (the reference the study starts from)
@@ -18,7 +18,7 @@
 #   R3  R1 with a student of about a fifth of the teacher's parameters
 #   R4  R1 with a random-init student
 #   R5  R1 with a much stronger teacher: its SFT sees 4x the students' training pairs (the fidelity
-#       issue's collapse of Self-Evolution KD: fixed before the regime was run, README)
+#       issue's collapse of Self-Evolution KD: fixed before the regime was run: study/preregistration_protocols.md)
 # Systems in R1 (STUDY_SYSTEMS): student SFT, forward, reverse, skew, selfevo (Γ = 0.4), selfevo top-K
 # (K = 0.3), and selfevo_token (hard tokens learn toward the detached mixture: NOT the paper's Eq. 7,
 # the token-level self-evolution target of the work the paper builds on), at λ = α = β = 0.5.
@@ -74,7 +74,7 @@ else
   : "${TEACHER_SIZE:=4 128 4}" "${STUDENT_SIZE:=3 96 4}" "${SMALL_STUDENT_SIZE:=2 64 2}"
   # Base models: 2 epochs of the monolingual corpus. Task training: up to EPOCHS epochs, stopped
   # after PATIENCE epochs without a better validation loss but not before MIN_EPOCHS, best
-  # checkpoint. The calibration run (README) saw selfevo's validation loss rise for 2 epochs before
+  # checkpoint. The calibration run (study/README.md) saw selfevo's validation loss rise for 2 epochs before
   # it fell, and still fall at epoch 16 where forward KD had stopped improving, and a quickstart run
   # saw it rise for 4 epochs: hence the generous cap, patience and minimum. The first R1 run, with a
   # 40-epoch cap, had every seed of selfevo at the cap, still improving: by the pre-registered rule the

@@ -24,7 +24,7 @@ set -euo pipefail
 
 # ---- settings (each overridable from the environment) ----
 : "${EXP:=table1}"
-: "${TEACHER_CACHE:=1}"   # one teacher pass for all KD runs (README "A stored teacher"); 0: live teacher
+: "${TEACHER_CACHE:=1}"   # one teacher pass for all KD runs (bench/README.md, "A stored teacher"); 0: live teacher
 # shellcheck source=pipelines/paper.sh disable=SC1091
 source "$(dirname "${BASH_SOURCE[0]}")/paper.sh"
 use_experiment "$EXP"
