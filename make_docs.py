@@ -505,7 +505,7 @@ def _tables():
         "study:seeds": lambda: seeds_table(regime_summaries()),
         "bench:headline": headline_table,
         "bench:losses": lambda: losses_table(read_json(BENCH / "bench_losses.json")),
-        "bench:losses-autograd": lambda: losses_autograd_table(read_json(BENCH / "bench_losses.json")),
+        "bench:losses-autograd": lambda: losses_autograd_table(read_json(BENCH / "bench_losses_autograd.json")),
         "bench:losses-1thread": lambda: losses_table(read_json(BENCH / "bench_losses_1thread_forward_noevo_selfevo.json")),
         "bench:train-step": lambda: train_step_table(read_json(BENCH / "bench_train_step.json")),
         "bench:train-step-variants": lambda: train_step_variants_table(read_json(BENCH / "bench_train_step_variants.json")),
