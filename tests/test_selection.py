@@ -185,22 +185,26 @@ def windows(hard, loss, difficulty):
 
 
 def test_collapse_signature_fires_on_the_collapse_and_not_on_a_healthy_run():
-    # the collapse: the hard tokens' d climbs while the loss falls and the mean d does not fall
-    collapse = windows(hard=[3.3, 3.5, 3.7, 3.9, 4.2], loss=[0.60, 0.57, 0.55, 0.52, 0.50],
-                       difficulty=[3.0, 3.1, 3.2, 3.3, 3.5])
+    # the collapse (R5's selfevo, seed 1, steps 40-80): the hard tokens' d and the mean d climb while the loss falls
+    collapse = windows(hard=[3.84, 4.02, 4.49, 5.10, 5.47], loss=[0.442, 0.430, 0.421, 0.402, 0.407],
+                       difficulty=[2.65, 2.70, 2.95, 3.11, 3.39])
     message = train_kd.collapse_signature(collapse, "selfevo", beta=0.5)
-    assert message.startswith("selfevo: the mean difficulty d = KL(ỹ‖q) of the hard tokens rose 3.30 -> 4.20 "
-                              "over the last 5 logging windows (steps 10-50) while the training loss fell 0.600 -> "
-                              "0.500")
+    assert message.startswith("selfevo: the mean difficulty d = KL(ỹ‖q) of the hard tokens rose 3.84 -> 5.47 "
+                              "over the last 5 logging windows (steps 10-50) while the training loss fell 0.442 -> "
+                              "0.407 and the mean d of all tokens rose too (2.65 -> 3.39)")
     assert "-log(1-β) = 0.69" in message
+    # a transient rise of a run that learned (the quickstart's skew: every token hard, +12 %): no warning
+    transient = windows(hard=[2.50, 2.55, 2.62, 2.70, 2.80], loss=[0.50, 0.49, 0.48, 0.47, 0.46],
+                        difficulty=[2.50, 2.55, 2.62, 2.70, 2.80])
+    assert train_kd.collapse_signature(transient, "skew") is None
     # healthy: d of every token falls (the hard set shrinks to the hardest tokens, whose mean d may rise)
     healthy = windows(hard=[3.3, 3.5, 3.7, 3.9, 4.2], loss=[0.60, 0.57, 0.55, 0.52, 0.50],
                       difficulty=[3.0, 2.6, 2.1, 1.7, 1.2])
     assert train_kd.collapse_signature(healthy) is None
     assert train_kd.collapse_signature(collapse[:4]) is None                                  # too few windows
-    rising_loss = windows([3.3, 3.5, 3.7, 3.9, 4.2], [0.50, 0.52, 0.55, 0.57, 0.60], [3.0] * 5)
+    rising_loss = windows([3.3, 3.5, 3.7, 3.9, 4.2], [0.50, 0.52, 0.55, 0.57, 0.60], [3.0, 3.2, 3.4, 3.6, 3.8])
     assert train_kd.collapse_signature(rising_loss) is None                                   # no learning at all
-    noisy = windows([3.3, 3.6, 3.4, 3.7, 3.5], [0.60, 0.57, 0.55, 0.52, 0.50], [3.0] * 5)
+    noisy = windows([3.3, 4.2, 3.4, 4.3, 4.1], [0.60, 0.57, 0.55, 0.52, 0.50], [3.0, 3.2, 3.4, 3.6, 3.8])
     assert train_kd.collapse_signature(noisy) is None                                         # no steady rise
     assert train_kd.collapse_signature(windows([None] * 5, [0.6] * 5, [3.0] * 5)) is None    # no hard token
 
