@@ -23,6 +23,7 @@ The tables (every table of numbers in the documents is one of these):
   study:gammaauto-vs-selfevo      the same for --gamma auto against Γ = 0.4
   study:seeds                     every regime's average BLEU per seed
   mechanism:<run>[:bins|:by-start|:frequency]   study/mechanism_<run>/mechanism.json
+  mechanism:<run>:collapse        study/mechanism_<run>/collapse.json (mechanism.py --snapshots)
   bench:*                         bench/results/*.json
 Every name must be used by a document (tests/test_docs.py), so a new summary without its table in
 the write-up fails the tests.
@@ -71,7 +72,7 @@ def methods_code_table() -> str:
                           for h in m.hyperparameters) or "—"
         fast = f"`fast_paths.{m.fast.__name__}`" if m.fast else "— (autograd of the formula)"
         teacher = "—" if not m.needs_teacher else ("no" if not m.stored_teacher else
-                                                   "top-K only (reads KL(q‖p))" if m.reverse_kl else "top-K or sampled")
+                                                   "top-K or sampled" if m.linear_in_p else "top-K")
         rows.append([f"`{m.name}`", f"`methods.{m.formula.__name__}`", fast, flags, "yes" if m.on_policy else "no", teacher])
     return markdown(["`--method`", "formula (kd/)", "hand-derived gradient (kd/)", "train_kd.py flags",
                      "`--on-policy-ratio`", "`--teacher-cache`"], rows, ["l"] * 6)
@@ -300,6 +301,21 @@ def mechanism_by_start_table(data) -> str:
     return markdown(["d at step 0", "tokens", "mean d, step 0"] + [f"{m}, step {steps}" for m in methods], rows)
 
 
+def mechanism_collapse_table(data) -> str:
+    """mechanism.py --snapshots: the skewed loss during training, per method and snapshot."""
+    def cell(value, digits=2):
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    rows = []
+    for method, snapshots in data["methods"].items():
+        for snap in snapshots:
+            rows.append([method, snap["step"], cell(snap["hard_fraction"]), cell(snap["mean_d"]), cell(snap["mean_d_hard"]),
+                         cell(snap["hard_near_bound"]), cell(snap["hard_loss_over_bound_mean"]),
+                         cell(snap["hard_q_ref_median"], 3), cell(snap["hard_pull_ratio_median"], 3)])
+    return markdown(["method", "step", "hard fraction", "mean d", "mean d (hard)", "hard near the bound",
+                     "hard: loss / bound", "hard: median q of the reference", "hard: median pull / KL(ỹ‖q)'s"], rows)
+
+
 def mechanism_frequency_table(data) -> str:
     """Hard fraction and mean d by frequency bucket of the target token (1: the rarest), step 0 and after."""
     methods = list(data["methods"])
@@ -521,6 +537,9 @@ def _tables():
         for suffix, build in (("", mechanism_table), (":bins", mechanism_bins_table),
                               (":by-start", mechanism_by_start_table), (":frequency", mechanism_frequency_table)):
             tables[f"mechanism:{run}{suffix}"] = lambda path=path, build=build: build(read_json(path))
+        if (path.parent / "collapse.json").is_file():
+            tables[f"mechanism:{run}:collapse"] = lambda path=path: mechanism_collapse_table(
+                read_json(path.parent / "collapse.json"))
     return tables
 
 

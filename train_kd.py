@@ -123,7 +123,6 @@ from kd.io import (WriteError, describe_os_error, fail, fail_with, jsonl_text, r
 from kd.lora import add_adapters, merged_state_dict, target_problem, trainable_parameters
 from kd.metrics import corpus_bleu, corpus_chrf
 from kd.losses import KD_METHODS, REGISTRY, TARGET_MIX_METHODS, compute_loss, compute_loss_from_hidden, shared_vocab_size
-from kd.methods import reads_reverse_kl
 from kd.models import load_model, load_tokenizer, tokenizer_mismatch
 from kd.onpolicy import is_on_policy, sample_micro_batch, sampling_seed
 from kd.taid import TaidSchedule
@@ -572,11 +571,12 @@ def setup_data(run, train_rows, valid_rows):
         except ValueError as error:
             fail(f"--teacher-cache {args.teacher_cache}", str(error), "pass a cache of a teacher of the student's "
                  "family", code=CONFIG_ERROR)
-        if run.teacher_cache.sampling and reads_reverse_kl(run.loss_config):
+        if run.teacher_cache.sampling and not REGISTRY[args.method].linear_in_p:
             fail(f"--teacher-cache {args.teacher_cache} with --method {args.method}", f"the cache holds "
                  f"{run.teacher_cache.sampling} sampled tokens per position (its manifest: sampling "
-                 f"{run.teacher_cache.sampling}), zero probability elsewhere, and this loss reads KL(q‖p), infinite "
-                 "wherever the student puts mass on a token not drawn", "pass --teacher, or a top-K cache "
+                 f"{run.teacher_cache.sampling}): unbiased only for the losses linear in p ("
+                 f"{', '.join(m for m, entry in REGISTRY.items() if entry.linear_in_p)}), and this one is not (its bias "
+                 "and noise: bench/README.md, 'A stored teacher')", "pass --teacher, or a top-K cache "
                  "(cache_teacher.py --top-k)", code=CONFIG_ERROR)
     if args.best_metric != "loss" or args.valid_decode_rows is not None:
         run.decode_rows = decode_subset(valid_rows, args.valid_decode_rows)

@@ -44,7 +44,7 @@ from kd.data import IGNORE_INDEX, TrainCollator, TranslationDataset
 from kd.io import read_jsonl, write_json
 from kd.losses import KD_METHODS, compute_loss
 from kd.models import load_model, load_tokenizer
-from kd.methods import LossConfig, reads_reverse_kl
+from kd.methods import REGISTRY
 from kd.teacher_cache import compress_rows, dense_log_probs, sample_rows
 
 GAMMA = 0.4
@@ -162,7 +162,7 @@ def sampling_vs_top_k(teacher_path, student_path, train_file, ks, dtype, example
             for method in KD_METHODS:
                 live_loss, live_grad, live_hard = loss_and_grad(method, s_logits, log_p, labels)
                 kinds = {"top_k": [dense_k]}
-                if not reads_reverse_kl(LossConfig(method)):  # train_kd.py refuses those with a sampled cache
+                if not REGISTRY[method].reads_q_over_p:  # KL(q‖p̂) is infinite on the zeros of sampled rows
                     kinds["sampled"] = drawn
                 for kind, teachers in kinds.items():
                     results = [loss_and_grad(method, s_logits, teacher_rows, labels) for teacher_rows in teachers]
@@ -233,7 +233,7 @@ def main(argv=None):
     report = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {"setups": {}}
     report.update({"settings": vars(args), "torch_threads": torch.get_num_threads()})
     try:
-        if "truncation" in parts:
+        if "truncation" in parts or "sampling" in parts:
             import make_tiny_models
             import prepare_data
 
@@ -242,10 +242,16 @@ def main(argv=None):
                                           "--vocab-size", "600", "--teacher-layers", "2", "--teacher-hidden", "64",
                                           "--teacher-heads", "2", "--student-layers", "1", "--student-hidden", "32",
                                           "--student-heads", "2"])
-            print("truncation, tiny models (random init, vocabulary 600)", flush=True)
-            report["setups"].setdefault("tiny (tests' models, random init)", {})["truncation"] = truncation(
-                str(tiny["teacher"]), str(tiny["student"]), work / "data" / "train.jsonl", args.top_k, args.dtype,
-                args.examples)
+            setup = report["setups"].setdefault("tiny (tests' models, random init)", {})
+            if "truncation" in parts:
+                print("truncation, tiny models (random init, vocabulary 600)", flush=True)
+                setup["truncation"] = truncation(str(tiny["teacher"]), str(tiny["student"]), work / "data" / "train.jsonl",
+                                                 args.top_k, args.dtype, args.examples)
+            if "sampling" in parts:
+                print("sampling against top-K, tiny models (random init: the worst case of truncation)", flush=True)
+                setup["sampling"] = sampling_vs_top_k(str(tiny["teacher"]), str(tiny["student"]),
+                                                      work / "data" / "train.jsonl", args.top_k, args.dtype,
+                                                      args.examples, args.draws)
             write_json(args.out, report)
         if args.teacher:
             setup = report["setups"].setdefault(f"trained teacher {args.teacher}", {})

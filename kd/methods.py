@@ -343,17 +343,20 @@ class Method:
     score: Optional[Callable] = None   # (log_q, log_p, target, c) -> [n]
     select: Optional[Callable] = None  # (scores [N], c) -> bool [N]
     moving_t: bool = False        # reads c.taid_t, which train_kd.py moves after every step (kd/taid.py)
-    reverse_kl: bool = False      # reads KL(q‖p): infinite against a sampled teacher, zero off its draws
+    # linear in p: a sampled teacher (cache_teacher.py --sampling, E[p̂] = p) gives its gradient in
+    # expectation; the other losses are biased by one (bench/README.md) and refuse a sampled cache
+    linear_in_p: bool = False
+    reads_q_over_p: bool = False  # holds KL(q‖p): undefined (infinite) on a sampled teacher's zeros
 
 
 REGISTRY = {method.name: method for method in (
     Method("sft", "−log q_t", "Eq. 2", sft, needs_teacher=False, fast=fast_paths.sft),
     Method("forward", "(1−λ)(−log q_t) + λ KL(p‖q)", "Eq. 3", forward, ("kd_ratio",), on_policy=True,
-           fast=fast_paths.forward),
+           linear_in_p=True, fast=fast_paths.forward),
     Method("reverse", "(1−λ)(−log q_t) + λ KL(q‖p)", "Sec. 4.3", reverse, ("kd_ratio",), on_policy=True,
-           reverse_kl=True, fast=fast_paths.reverse),
+           reads_q_over_p=True, fast=fast_paths.reverse),
     Method("noevo", "KL(ỹ‖q), ỹ = (1−α) y + α p", "Eq. 4", noevo, ("target_mix",), target_mix=True,
-           fast=fast_paths.noevo),
+           linear_in_p=True, fast=fast_paths.noevo),
     Method("skew", "KL(ỹ‖q̂), q̂ = β q + (1−β) ỹ (every token)", "Eq. 6-7", skew, ("target_mix", "beta"),
            target_mix=True, hard="all", fast=fast_paths.skew),
     Method("selfevo", "d = KL(ỹ‖q) (no gradient); KL(ỹ‖q̂) if d > Γ else KL(ỹ‖q); with top-K: the round(K·N) "
@@ -373,7 +376,7 @@ REGISTRY = {method.name: method for method in (
            on_policy=True, score=teacher_uncertainty, select=at_or_above_median),
     Method("akl", "(1−λ)(−log q_t) + λ [w KL(p‖q) + (1−w) KL(q‖p)], w = g_head / (g_head + g_tail), g = Σ |p_v − "
            "q_v| over the teacher's head (cumulative p ≤ μ) and tail", "beyond the paper: AKL (Wu et al., COLING 2025)",
-           akl, ("kd_ratio", "akl_mu"), on_policy=True, reverse_kl=True),
+           akl, ("kd_ratio", "akl_mu"), on_policy=True, reads_q_over_p=True),
     Method("taid", "KL(r‖q), r = softmax((1−t) sg(z_q) + t z_p); t rises from t_start to t_end: "
            "t ← min(t_end, max(linear floor, t + α_t sigmoid(m)(1−t))), m the momentum (β_t) of the loss's relative "
            "change", "beyond the paper: TAID (Shing et al., ICLR 2025)", taid,
@@ -409,11 +412,6 @@ def _check_registry():
 
 
 _check_registry()
-
-
-def reads_reverse_kl(config: LossConfig) -> bool:
-    """Whether the loss of `config` holds a KL(q‖p), which a sparse (sampled) teacher makes infinite."""
-    return REGISTRY[config.method].reverse_kl or (config.method == "jsd" and config.jsd_beta == 1.0)
 
 
 def methods_reading(name: str) -> tuple:

@@ -25,9 +25,9 @@ it is (up to rounding) and every KL stays finite; with --top-k all it is the tea
 A sampled row is p̂_v = (draws of v)/S: zero outside the drawn tokens, and E[p̂] = p, so every loss
 linear in p (forward KD's KL(p‖q) up to a constant, noevo's KL(ỹ‖q)) has the live teacher's
 gradient in expectation, where top-K's truncation is biased (RS-KD's argument). A loss that is not
-linear in p (skew, selfevo's d > Γ, JSD, TVD, ...) is biased with either (bench/bench_teacher_cache.py
-measures both), and a reverse KL(q‖p̂) is infinite wherever the student puts mass on an undrawn token:
-train_kd.py refuses those methods with a sampled cache.
+linear in p (skew, selfevo's d > Γ, JSD, TVD, ATKD, TAID, ...) is biased by either, by sampled rows
+far more (bench/bench_teacher_cache.py measures both; a reverse KL(q‖p̂) is even infinite wherever
+the student puts mass on an undrawn token): train_kd.py refuses those methods with a sampled cache.
 Cutting to the vocabulary shared with the student and renormalising there is the same as for live
 teacher logits (log_softmax of log-probabilities cut to V' equals log_softmax of the logits cut to V').
 
