@@ -436,10 +436,14 @@ def teacher_cache_cost_table(data) -> str:
     return markdown(["quantity", "value", "measured"], rows, ["l", "r", "l"])
 
 
-def teacher_sampling_table(data, top_k=None) -> str:
+def sampling_setup(data, prefix):
+    return next(value for key, value in data["setups"].items() if key.startswith(prefix) and "sampling" in value)
+
+
+def teacher_sampling_table(data, prefix="trained teacher", top_k=None) -> str:
     """bench_teacher_cache.py, sampling: per KD method, top-K against sampled rows of the same bytes (K = the
     cache's default, 128): relative error and bias of the loss and of the gradient, the flips."""
-    setup = next(value for value in data["setups"].values() if "sampling" in value)
+    setup = sampling_setup(data, prefix)
     top_k = top_k or data["settings"]["default_k"]
     entry = next(row for row in setup["sampling"] if row["top_k"] == top_k)
     rows = []
@@ -459,15 +463,16 @@ def teacher_sampling_table(data, top_k=None) -> str:
                      f"sampled {s}: loss error / bias", "gradient error / bias (floor)", "flips"], rows)
 
 
-def teacher_sampling_budget_table(data, methods=("forward", "noevo", "selfevo", "skew", "jsd")) -> str:
-    """bench_teacher_cache.py, sampling: the gradient's bias per byte budget, top-K against sampled rows."""
-    setup = next(value for value in data["setups"].values() if "sampling" in value)
+def teacher_sampling_budget_table(data, prefix="trained teacher", methods=("forward", "noevo", "selfevo", "jsd")) -> str:
+    """bench_teacher_cache.py, sampling: the gradient's error and bias per byte budget, top-K against sampled rows."""
+    setup = sampling_setup(data, prefix)
     rows = []
     for entry in setup["sampling"]:
         rows.append([f"{entry['bytes_per_position']['top_k']}", f"{entry['top_k']} / {entry['sampling']}"]
-                    + [f"{entry['methods'][m]['top_k']['grad_bias']:.1e} / {entry['methods'][m]['sampled']['grad_bias']:.1e}"
-                       for m in methods])
-    return markdown(["bytes per position", "K / S"] + [f"{m}: gradient bias top-K / sampled" for m in methods], rows)
+                    + [f"{entry['methods'][m]['top_k']['grad_error']:.1e} / {entry['methods'][m]['sampled']['grad_error']:.1e}"
+                       f" ({entry['methods'][m]['sampled']['grad_bias']:.1e})" for m in methods])
+    return markdown(["bytes per position", "K / S"] + [f"{m}: gradient error top-K / sampled (sampled bias)"
+                                                       for m in methods], rows)
 
 
 def headline_table() -> str:
@@ -529,6 +534,11 @@ def _tables():
         "bench:teacher-cache": lambda: teacher_cache_table(read_json(BENCH / "bench_teacher_cache.json"), "trained teacher"),
         "bench:teacher-cache-tiny": lambda: teacher_cache_table(read_json(BENCH / "bench_teacher_cache.json"), "tiny"),
         "bench:teacher-cache-cost": lambda: teacher_cache_cost_table(read_json(BENCH / "bench_teacher_cache.json")),
+        "bench:teacher-sampling": lambda: teacher_sampling_table(read_json(BENCH / "bench_teacher_cache.json")),
+        "bench:teacher-sampling-budget": lambda: teacher_sampling_budget_table(
+            read_json(BENCH / "bench_teacher_cache.json")),
+        "bench:teacher-sampling-budget-tiny": lambda: teacher_sampling_budget_table(
+            read_json(BENCH / "bench_teacher_cache.json"), "tiny"),
     }
     for name, path in study_folders().items():
         tables[f"study:{name}"] = lambda path=path: study_table(read_json(path))
