@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quickstart: Table 1 at toy scale on a CPU, in the regime closest to the paper's, with nothing
-# downloaded (about 13 minutes on 2 CPU cores).
+# downloaded (about 10 minutes on 2 CPU cores; 23 with QUICKSTART_SEEDS="1 2 3").
 #
 #   bash pipelines/quickstart.sh
 #
