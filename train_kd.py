@@ -752,6 +752,23 @@ def setup(args):
     return run
 
 
+def initialise_optimizer_state(optimizer):
+    """Give every parameter its optimizer state (AdamW's moments and step) by one step with zero
+    gradients at learning rate 0, which changes no weight; the checkpoint's values then replace it."""
+    if optimizer.state:
+        return
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for parameter in group["params"]:
+            if parameter.requires_grad:
+                parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+    optimizer.zero_grad(set_to_none=True)
+
+
 def start_or_resume(run):
     """The trainer state: from the checkpoint (the student, optimizer, scheduler and RNG too), or fresh.
     metrics.jsonl keeps exactly the rows up to the checkpoint's step."""
@@ -761,6 +778,10 @@ def start_or_resume(run):
                          taid=TaidSchedule.of(run.loss_config) if REGISTRY[args.method].moving_t else None)
     if run.resume_path is not None:
         accelerator.print(f"resuming from {run.resume_path}")
+        if accelerator.distributed_type == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version == 1:
+            # accelerate's FSDP1 loader reads a sharded optimizer checkpoint into the optimizer's own state
+            # dict, which is empty before a first step: without this the moments restart from zero
+            initialise_optimizer_state(run.optimizer.optimizer)
         accelerator.load_state(str(run.resume_path))
         if run.changes:
             reapply_optimizer_args(run.optimizer, run.lr_scheduler, args)

@@ -1,6 +1,7 @@
 """Two CPU ranks under the real launcher: DeepSpeed ZeRO-3 and ZeRO-2 (the student and the teacher as
 two plugins), each against one process with the same effective batch (2 accumulation steps), a kill -9
-of the launch and its resume, bf16, and generate.py under ZeRO-3 with 2 ranks.
+of the launch and its resume, bf16, and generate.py under ZeRO-3 with 2 ranks; FSDP2 and FSDP1 through a
+test-only device shim (tests/fsdp_cpu_shim.py), each resumed exactly.
 
 What a GPU alone can show is not here: NCCL, 8 ranks, memory and speed at 7B/13B (bench/gpu_check.py).
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import train_kd
 from kd.io import read_jsonl
 from run_helpers import metric_rows, small_files, weights
 
@@ -209,6 +211,91 @@ def test_fsdp2_two_ranks_trains_saves_and_resumes_exactly(fsdp_cpu_config, tiny_
     launch_shim(fsdp_cpu_config, [*train_argv(tiny_models, files, stopped)[1:], "--resume-from-checkpoint", "latest"],
                 tmp_path / "resumed.log")
     assert_same_weights(full, stopped)
+
+
+FSDP1_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 1
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_cpu_ram_efficient_loading: false
+  fsdp_offload_params: false
+  fsdp_sharding_strategy: FULL_SHARD
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+  fsdp_sync_module_states: false
+  fsdp_use_orig_params: true
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+main_training_function: main
+mixed_precision: 'no'
+rdzv_backend: static
+same_network: true
+use_cpu: false
+"""
+
+
+def sharded(checkpoint, part, out):
+    """A sharded (DCP) checkpoint folder as one flat {name: tensor} dict, read in this one process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(checkpoint / part), str(out))
+
+    def flat(tree, prefix=""):
+        items = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                items.update(flat(value, f"{prefix}{key}."))
+            elif torch.is_tensor(value):
+                items[f"{prefix}{key}"] = value
+        return items
+    return flat(torch.load(out, weights_only=False))
+
+
+def test_fsdp1_resume_restores_the_optimizer_state(tiny_models, files, tmp_path):
+    """accelerate's FSDP1 loader reads a sharded optimizer checkpoint into the optimizer's own (empty, before
+    a first step) state dict: without train_kd.py's initialise_optimizer_state the moments restarted from
+    zero (step 2 instead of 4 here, weights off by ~5e-3). Compared at the step-4 checkpoint: on CPU ranks
+    FSDP1 crashes gathering the full state dict for final/ (SIGSEGV), which FSDP2 (fsdp.yaml) does not."""
+    config = tmp_path / "fsdp1.yaml"
+    config.write_text(FSDP1_CONFIG)
+
+    def run(out, *extra):  # no --valid-file: no best/ to gather before the checkpoints are compared
+        argv = train_argv(tiny_models, files, out)[1:]
+        cut = argv.index("--valid-file")
+        result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                                 "--num_processes", "2", "--num_cpu_threads_per_process", "1", str(SHIM),
+                                 *map(str, [*argv[:cut], *argv[cut + 2:], *extra])],
+                                cwd=REPO, env=environment(), capture_output=True, text=True, timeout=TIMEOUT)
+        log = result.stdout + result.stderr
+        assert (out / "epoch_2" / "trainer_state.json").is_file(), log[-4000:]
+        assert result.returncode == 0 or "SIGSEGV" in log, log[-4000:]  # the full gather for final/ on CPU
+
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    run(full)
+    config_json = json.loads((full / "config.json").read_text())
+    assert config_json["distributed_type"] == "DistributedType.FSDP" and config_json["fsdp_version"] == 1
+    stopped.mkdir()
+    shutil.copytree(full / "epoch_1", stopped / "epoch_1")
+    shutil.copy(full / "config.json", stopped / "config.json")
+    run(stopped, "--resume-from-checkpoint", "latest")
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+        first = sharded(full / "epoch_2", part, tmp_path / f"full_{part}.pt")
+        second = sharded(stopped / "epoch_2", part, tmp_path / f"stopped_{part}.pt")
+        assert set(first) == set(second) and first
+        for name, value in first.items():
+            assert torch.equal(value, second[name]), (part, name)
+    assert any(name.endswith(".step") and float(value) == 4.0 for name, value in first.items())
+
+
+def test_initialise_optimizer_state_changes_no_weight():
+    model = torch.nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    train_kd.initialise_optimizer_state(optimizer)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert len(optimizer.state) == 2 and all(float(s["step"]) == 1.0 for s in optimizer.state.values())
+    assert optimizer.param_groups[0]["lr"] == 0.1 and all(p.grad is None for p in model.parameters())
 
 
 def test_fsdp_on_a_machine_without_gpus_is_refused_before_any_model_loads(tiny_models, files, tmp_path):
