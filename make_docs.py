@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import summarize_study  # noqa: E402
 from kd.methods import HYPERPARAMETERS, REGISTRY, equations_table  # noqa: E402
+from kd.systems import method_of  # noqa: E402
 
 STUDY = ROOT / "study"
 BENCH = ROOT / "bench" / "results"
@@ -86,7 +87,8 @@ def study_folders():
     return {path.parent.name: path for path in sorted(STUDY.glob("*/summary.json"))}
 
 
-PROTOCOL_ORDER = ("", "cap80", "paper", "bleu")  # a regime's folders: R1, R1_cap80, R1_paper, R1_bleu
+# a regime's folders: R1, R1_cap80, R1_converge (converge again, with this machine's teacher), R1_paper, R1_bleu
+PROTOCOL_ORDER = ("", "cap80", "converge", "paper", "bleu")
 
 
 def regime_summaries():
@@ -194,6 +196,35 @@ def versus_baseline_table(summaries, system="selfevo") -> str:
                              ", ".join(f"{ours[s] - theirs[s]:+.2f}" for s in shared), verdict(entry, len(shared))])
     return markdown(["regime", "teacher", "student SFT", "forward", system, f"Δ {system} − forward (p)",
                      "seeds ahead", "Δ per seed", "verdict"], rows)
+
+
+PEERS = ("atkd", "akl", "taid", "jsd_onpolicy", "selfevo_gamma0.1", "selfevo")  # study/preregistration_peers.md
+
+
+def peers_table(summaries, systems=PEERS) -> str:
+    """One row per regime folder and system of the peers' study: average BLEU, Δ against forward KD
+    (paired bootstrap), seeds ahead, epochs, hard fraction, and the pre-registered verdict."""
+    rows = []
+    for name, summary in summaries.items():
+        entries, baseline = summary["systems"], summary["baseline"]
+        if not any(system in entries for system in systems if system != "selfevo"):
+            continue
+        base = entries.get(baseline)
+        for system in systems:
+            entry = entries.get(system)
+            if entry is None:
+                continue
+            words = summarize_study.not_a_result(entry) or (base and summarize_study.not_a_result(base))
+            if words:
+                rows.append([name, system, words] + ["–"] * 5)
+                continue
+            wins, seeds = entry.get("seeds_beating_baseline"), len(entry["seeds"])
+            hard = hard_text(entry) if REGISTRY[method_of(system)].hard != "none" else "–"
+            rows.append([name, system, summarize_study.fmt(entry["bleu"]["avg"]), summarize_study.fmt(base["bleu"]["avg"]),
+                         delta_text(entry), "–" if wins is None else f"{wins}/{seeds}", hard,
+                         verdict(entry, seeds) if seeds >= 3 else f"– ({seeds} seed)"])
+    return markdown(["regime", "system", "avg BLEU", "forward", "Δ vs forward (p)", "seeds ahead", "hard fraction",
+                     "verdict"], rows)
 
 
 def variant_table(summaries, system, reference) -> str:
@@ -523,6 +554,7 @@ def _tables():
         "study:quickstart:brief": lambda: brief_table(read_json(STUDY / "quickstart" / "summary.json")),
         "study:selfevo-vs-forward": lambda: versus_baseline_table(regime_summaries(), "selfevo"),
         "study:gammaauto-vs-selfevo": lambda: variant_table(regime_summaries(), "selfevo_gammaauto", "selfevo"),
+        "study:peers": lambda: peers_table(regime_summaries()),
         "study:seeds": lambda: seeds_table(regime_summaries()),
         "bench:headline": headline_table,
         "bench:losses": lambda: losses_table(read_json(BENCH / "bench_losses.json")),
