@@ -150,7 +150,8 @@ def test_study_quick_mode_runs_every_regime_then_skips(tmp_path):
 def test_study_quick_r5_under_the_three_protocols(tmp_path):
     """R5 (a teacher on 4x the students' pairs) under converge, paper and bleu: the students train on the
     subset; paper's KD runs train KD_EPOCHS epochs, select by validation BLEU, are scored at final/; bleu
-    reuses them (links) at best/, and its student SFT stops on the validation BLEU."""
+    reuses them (links) at best/, and its student SFT stops on the validation BLEU. R5 adds the remedy
+    pre-registered for it (R5_EXTRA_SYSTEMS: selfevo_beta0.9) to the systems asked for."""
     env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1",
            "OTHER_SYSTEMS": "student_sft selfevo", "REGIMES": "R5", "PROTOCOLS": "converge paper bleu",
            "KD_EPOCHS_R5": "3"}
@@ -167,13 +168,15 @@ def test_study_quick_r5_under_the_three_protocols(tmp_path):
     for protocol, folder in (("converge", "study_R5"), ("paper", "study_R5_paper"), ("bleu", "study_R5_bleu")):
         summary = json.loads((tmp_path / "study" / ("R5" if protocol == "converge" else f"R5_{protocol}")
                               / "summary.json").read_text())
-        assert set(summary["systems"]) == {"student_sft", "selfevo"}, protocol
+        assert set(summary["systems"]) == {"student_sft", "selfevo", "selfevo_beta0.9"}, protocol
         assert json.loads((tmp_path / "study" / ("R5" if protocol == "converge" else f"R5_{protocol}")
                            / "settings.json").read_text())["PROTOCOL"] == protocol
         selfevo = json.loads((runs / folder / "selfevo-s1" / "all_results.json").read_text())
         sft = json.loads((runs / folder / "student_sft-s1" / "all_results.json").read_text())
         config = json.loads((runs / folder / "selfevo-s1" / "config.json").read_text())
         assert config["train_file"].endswith("rich/train_students.jsonl")
+        remedy = json.loads((runs / folder / "selfevo_beta0.9-s1" / "config.json").read_text())
+        assert (remedy["method"], remedy["beta"], config["beta"]) == ("selfevo", 0.9, 0.5)
         if protocol == "converge":
             assert selfevo["best_metric"] == sft["best_metric"] == "loss"
         else:  # the paper protocol's KD runs: 3 epochs, no early stopping, best/ by the validation BLEU
