@@ -104,6 +104,8 @@ step() {
     return 0
   fi
   if [[ "$DRY_RUN" == 1 ]]; then
+    if dry_run_planned "$log"; then say "step $name: planned above"; return 0; fi
+    printf '%s\n' "$log" >>"$DRY_RUN_LOGS"
     dry_run_step "$name" "$@"
     return 0
   fi
@@ -144,9 +146,12 @@ dry_run_step() {
   printf '\n'
   { printf '%s\t' "$name"; printf ' %q' "${LAUNCH_COMMAND[@]}"; printf '\n'; } >>"$DRY_RUN_PLAN"
 }
+# A step whose output an earlier step of the plan makes (the same log) is planned once: a later pass
+# or protocol finds it complete in a real run (dry_run_planned LOG; a file, as lanes are subshells).
+dry_run_planned() { grep -Fxq -- "$1" "$DRY_RUN_LOGS"; }
 if [[ "$DRY_RUN" == 1 ]]; then
-  DRY_RUN_PLAN="$(mktemp)"
-  trap '"$PYTHON" "$REPO_ROOT/kd/estimate.py" "$DRY_RUN_PLAN"; rm -f "$DRY_RUN_PLAN"' EXIT
+  DRY_RUN_PLAN="$(mktemp)" DRY_RUN_LOGS="$(mktemp)"
+  trap '"$PYTHON" "$REPO_ROOT/kd/estimate.py" "$DRY_RUN_PLAN"; rm -f "$DRY_RUN_PLAN" "$DRY_RUN_LOGS"' EXIT
   # The pipelines end by printing their table, which a dry run never makes.
   cat() {
     if [[ $# -eq 1 && ! -e "$1" ]]; then say "(dry run) would print $1"; else command cat "$@"; fi

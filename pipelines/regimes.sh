@@ -150,8 +150,14 @@ student_job() {
   local flags=() source
   read -r -a flags <<<"$(protocol_flags "$method")"
   source="$(protocol_source "$method")"
-  if [[ -n "$source" && ! -e "$RUNS/$run" && -f "$OUT/runs/$source/$run/COMPLETED" ]]; then
-    ln -s "$OUT/runs/$source/$run" "$RUNS/$run"   # trained with the same flags by another protocol
+  if [[ -n "$source" && ! -e "$RUNS/$run" ]]; then   # trained with the same flags by another protocol
+    if [[ -f "$OUT/runs/$source/$run/COMPLETED" && "$DRY_RUN" != 1 ]]; then ln -s "$OUT/runs/$source/$run" "$RUNS/$run"
+    elif [[ "$DRY_RUN" == 1 ]] && { [[ -f "$OUT/runs/$source/$run/COMPLETED" ]] || dry_run_planned "$OUT/logs/$source/train_$run.log"; }; then
+      say "step train $run: would reuse $OUT/runs/$source/$run"
+      generate "$run" "$OUT/runs/$source/$run/$(protocol_checkpoint "$method")" "$TEST_DIR"
+      [[ "${3:-}" == unscored ]] || evaluate "$run" "$TEST_DIR" teacher
+      return 0
+    fi
   fi
   SEED="$seed" train "$run" "$method" "$STUDENT_INIT_MODEL" "$teacher" "$train_file" "$DATA/valid.jsonl" \
     "${spec[@]:1}" "${flags[@]}"
@@ -305,9 +311,11 @@ run_regime() {
   use_experiment "$REGIME_EXP"
   # the teacher's run and translations by link, its scores by copy (evaluate.py and the summary read
   # them here); kept as they are on a re-run, so that nothing looks newer than it is
-  [[ -e "$RUNS/teacher" ]] || ln -s "$shared_runs/teacher" "$RUNS/teacher"
-  [[ -e "$HYPS/teacher" ]] || ln -s "$shared_hyps/teacher" "$HYPS/teacher"
-  [[ "$RESULTS/teacher.json" -nt "$shared_results/teacher.json" ]] || cp -p "$shared_results/teacher.json" "$RESULTS/"
+  if [[ "$DRY_RUN" != 1 ]]; then   # a dry run writes nothing
+    [[ -e "$RUNS/teacher" ]] || ln -s "$shared_runs/teacher" "$RUNS/teacher"
+    [[ -e "$HYPS/teacher" ]] || ln -s "$shared_hyps/teacher" "$HYPS/teacher"
+    [[ "$RESULTS/teacher.json" -nt "$shared_results/teacher.json" ]] || cp -p "$shared_results/teacher.json" "$RESULTS/"
+  fi
   say "== $REGIME: ${#SYSTEMS[@]} systems x seeds ($SEEDS), $LANES at a time, from $STUDENT_INIT_MODEL"
   # first the scores of the systems that trained beside the teacher (their training and translation
   # are skipped as complete), then the others

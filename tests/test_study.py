@@ -145,6 +145,36 @@ def test_study_quick_mode_runs_every_regime_then_skips(tmp_path):
     assert ran == [], ran
 
 
+@pytest.mark.one_stack("latest")
+def test_study_dry_run_plans_each_run_once_and_writes_nothing(tmp_path):
+    """DRY_RUN=1 of two protocols on a fresh OUT: the plan lists each training once (the teacher and
+    paper's student SFT are planned by the first protocol; bleu reuses paper's KD runs and trains its
+    own student SFT, stopped on the validation BLEU), and no file appears."""
+    out = tmp_path / "out"
+    env = {**os.environ, "DRY_RUN": "1", "QUICK": "1", "OUT": str(out), "PYTHON": sys.executable,
+           "REGIMES": "R2", "PROTOCOLS": "paper bleu", "SEEDS_QUICK": "1 2",
+           "OTHER_SYSTEMS": "student_sft forward selfevo"}
+    done = subprocess.run(["bash", "pipelines/study.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not out.exists(), "a dry run wrote files"
+    planned = [line.split("step train ", 1)[1].split(":")[0] for line in done.stdout.splitlines()
+               if "step train " in line and line.endswith("would run")]
+    seeds = ("s1", "s2")
+    assert sorted(planned) == sorted(["teacher_base", "student_base", "teacher"]
+                                     + [f"{system}-{seed}" for system in ("student_sft", "forward", "selfevo")
+                                        for seed in seeds]
+                                     + [f"student_sft-{seed}" for seed in seeds]), planned
+    train_commands = [line for line in done.stdout.splitlines() if "train_kd.py --method sft" in line
+                      and "student_sft-s1 " in line]
+    assert [("study_R2_paper" in c, "--best-metric bleu" in c) for c in train_commands] == [(True, False),
+                                                                                          (False, True)]
+    reused = [line.split("would reuse ")[1] for line in done.stdout.splitlines() if "would reuse" in line]
+    assert sorted(reused) == sorted(str(out / "runs" / "study_R2_paper" / f"{system}-{seed}")
+                                    for system in ("forward", "selfevo") for seed in seeds)
+    assert "dry run total: 11 training run(s)" in done.stdout + done.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.one_stack("latest")
 def test_study_quick_r5_under_the_three_protocols(tmp_path):
