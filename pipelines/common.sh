@@ -144,7 +144,10 @@ dry_run_step() {
   printf '   '
   printf ' %q' "${LAUNCH_COMMAND[@]}"
   printf '\n'
-  { printf '%s\t' "$name"; printf ' %q' "${LAUNCH_COMMAND[@]}"; printf '\n'; } >>"$DRY_RUN_PLAN"
+  # one write per line: the lanes (subshells) append at the same time
+  local line
+  line="$(printf '%s\t' "$name"; printf ' %q' "${LAUNCH_COMMAND[@]}")"
+  printf '%s\n' "$line" >>"$DRY_RUN_PLAN"
 }
 # A step whose output an earlier step of the plan makes (the same log) is planned once: a later pass
 # or protocol finds it complete in a real run (dry_run_planned LOG; a file, as lanes are subshells).

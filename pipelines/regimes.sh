@@ -72,10 +72,11 @@ regime_settings() {
 # the next job starts as soon as one finishes. Stops the pipeline after the running jobs when any
 # failed (each failure already printed its step and log).
 run_lanes() {
-  local fn="$1" job running=0 failed=0
+  local fn="$1" job running=0 failed=0 width="$LANES"
   shift
+  if [[ "$DRY_RUN" == 1 ]]; then width=1; fi   # a plan reads in order
   for job in "$@"; do
-    if ((running >= LANES)); then
+    if ((running >= width)); then
       wait -n || failed=1
       running=$((running - 1))
     fi
