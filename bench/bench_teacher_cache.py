@@ -86,7 +86,11 @@ def loss_and_grad(method, student_logits, teacher, labels):
     return float(loss), leaf.grad, stats["token_hard"]
 
 
-def truncation(teacher_path, student_path, train_file, ks, dtype, examples):
+STORE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def live_logits(teacher_path, student_path, train_file, examples):
+    """[(teacher log-probs, student logits, labels)] of the response tokens, in batches of 16 examples."""
     tokenizer = load_tokenizer(student_path)
     teacher, student = load_model(teacher_path).eval(), load_model(student_path).eval()
     parts = []
@@ -94,13 +98,18 @@ def truncation(teacher_path, student_path, train_file, ks, dtype, examples):
         t_logits, labels = response_logits(teacher, batch)
         s_logits, _ = response_logits(student, batch)
         parts.append((torch.log_softmax(t_logits, -1), s_logits, labels))
+    return parts
+
+
+def truncation(teacher_path, student_path, train_file, ks, dtype, examples):
+    parts = live_logits(teacher_path, student_path, train_file, examples)
     vocab = parts[0][0].shape[1]
     table = []
     for top_k in ks:
         if top_k >= vocab:
             continue
         for storage in sorted({"fp32", dtype}):
-            store_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[storage]
+            store_dtype = STORE_DTYPES[storage]
             per_method = {m: {"loss": [], "grad": [], "flips": []} for m in KD_METHODS}
             tail, median_flips = [], []
             for log_p, s_logits, labels in parts:
@@ -139,15 +148,9 @@ def relative(a, b):
 def sampling_vs_top_k(teacher_path, student_path, train_file, ks, dtype, examples, draws):
     """Top-K (stored in dtype) against sampled rows of the same bytes, every KD method: error and bias of
     the loss and the gradient against the live teacher, flips of the hard/easy decision."""
-    tokenizer = load_tokenizer(student_path)
-    teacher, student = load_model(teacher_path).eval(), load_model(student_path).eval()
-    parts = []
-    for batch in batches(train_file, tokenizer, examples, 16):
-        t_logits, labels = response_logits(teacher, batch)
-        s_logits, _ = response_logits(student, batch)
-        parts.append((torch.log_softmax(t_logits, -1), s_logits, labels))
+    parts = live_logits(teacher_path, student_path, train_file, examples)
     vocab = parts[0][0].shape[1]
-    store_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    store_dtype = STORE_DTYPES[dtype]
     table = []
     for top_k in ks:
         if top_k >= vocab:
